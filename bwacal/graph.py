@@ -1,0 +1,83 @@
+"""The graph IR: plain dataclasses holding NumPy arrays. No onnx import here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Node:
+    """One operation: ``op_type`` applied to named ``inputs`` producing named ``outputs``.
+
+    An empty string in ``inputs`` marks an omitted optional input, as in ONNX.
+    """
+
+    op_type: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class ValueInfo:
+    """A graph input or output: name, element type (NumPy dtype) and shape (None = unknown dim)."""
+
+    name: str
+    dtype: np.dtype | None
+    shape: tuple | None
+
+
+@dataclass
+class Graph:
+    """A topologically sorted list of nodes plus constant tensors (initializers).
+
+    ``opset`` is the default-domain opset the model was written for.
+    """
+
+    nodes: list[Node]
+    inputs: list[ValueInfo]
+    outputs: list[ValueInfo]
+    initializers: dict[str, np.ndarray]
+    opset: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def consumers(self) -> dict[str, list[Node]]:
+        """Map each value name to the nodes that read it."""
+        users: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for name in node.inputs:
+                if name:
+                    users.setdefault(name, []).append(node)
+        return users
+
+    def producers(self) -> dict[str, Node]:
+        """Map each value name to the node that writes it."""
+        return {out: node for node in self.nodes for out in node.outputs}
+
+
+def toposort(nodes: list[Node], available: set[str]) -> list[Node]:
+    """Order ``nodes`` so every input is produced before it is read (iterative Kahn's algorithm)."""
+    produced_by = {out: i for i, n in enumerate(nodes) for out in n.outputs}
+    deps = []
+    for n in nodes:
+        deps.append({produced_by[x] for x in n.inputs if x and x not in available and x in produced_by})
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    remaining = [len(d) for d in deps]
+    ready = [i for i, r in enumerate(remaining) if r == 0]
+    order = []
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for j in users.get(i, []):
+            remaining[j] -= 1
+            if remaining[j] == 0:
+                ready.append(j)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    return [nodes[i] for i in order]

@@ -1,0 +1,55 @@
+"""The op registry and the contract every op follows.
+
+An op is a small class. Its ``__init__`` takes the ONNX attributes as keyword arguments with the
+spec's defaults (plus ``opset`` when the semantics depend on it), so the signature documents the op.
+
+- ``forward(self, *inputs)`` returns ``(outputs, ctx)``: ``outputs`` is one array or a tuple of
+  arrays (one per node output), ``ctx`` is whatever ``backward`` needs and nothing more.
+- ``backward(self, ctx, dy, need)`` gets the gradient of the first output and a tuple of booleans,
+  one per input, saying which input gradients are wanted; it returns one gradient per input, in input
+  order, ``None`` where there is none or it is not needed. Gradients may have the broadcast shape:
+  the engine un-broadcasts and accumulates them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+REGISTRY: dict[str, type] = {}
+
+
+class Unsupported(Exception):
+    """Raised by an op's ``__init__`` for an attribute value the engine does not implement."""
+
+
+def register(*op_types):
+    """Class decorator adding an op class to the registry under one or more ONNX op types."""
+
+    def wrap(cls):
+        for t in op_types:
+            REGISTRY[t] = cls
+        return cls
+
+    return wrap
+
+
+class Op:
+    differentiable = True
+
+    def backward(self, ctx, dy, need):
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+
+def make_op(op_type: str, attrs: dict, opset: int):
+    """Instantiate the op for one node; raises ``Unsupported`` with a reason on failure."""
+    cls = REGISTRY.get(op_type)
+    if cls is None:
+        raise Unsupported("no implementation for this op type")
+    params = inspect.signature(cls.__init__).parameters
+    unknown = [a for a in attrs if a not in params]
+    if unknown:
+        raise Unsupported(f"attribute(s) {', '.join(sorted(unknown))} not supported")
+    kwargs = dict(attrs)
+    if "opset" in params:
+        kwargs["opset"] = opset
+    return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""The ``bwacal`` command line: a thin typer layer over the ``bwacal`` library."""

@@ -1,0 +1,13 @@
+"""The typer application; each command lives in its own module and is registered here."""
+
+import typer
+
+app = typer.Typer(
+    name="bwacal",
+    help="Post-training quantization of ONNX image classifiers with bit-weight adjustment (BWA).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+from cli import inspect_cmd  # noqa: E402,F401  (commands register themselves on import)
