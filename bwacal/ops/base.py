@@ -35,16 +35,19 @@ def register(*op_types):
 
 class Op:
     differentiable = True
+    max_outputs = 1  # node outputs the op can produce; more is refused at load
 
     def backward(self, ctx, dy, need):
         raise NotImplementedError(f"{type(self).__name__} has no backward")
 
 
-def make_op(op_type: str, attrs: dict, opset: int):
+def make_op(op_type: str, attrs: dict, opset: int, n_outputs: int = 1):
     """Instantiate the op for one node; raises ``Unsupported`` with a reason on failure."""
     cls = REGISTRY.get(op_type)
     if cls is None:
         raise Unsupported("no implementation for this op type")
+    if n_outputs > cls.max_outputs:
+        raise Unsupported(f"{n_outputs} outputs requested, only the first {cls.max_outputs} supported")
     params = inspect.signature(cls.__init__).parameters
     unknown = [a for a in attrs if a not in params]
     if unknown:

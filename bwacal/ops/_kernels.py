@@ -1,0 +1,215 @@
+"""numba kernels behind Conv and the pools, all on NCHW float arrays.
+
+Each kernel is parallel over (batch, channel) pairs, so no two threads write the same element.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+JIT = dict(nogil=True, cache=True, parallel=True, fastmath=False)
+
+
+@njit(**JIT)
+def im2col(x, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, cols):
+    """Fill ``cols[b, (c*kh + i)*kw + j, oi*wo + oj]`` with the input pixel window (i, j) of output
+    position (oi, oj) sees in channel c; zero where the window hangs over the padding."""
+    n, c, h, w = x.shape
+    for t in prange(n * c):
+        b = t // c
+        ch = t % c
+        for ki in range(kh):
+            for kj in range(kw):
+                row = (ch * kh + ki) * kw + kj
+                for oi in range(ho):
+                    ii = oi * sh + ki * dh - ph
+                    base = oi * wo
+                    if ii < 0 or ii >= h:
+                        for oj in range(wo):
+                            cols[b, row, base + oj] = 0
+                    else:
+                        for oj in range(wo):
+                            jj = oj * sw + kj * dw - pw
+                            if jj >= 0 and jj < w:
+                                cols[b, row, base + oj] = x[b, ch, ii, jj]
+                            else:
+                                cols[b, row, base + oj] = 0
+
+
+@njit(**JIT)
+def col2im(cols, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, dx):
+    """The adjoint of ``im2col``: add every column entry back onto the pixel it was read from."""
+    n, c, h, w = dx.shape
+    for t in prange(n * c):
+        b = t // c
+        ch = t % c
+        for ki in range(kh):
+            for kj in range(kw):
+                row = (ch * kh + ki) * kw + kj
+                for oi in range(ho):
+                    ii = oi * sh + ki * dh - ph
+                    if ii < 0 or ii >= h:
+                        continue
+                    base = oi * wo
+                    for oj in range(wo):
+                        jj = oj * sw + kj * dw - pw
+                        if jj >= 0 and jj < w:
+                            dx[b, ch, ii, jj] += cols[b, row, base + oj]
+
+
+@njit(**JIT)
+def depthwise_forward(x, wt, sh, sw, dh, dw, ph, pw, ho, wo, y):
+    """Grouped conv with one input channel per group: output channel o reads input channel o // m."""
+    n, c, h, w = x.shape
+    o_ch, kh, kw = wt.shape
+    m = o_ch // c
+    for t in prange(n * o_ch):
+        b = t // o_ch
+        o = t % o_ch
+        ch = o // m
+        for oi in range(ho):
+            for oj in range(wo):
+                acc = 0.0
+                for ki in range(kh):
+                    ii = oi * sh + ki * dh - ph
+                    if ii < 0 or ii >= h:
+                        continue
+                    for kj in range(kw):
+                        jj = oj * sw + kj * dw - pw
+                        if jj >= 0 and jj < w:
+                            acc += wt[o, ki, kj] * x[b, ch, ii, jj]
+                y[b, o, oi, oj] = acc
+
+
+@njit(**JIT)
+def depthwise_backward_input(dy, wt, sh, sw, dh, dw, ph, pw, dx):
+    """dL/dx of ``depthwise_forward``; parallel over (batch, input channel)."""
+    n, c, h, w = dx.shape
+    o_ch, kh, kw = wt.shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    m = o_ch // c
+    for t in prange(n * c):
+        b = t // c
+        ch = t % c
+        for o in range(ch * m, ch * m + m):
+            for oi in range(ho):
+                for ki in range(kh):
+                    ii = oi * sh + ki * dh - ph
+                    if ii < 0 or ii >= h:
+                        continue
+                    for oj in range(wo):
+                        g = dy[b, o, oi, oj]
+                        for kj in range(kw):
+                            jj = oj * sw + kj * dw - pw
+                            if jj >= 0 and jj < w:
+                                dx[b, ch, ii, jj] += wt[o, ki, kj] * g
+
+
+@njit(**JIT)
+def depthwise_backward_weight(x, dy, kh, kw, sh, sw, dh, dw, ph, pw, dwt):
+    """dL/dW of ``depthwise_forward``; parallel over output channels, accumulated in float64."""
+    n, c, h, w = x.shape
+    o_ch = dy.shape[1]
+    ho, wo = dy.shape[2], dy.shape[3]
+    m = o_ch // c
+    for o in prange(o_ch):
+        ch = o // m
+        for ki in range(kh):
+            for kj in range(kw):
+                acc = 0.0
+                for b in range(n):
+                    for oi in range(ho):
+                        ii = oi * sh + ki * dh - ph
+                        if ii < 0 or ii >= h:
+                            continue
+                        for oj in range(wo):
+                            jj = oj * sw + kj * dw - pw
+                            if jj >= 0 and jj < w:
+                                acc += x[b, ch, ii, jj] * dy[b, o, oi, oj]
+                dwt[o, ki, kj] = acc
+
+
+@njit(**JIT)
+def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y, arg):
+    """Max over each window; ``arg`` keeps the flat input index of the winner (-1: all padding)."""
+    n, c, h, w = x.shape
+    ho, wo = y.shape[2], y.shape[3]
+    for t in prange(n * c):
+        b = t // c
+        ch = t % c
+        for oi in range(ho):
+            for oj in range(wo):
+                best = -np.inf
+                where = -1
+                for ki in range(kh):
+                    ii = oi * sh + ki * dh - ph
+                    if ii < 0 or ii >= h:
+                        continue
+                    for kj in range(kw):
+                        jj = oj * sw + kj * dw - pw
+                        if jj >= 0 and jj < w:
+                            v = x[b, ch, ii, jj]
+                            if v > best or where < 0:
+                                best = v
+                                where = ii * w + jj
+                y[b, ch, oi, oj] = best
+                arg[b, ch, oi, oj] = where
+
+
+@njit(**JIT)
+def maxpool_backward(dy, arg, dx):
+    """Route each output gradient to the input element that won the max."""
+    n, c, h, w = dx.shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    for t in prange(n * c):
+        b = t // c
+        ch = t % c
+        for oi in range(ho):
+            for oj in range(wo):
+                k = arg[b, ch, oi, oj]
+                if k >= 0:
+                    dx[b, ch, k // w, k % w] += dy[b, ch, oi, oj]
+
+
+@njit(**JIT)
+def avgpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, divisor, y):
+    """Window sums divided by ``divisor[oi, oj]`` (the count the spec asks for at that position)."""
+    n, c, h, w = x.shape
+    ho, wo = y.shape[2], y.shape[3]
+    for t in prange(n * c):
+        b = t // c
+        ch = t % c
+        for oi in range(ho):
+            for oj in range(wo):
+                acc = 0.0
+                for ki in range(kh):
+                    ii = oi * sh + ki * dh - ph
+                    if ii < 0 or ii >= h:
+                        continue
+                    for kj in range(kw):
+                        jj = oj * sw + kj * dw - pw
+                        if jj >= 0 and jj < w:
+                            acc += x[b, ch, ii, jj]
+                y[b, ch, oi, oj] = acc / divisor[oi, oj]
+
+
+@njit(**JIT)
+def avgpool_backward(dy, kh, kw, sh, sw, dh, dw, ph, pw, divisor, dx):
+    """Spread each output gradient evenly over the real (non-padding) pixels of its window."""
+    n, c, h, w = dx.shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    for t in prange(n * c):
+        b = t // c
+        ch = t % c
+        for oi in range(ho):
+            for oj in range(wo):
+                g = dy[b, ch, oi, oj] / divisor[oi, oj]
+                for ki in range(kh):
+                    ii = oi * sh + ki * dh - ph
+                    if ii < 0 or ii >= h:
+                        continue
+                    for kj in range(kw):
+                        jj = oj * sw + kj * dw - pw
+                        if jj >= 0 and jj < w:
+                            dx[b, ch, ii, jj] += g

@@ -1,0 +1,69 @@
+"""Matrix products: Gemm and MatMul."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bwacal.ops.base import Op, register
+
+
+@register("Gemm")
+class Gemm(Op):
+    """Y = alpha * A' @ B' + beta * C, with A' = A.T if transA and B' = B.T if transB."""
+
+    def __init__(self, alpha=1.0, beta=1.0, transA=0, transB=0, broadcast=None):
+        self.alpha, self.beta, self.transA, self.transB = alpha, beta, transA, transB
+
+    def forward(self, a, b, c=None):
+        at = a.T if self.transA else a
+        bt = b.T if self.transB else b
+        y = at @ bt
+        if self.alpha != 1.0:
+            y *= y.dtype.type(self.alpha)
+        if c is not None:
+            y += c * y.dtype.type(self.beta) if self.beta != 1.0 else c
+        return y, (a, b)
+
+    def backward(self, ctx, dy, need):
+        a, b = ctx
+        at = a.T if self.transA else a
+        bt = b.T if self.transB else b
+        g = dy * dy.dtype.type(self.alpha) if self.alpha != 1.0 else dy
+        da = db = dc = None
+        if need[0]:
+            dat = g @ bt.T
+            da = dat.T if self.transA else dat
+        if need[1]:
+            dbt = at.T @ g
+            db = dbt.T if self.transB else dbt
+        if len(need) > 2 and need[2]:
+            dc = dy * dy.dtype.type(self.beta) if self.beta != 1.0 else dy
+        return da, db, dc
+
+
+@register("MatMul")
+class MatMul(Op):
+    """NumPy matmul semantics: 1-D operands are promoted, leading dims broadcast."""
+
+    def forward(self, a, b):
+        return np.matmul(a, b), (a, b)
+
+    def backward(self, ctx, dy, need):
+        a, b = ctx
+        a2 = a[None, :] if a.ndim == 1 else a
+        b2 = b[:, None] if b.ndim == 1 else b
+        g = dy
+        if a.ndim == 1:
+            g = np.expand_dims(g, -2)
+        if b.ndim == 1:
+            g = np.expand_dims(g, -1)
+        da = db = None
+        if need[0]:
+            da = np.matmul(g, np.swapaxes(b2, -1, -2))
+            if a.ndim == 1:
+                da = da.reshape(da.shape[:-2] + (-1,)).sum(axis=tuple(range(da.ndim - 2))) if da.ndim > 2 else da.reshape(-1)
+        if need[1]:
+            db = np.matmul(np.swapaxes(a2, -1, -2), g)
+            if b.ndim == 1:
+                db = db.reshape(db.shape[:-1]).sum(axis=tuple(range(db.ndim - 2))) if db.ndim > 2 else db.reshape(-1)
+        return da, db

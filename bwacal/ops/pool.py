@@ -1,0 +1,76 @@
+"""2-D MaxPool and AveragePool on NCHW input (numba kernels in ``_kernels``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bwacal.ops import _kernels as K
+from bwacal.ops.base import Op, Unsupported, register
+from bwacal.ops.window import check_2d, window
+
+
+class _Pool(Op):
+    def check(self, shapes):
+        check_2d(self.kernel_shape, shapes[:1], "pooling")
+
+    def _geometry(self, x):
+        if x.ndim != 4:
+            raise ValueError("only 2-D pooling on NCHW input is supported")
+        return window(x.shape[2], x.shape[3], self.kernel_shape, self.strides, self.dilations, self.pads,
+                      self.auto_pad, self.ceil_mode)
+
+
+@register("MaxPool")
+class MaxPool(_Pool):
+    def __init__(self, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None,
+                 storage_order=0, strides=None):
+        if storage_order:
+            raise Unsupported("storage_order=1 is not supported")
+        self.kernel_shape, self.auto_pad, self.ceil_mode = kernel_shape, auto_pad, ceil_mode
+        self.dilations, self.pads, self.strides = dilations, pads, strides
+
+    def forward(self, x):
+        x = np.ascontiguousarray(x)
+        g = self._geometry(x)
+        y = np.empty(x.shape[:2] + (g.ho, g.wo), dtype=x.dtype)
+        arg = np.empty(y.shape, dtype=np.int64)
+        K.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y, arg)
+        return y, (x.shape, x.dtype, arg)
+
+    def backward(self, ctx, dy, need):
+        shape, dtype, arg = ctx
+        dx = np.zeros(shape, dtype=dtype)
+        K.maxpool_backward(np.ascontiguousarray(dy), arg, dx)
+        return (dx,)
+
+
+@register("AveragePool")
+class AveragePool(_Pool):
+    def __init__(self, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
+                 pads=None, strides=None):
+        self.kernel_shape, self.auto_pad, self.ceil_mode = kernel_shape, auto_pad, ceil_mode
+        self.count_include_pad, self.dilations, self.pads, self.strides = count_include_pad, dilations, pads, strides
+
+    def _divisor(self, x, g):
+        """Per output position, how many window elements the mean divides by."""
+        counts = []
+        for size, k, s, d, pb, pe, o in ((x.shape[2], g.kh, g.sh, g.dh, g.ph, g.pad_end_h, g.ho),
+                                         (x.shape[3], g.kw, g.sw, g.dw, g.pw, g.pad_end_w, g.wo)):
+            lo, hi = (-pb, size + pe) if self.count_include_pad else (0, size)
+            pos = np.arange(o)[:, None] * s + np.arange(k)[None, :] * d - pb
+            counts.append(((pos >= lo) & (pos < hi)).sum(axis=1))
+        return np.maximum(np.outer(counts[0], counts[1]), 1).astype(np.float64)
+
+    def forward(self, x):
+        x = np.ascontiguousarray(x)
+        g = self._geometry(x)
+        div = self._divisor(x, g)
+        y = np.empty(x.shape[:2] + (g.ho, g.wo), dtype=x.dtype)
+        K.avgpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, div, y)
+        return y, (x.shape, x.dtype, g, div)
+
+    def backward(self, ctx, dy, need):
+        shape, dtype, g, div = ctx
+        dx = np.zeros(shape, dtype=dtype)
+        K.avgpool_backward(np.ascontiguousarray(dy), g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, div, dx)
+        return (dx,)

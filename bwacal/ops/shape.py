@@ -1,0 +1,197 @@
+"""Ops that move data without arithmetic: reshapes, transposes, concatenation, padding, indexing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bwacal.ops.base import Op, Unsupported, register
+
+
+def _axes(value):
+    return None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
+
+
+@register("Reshape")
+class Reshape(Op):
+    def __init__(self, allowzero=0):
+        self.allowzero = allowzero
+
+    def forward(self, x, shape):
+        target = [int(s) for s in np.asarray(shape).reshape(-1)]
+        if not self.allowzero:
+            target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
+        return x.reshape(target), x.shape
+
+    def backward(self, ctx, dy, need):
+        return dy.reshape(ctx), None
+
+
+@register("Flatten")
+class Flatten(Op):
+    def __init__(self, axis=1):
+        self.axis = axis
+
+    def forward(self, x):
+        axis = self.axis + x.ndim if self.axis < 0 else self.axis
+        rows = int(np.prod(x.shape[:axis], dtype=np.int64))
+        return x.reshape(rows, -1) if x.size else x.reshape(rows, int(np.prod(x.shape[axis:]))), x.shape
+
+    def backward(self, ctx, dy, need):
+        return (dy.reshape(ctx),)
+
+
+@register("Transpose")
+class Transpose(Op):
+    def __init__(self, perm=None):
+        self.perm = perm
+
+    def forward(self, x):
+        perm = self.perm if self.perm is not None else list(range(x.ndim))[::-1]
+        return np.transpose(x, perm), perm
+
+    def backward(self, ctx, dy, need):
+        return (np.transpose(dy, np.argsort(ctx)),)
+
+
+@register("Squeeze")
+class Squeeze(Op):
+    """Squeeze; axes are an attribute before opset 13 and an optional input from 13 on."""
+
+    def __init__(self, axes=None):
+        self.axes_attr = axes
+
+    def forward(self, x, axes=None):
+        axes = _axes(axes) if axes is not None else self.axes_attr
+        if axes is None:
+            y = np.squeeze(x)
+        else:
+            y = np.squeeze(x, axis=tuple(a + x.ndim if a < 0 else a for a in axes))
+        return y, x.shape
+
+    def backward(self, ctx, dy, need):
+        return dy.reshape(ctx), None
+
+
+@register("Unsqueeze")
+class Unsqueeze(Op):
+    """Unsqueeze; axes are an attribute before opset 13 and an input from 13 on."""
+
+    def __init__(self, axes=None):
+        self.axes_attr = axes
+
+    def forward(self, x, axes=None):
+        axes = _axes(axes) if axes is not None else self.axes_attr
+        rank = x.ndim + len(axes)
+        shape = list(x.shape)
+        for a in sorted(a + rank if a < 0 else a for a in axes):
+            shape.insert(a, 1)
+        return np.reshape(x, shape), np.shape(x)
+
+    def backward(self, ctx, dy, need):
+        return dy.reshape(ctx), None
+
+
+@register("Concat")
+class Concat(Op):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        return np.concatenate(xs, axis=self.axis), [x.shape[self.axis] for x in xs]
+
+    def backward(self, ctx, dy, need):
+        cuts = np.cumsum(ctx)[:-1]
+        return tuple(np.split(dy, cuts, axis=self.axis))
+
+
+@register("Pad")
+class Pad(Op):
+    """Constant padding; pads are an attribute before opset 11 and an input from 11 on.
+
+    Negative pads crop, as the spec allows.
+    """
+
+    def __init__(self, mode="constant", pads=None, value=0.0):
+        if mode != "constant":
+            raise Unsupported(f"mode '{mode}' (only 'constant' is supported)")
+        self.pads_attr, self.value_attr = pads, value
+
+    def forward(self, x, pads=None, constant_value=None, axes=None):
+        pads = _axes(pads) if pads is not None else list(self.pads_attr)
+        value = self.value_attr if constant_value is None else np.asarray(constant_value).reshape(-1)[0]
+        axes = _axes(axes) if axes is not None else list(range(x.ndim))
+        axes = [a + x.ndim if a < 0 else a for a in axes]
+        k = len(axes)
+        before, after = [0] * x.ndim, [0] * x.ndim
+        for j, a in enumerate(axes):
+            before[a], after[a] = pads[j], pads[j + k]
+        widths = [(max(b, 0), max(e, 0)) for b, e in zip(before, after)]
+        y = np.pad(x, widths, mode="constant", constant_values=value)
+        crop = tuple(slice(max(-b, 0), y.shape[i] - max(-e, 0)) for i, (b, e) in enumerate(zip(before, after)))
+        y = y[crop]
+        return y, (x.shape, before, after)
+
+    def backward(self, ctx, dy, need):
+        shape, before, after = ctx
+        # pad the gradient by the negated pads: crops what was padded, zero-fills what was cropped
+        widths = [(max(-b, 0), max(-e, 0)) for b, e in zip(before, after)]
+        g = np.pad(dy, widths)
+        crop = tuple(slice(max(b, 0), max(b, 0) + n) for b, n in zip(before, shape))
+        return g[crop], None, None, None
+
+
+@register("Constant")
+class Constant(Op):
+    differentiable = False
+
+    def __init__(self, value=None, value_float=None, value_floats=None, value_int=None, value_ints=None,
+                 sparse_value=None, value_string=None, value_strings=None):
+        if value is not None:
+            self.value = np.asarray(value)
+        elif value_float is not None:
+            self.value = np.array(value_float, dtype=np.float32)
+        elif value_floats is not None:
+            self.value = np.array(value_floats, dtype=np.float32)
+        elif value_int is not None:
+            self.value = np.array(value_int, dtype=np.int64)
+        elif value_ints is not None:
+            self.value = np.array(value_ints, dtype=np.int64)
+        else:
+            raise Unsupported("only numeric dense constants are supported")
+
+    def forward(self):
+        return self.value, None
+
+
+@register("Shape")
+class Shape(Op):
+    differentiable = False
+
+    def __init__(self, start=0, end=None):
+        self.start, self.end = start, end
+
+    def forward(self, x):
+        return np.array(np.shape(x)[self.start:self.end], dtype=np.int64), None
+
+
+@register("Gather")
+class Gather(Op):
+    def __init__(self, axis=0):
+        self.axis = axis
+
+    def forward(self, data, indices):
+        indices = np.asarray(indices)
+        axis = self.axis + data.ndim if self.axis < 0 else self.axis
+        idx = np.where(indices < 0, indices + data.shape[axis], indices)
+        return np.take(data, idx, axis=axis), (data.shape, idx, axis)
+
+    def backward(self, ctx, dy, need):
+        shape, idx, axis = ctx
+        if not need[0]:
+            return None, None
+        dx = np.zeros(shape, dtype=dy.dtype)
+        moved = np.moveaxis(dx, axis, 0)
+        g = np.moveaxis(dy.reshape(shape[:axis] + idx.shape + shape[axis + 1:]), list(range(axis, axis + idx.ndim)),
+                        list(range(idx.ndim)))
+        np.add.at(moved, idx, g)
+        return dx, None

@@ -1,0 +1,63 @@
+"""Every ONNX node test case of an op the engine supports runs against its expected outputs."""
+
+import numpy as np
+import pytest
+from onnx.backend.test.case.node import collect_testcases
+
+from bwacal.engine import Engine
+from bwacal.errors import UnsupportedOpError
+from bwacal.onnx_io import read_model
+
+# the op list of issue 2: the engine promises these
+SUPPORTED = {
+    "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid",
+    "HardSigmoid", "HardSwish", "Tanh", "Softmax", "LogSoftmax", "BatchNormalization", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "Flatten", "Reshape", "Transpose",
+    "Squeeze", "Unsqueeze", "Concat", "Pad", "Identity", "Dropout", "Constant", "Shape", "Gather", "Cast",
+}
+
+# cases outside what the engine promises, each with the reason
+KNOWN_SKIPS = {
+}
+
+
+def _cases():
+    out = []
+    for case in collect_testcases():
+        ops = {n.op_type for n in case.model.graph.node}
+        if ops and ops <= SUPPORTED:
+            out.append(pytest.param(case, id=case.name))
+    return out
+
+
+CASES = _cases()
+
+
+def test_many_cases_collected():
+    assert len(CASES) > 300
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_node_case(case):
+    if case.name in KNOWN_SKIPS:
+        pytest.skip(KNOWN_SKIPS[case.name])
+    try:
+        engine = Engine(read_model(case.model))
+    except UnsupportedOpError as exc:
+        pytest.skip(str(exc).split(". Supported ops")[0])
+    for inputs, expected in case.data_sets:
+        if not all(isinstance(a, np.ndarray) and a.dtype.kind in "biuf" for a in list(inputs) + list(expected)):
+            pytest.skip("element types NumPy cannot hold (float8, 4-bit, 2-bit, bfloat16)")
+    names = [v.name for v in engine.graph.inputs]
+    out_names = [v.name for v in engine.graph.outputs]
+    for inputs, expected in case.data_sets:
+        feeds = dict(zip(names, [np.asarray(a) for a in inputs]))
+        values, _ = engine.run(feeds)
+        for name, want in zip(out_names, expected):
+            got = values[name]
+            want = np.asarray(want)
+            assert got.shape == want.shape, name
+            if want.dtype.kind in "fc":
+                np.testing.assert_allclose(got, want, rtol=case.rtol, atol=case.atol, err_msg=name)
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=name)
