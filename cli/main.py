@@ -11,3 +11,4 @@ app = typer.Typer(
 )
 
 from cli import inspect_cmd  # noqa: E402,F401  (commands register themselves on import)
+from cli import make_calib_cmd  # noqa: E402,F401
