@@ -355,12 +355,30 @@ def unpack_bitplanes(packed, bits, C, K):
 # step search: squared error of uniform quantization for candidate steps
 
 
-@numba.njit(**JIT_PARALLEL)
+# x + 1.5 * 2**52 - 1.5 * 2**52 rounds a float64 |x| < 2**51 to an integer, half to even (the default
+# rounding mode), in two vectorisable instructions instead of a call to rint.
+_ROUNDER = 6755399441055744.0
+
+
+@numba.njit(**JIT)
+def _round_clip(t, qmin, qmax):
+    """``clip(rint(t), qmin, qmax)`` for integer-valued ``qmin <= qmax`` (exact, half to even).
+
+    Clipping first is the same since rounding is monotone and the bounds are integers; it also keeps
+    ``|t| < 2**51`` for the rounding trick. Compiled without fastmath: with ``reassoc`` the two
+    additions would fold away, so it must not be written inline in a ``JIT_REDUCE`` kernel.
+    """
+    t = min(max(t, qmin), qmax)
+    return (t + _ROUNDER) - _ROUNDER
+
+
+@numba.njit(**JIT_REDUCE)
 def _quantization_errors(x, steps, qmin, qmax, out):
     """Squared error of uniform quantization of each row for each candidate step, in place.
 
     ``out[c, r] = sum_j (x[c, j] - s * clip(rint(x[c, j] / s), qmin, qmax))**2`` with
-    ``s = steps[c, r]``, everything in float64 (``rint`` rounds half to even, like ``np.round``).
+    ``s = steps[c, r]``, everything in float64 (``rint`` rounds half to even, like ``np.round``; the
+    sum's order depends on vectorisation).
 
     Parameters
     ----------
@@ -379,8 +397,7 @@ def _quantization_errors(x, steps, qmin, qmax, out):
         err = 0.0
         for j in range(K):
             v = np.float64(x[c, j])
-            q = min(max(np.rint(v / s), qmin), qmax)
-            d = v - s * q
+            d = v - s * _round_clip(v / s, qmin, qmax)
             err += d * d
         out[c, r] = err
 

@@ -176,3 +176,13 @@ def test_kernel_python_bodies_without_jit():
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ok"
+
+
+def test_quantization_errors_round_ties_to_even():
+    """Values exactly halfway between levels: the kernel's rounding must match np.round (half to even)."""
+    steps = np.array([[0.5, 0.25, 1.0]])
+    x = (np.arange(-20, 21) * 0.25 + 0.125).reshape(1, -1)  # k/8 + 1/8: ties for step 0.25
+    x = np.concatenate([x, np.arange(-20, 21).reshape(1, -1) * 0.25], axis=1)  # ties for 0.5 and 1.0
+    for qmin, qmax in [(-2, 1), (-128, 127), (0, 3)]:
+        np.testing.assert_array_equal(K.quantization_errors(x, steps, qmin, qmax),
+                                      naive.quantization_errors(x, steps, qmin, qmax))
