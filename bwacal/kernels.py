@@ -165,14 +165,21 @@ def _compose_bitplanes(planes, alpha, gamma, step, out):
     bits, C, K = planes.shape
     for c in numba.prange(C):
         acc = np.zeros(K, dtype=np.float64)
-        for k in range(bits):
-            a = alpha[c, k]
+        # two planes a pass (same order of additions), the last plane fused with the output pass
+        for k in range(0, bits - 2, 2):
+            a0 = alpha[c, k]
+            a1 = alpha[c, k + 1]
             for j in range(K):
-                acc[j] += a * planes[k, c, j]
+                acc[j] = (acc[j] + a0 * planes[k, c, j]) + a1 * planes[k + 1, c, j]
+        if bits % 2 == 0:
+            a = alpha[c, bits - 2]
+            for j in range(K):
+                acc[j] += a * planes[bits - 2, c, j]
+        a = alpha[c, bits - 1]
         g = gamma[c]
         s = step[c]
         for j in range(K):
-            out[c, j] = np.float32((acc[j] + g) * s)
+            out[c, j] = np.float32(((acc[j] + a * planes[bits - 1, c, j]) + g) * s)
 
 
 def compose_bitplanes(planes, alpha, gamma, step):
