@@ -7,6 +7,7 @@ across consumers, so a value read by two nodes (a residual Add) gets the sum of 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,10 +19,16 @@ from bwacal.ops import REGISTRY, Unsupported, make_op
 
 @dataclass
 class Tape:
-    """What a recorded forward pass keeps for backward: per node, the op's context and input shapes."""
+    """What a recorded forward pass keeps for backward.
+
+    ``entries`` holds, per recorded node, the op's context, the shapes its inputs had as the op saw
+    them and how each input was re-laid-out for it (see ``_to_op``); ``cnhw`` names the values that
+    were stored channel-major.
+    """
 
     entries: list = field(default_factory=list)
     requires_grad: set = field(default_factory=set)
+    cnhw: set = field(default_factory=set)
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
@@ -35,6 +42,33 @@ def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
     if axes:
         grad = grad.sum(axis=axes, keepdims=True)
     return grad.reshape(shape)
+
+
+# Layouts. 4-D activations live channel-major (CNHW) between ops that declare ``layout = "cnhw"``
+# (Conv, pools, BatchNormalization: their 4-D data input arrives as CNHW and their output is CNHW)
+# and ops that declare ``layout = "follow"`` (element-wise: with any CNHW input, every input is
+# brought to CNHW, broadcasting operands included, and the output is CNHW). Every other op sees
+# logical NCHW. The permutation (1, 0, 2, 3) is its own inverse.
+_SWAP = (1, 0, 2, 3)
+
+
+def _to_cnhw(a):
+    """Logical NCHW (or lower-rank, broadcastable) array -> CNHW; returns (array, how)."""
+    a = np.asarray(a)
+    if a.ndim == 4:
+        return np.ascontiguousarray(a.transpose(_SWAP)), "T"
+    if a.ndim < 4:
+        return a.reshape((1,) * (4 - a.ndim) + a.shape).transpose(_SWAP), ("E", a.shape)
+    raise ValueError(f"cannot broadcast a rank-{a.ndim} operand against a 4-D activation")
+
+
+def _grad_back(g, how):
+    """Map a gradient in the layout an op saw back to the stored value's layout."""
+    if how is None:
+        return g
+    if how == "T":
+        return g.transpose(_SWAP)
+    return g.transpose(_SWAP).reshape(how[1])
 
 
 def build_ops(graph: Graph) -> list:
@@ -76,13 +110,14 @@ class Engine:
         return {name: i for name, i in last.items() if name not in keep and name not in self.graph.initializers}
 
     def run(self, feeds: dict, params: dict | None = None, record: bool = False, wrt=(),
-            outputs=None):
+            outputs=None, profile: dict | None = None):
         """Evaluate the graph.
 
         ``feeds`` maps graph-input names to arrays; ``params`` overrides initializers by name (the
         fitting loop passes quantized weights this way). With ``record`` the returned ``Tape`` lets
         ``backward`` compute gradients for the names in ``wrt`` (graph inputs or initializers).
-        Returns ``(values, tape)`` where ``values`` maps each requested output name to its array.
+        Returns ``(values, tape)``: each requested output (default: the graph outputs), in NCHW.
+        ``profile``, if given, accumulates seconds per node name.
         """
         values = dict(self.graph.initializers)
         if params:
@@ -90,41 +125,88 @@ class Engine:
         values.update(feeds)
         wanted = list(outputs) if outputs is not None else [v.name for v in self.graph.outputs]
         tape = Tape(requires_grad=set(wrt)) if record else None
+        cnhw = set()  # names whose stored array is channel-major
+        relaid = {}  # (name, how) -> the re-laid-out copy, shared by all consumers of a run
         drop_after = {}
         for name, i in self._last_use.items():
             if name not in wanted:
                 drop_after.setdefault(i, []).append(name)
         for i, (node, op) in enumerate(zip(self.graph.nodes, self.ops)):
             try:
-                args = [values[name] if name else None for name in node.inputs]
+                stored = [values[name] if name else None for name in node.inputs]
             except KeyError as exc:
                 raise ModelError(f"node '{node.name}' ({node.op_type}) reads '{exc.args[0]}', "
                                  "which no input, initializer or earlier node provides") from None
+            start = time.perf_counter() if profile is not None else 0.0
+            args, hows, out_cnhw = self._to_op(op, node.inputs, stored, cnhw, relaid)
             try:
                 out, ctx = op.forward(*args)
             except (ValueError, IndexError) as exc:
                 shapes = [None if a is None else tuple(np.shape(a)) for a in args]
                 raise ModelError(f"node '{node.name}' ({node.op_type}) failed on input shapes "
                                  f"{shapes}: {exc}") from None
+            if profile is not None:
+                profile[node.name] = profile.get(node.name, 0.0) + time.perf_counter() - start
             if not isinstance(out, tuple):
                 out = (out,)
-            for name, value in zip(node.outputs, out):
+            for k, (name, value) in enumerate(zip(node.outputs, out)):
                 if name:
                     values[name] = value
+                    if out_cnhw and k == 0:
+                        cnhw.add(name)
             if record:
                 needs = any(name in tape.requires_grad for name in node.inputs if name)
                 if needs and op.differentiable:
                     tape.requires_grad.update(n for n in node.outputs[:1] if n)
-                    tape.entries.append((i, ctx, [None if a is None else np.shape(a) for a in args]))
+                    tape.entries.append((i, ctx, [None if a is None else np.shape(a) for a in args], hows))
             for name in drop_after.get(i, ()):
                 values.pop(name, None)
-        return {name: values[name] for name in wanted}, tape
+                relaid.pop((name, "T"), None)
+        if record:
+            tape.cnhw = cnhw
+        return {name: (values[name].transpose(_SWAP) if name in cnhw else values[name])
+                for name in wanted}, tape
+
+    @staticmethod
+    def _to_op(op, names, stored, cnhw, relaid):
+        """Bring each input to the layout ``op`` works in; returns (args, hows, output_is_cnhw)."""
+        mode = getattr(op, "layout", None)
+        n = len(stored)
+        hows = [None] * n
+        args = list(stored)
+        if mode == "cnhw":
+            convert = [0] if n and stored[0] is not None and np.ndim(stored[0]) == 4 else []
+            out_cnhw = bool(convert)
+        elif mode == "follow" and any(name in cnhw for name in names if name):
+            convert = [k for k in range(n) if stored[k] is not None]
+            out_cnhw = True
+        else:
+            convert = [k for k, name in enumerate(names) if name in cnhw]
+            out_cnhw = False
+        for k in convert:
+            name = names[k]
+            if (name in cnhw) == (mode is not None and out_cnhw):
+                continue  # already in the layout the op wants
+            if name in cnhw:  # channel-major value, op wants NCHW
+                key = (name, "T")
+                if key not in relaid:
+                    relaid[key] = np.ascontiguousarray(stored[k].transpose(_SWAP))
+                args[k], hows[k] = relaid[key], "T"
+            else:
+                key = (name, "T")
+                if np.ndim(stored[k]) == 4 and key in relaid:
+                    args[k], hows[k] = relaid[key], "T"
+                else:
+                    args[k], hows[k] = _to_cnhw(stored[k])
+                    if hows[k] == "T":
+                        relaid[key] = args[k]
+        return args, hows, out_cnhw
 
     def backward(self, tape: Tape, seeds: dict, wrt=()) -> dict:
-        """Gradients of the names in ``wrt`` given ``seeds`` (output name -> dL/d output)."""
-        grads = dict(seeds)
+        """Gradients of the names in ``wrt`` given ``seeds`` (value name -> dL/d value, in NCHW)."""
+        grads = {name: (np.asarray(g).transpose(_SWAP) if name in tape.cnhw else g) for name, g in seeds.items()}
         wrt = set(wrt)
-        for i, ctx, shapes in reversed(tape.entries):
+        for i, ctx, shapes, hows in reversed(tape.entries):
             node, op = self.graph.nodes[i], self.ops[i]
             dy = grads.get(node.outputs[0])
             if dy is None:
@@ -133,12 +215,13 @@ class Engine:
                 del grads[node.outputs[0]]
             need = tuple(bool(name) and name in tape.requires_grad for name in node.inputs)
             gin = op.backward(ctx, dy, need)
-            for name, g, shape, wanted in zip(node.inputs, gin, shapes, need):
+            for name, g, shape, how, wanted in zip(node.inputs, gin, shapes, hows, need):
                 if g is None or not wanted:
                     continue
-                g = unbroadcast(np.asarray(g), shape)
+                g = _grad_back(unbroadcast(np.asarray(g), shape), how)
                 if name in grads:
                     grads[name] = grads[name] + g
                 else:
                     grads[name] = g
-        return {name: grads.get(name) for name in wrt}
+        return {name: (grads[name].transpose(_SWAP) if name in tape.cnhw and grads.get(name) is not None
+                       else grads.get(name)) for name in wrt}

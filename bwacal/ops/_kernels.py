@@ -1,6 +1,8 @@
-"""numba kernels behind Conv and the pools, all on NCHW float arrays.
+"""numba kernels behind Conv and the pools, on CNHW float arrays (channels, batch, height, width).
 
-Each kernel is parallel over (batch, channel) pairs, so no two threads write the same element.
+The engine keeps 4-D activations channel-major so that a convolution is one GEMM,
+``W (O, C*kh*kw) @ cols (C*kh*kw, N*Ho*Wo)``, whose result is already the CNHW output.
+Each kernel's parallel loop owns distinct output elements, so threads never write the same place.
 """
 
 from __future__ import annotations
@@ -13,55 +15,53 @@ JIT = dict(nogil=True, cache=True, parallel=True, fastmath=False)
 
 @njit(**JIT)
 def im2col(x, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, cols):
-    """Fill ``cols[b, (c*kh + i)*kw + j, oi*wo + oj]`` with the input pixel window (i, j) of output
-    position (oi, oj) sees in channel c; zero where the window hangs over the padding."""
-    n, c, h, w = x.shape
-    for t in prange(n * c):
-        b = t // c
-        ch = t % c
-        for ki in range(kh):
-            for kj in range(kw):
-                row = (ch * kh + ki) * kw + kj
-                for oi in range(ho):
-                    ii = oi * sh + ki * dh - ph
-                    base = oi * wo
-                    if ii < 0 or ii >= h:
-                        for oj in range(wo):
-                            cols[b, row, base + oj] = 0
-                    else:
-                        for oj in range(wo):
-                            jj = oj * sw + kj * dw - pw
-                            if jj >= 0 and jj < w:
-                                cols[b, row, base + oj] = x[b, ch, ii, jj]
-                            else:
-                                cols[b, row, base + oj] = 0
+    """Fill ``cols[(c*kh + i)*kw + j, (b*ho + oi)*wo + oj]`` with the pixel that window tap (i, j)
+    of output (oi, oj) sees in channel c of image b; zero where the window hangs over the padding."""
+    c, n, h, w = x.shape
+    for row in prange(c * kh * kw):
+        ch = row // (kh * kw)
+        ki = (row // kw) % kh
+        kj = row % kw
+        for b in range(n):
+            for oi in range(ho):
+                ii = oi * sh + ki * dh - ph
+                base = (b * ho + oi) * wo
+                if ii < 0 or ii >= h:
+                    for oj in range(wo):
+                        cols[row, base + oj] = 0
+                else:
+                    for oj in range(wo):
+                        jj = oj * sw + kj * dw - pw
+                        if jj >= 0 and jj < w:
+                            cols[row, base + oj] = x[ch, b, ii, jj]
+                        else:
+                            cols[row, base + oj] = 0
 
 
 @njit(**JIT)
 def col2im(cols, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, dx):
     """The adjoint of ``im2col``: add every column entry back onto the pixel it was read from."""
-    n, c, h, w = dx.shape
-    for t in prange(n * c):
-        b = t // c
-        ch = t % c
+    c, n, h, w = dx.shape
+    for ch in prange(c):
         for ki in range(kh):
             for kj in range(kw):
                 row = (ch * kh + ki) * kw + kj
-                for oi in range(ho):
-                    ii = oi * sh + ki * dh - ph
-                    if ii < 0 or ii >= h:
-                        continue
-                    base = oi * wo
-                    for oj in range(wo):
-                        jj = oj * sw + kj * dw - pw
-                        if jj >= 0 and jj < w:
-                            dx[b, ch, ii, jj] += cols[b, row, base + oj]
+                for b in range(n):
+                    for oi in range(ho):
+                        ii = oi * sh + ki * dh - ph
+                        if ii < 0 or ii >= h:
+                            continue
+                        base = (b * ho + oi) * wo
+                        for oj in range(wo):
+                            jj = oj * sw + kj * dw - pw
+                            if jj >= 0 and jj < w:
+                                dx[ch, b, ii, jj] += cols[row, base + oj]
 
 
 @njit(**JIT)
 def depthwise_forward(x, wt, sh, sw, dh, dw, ph, pw, ho, wo, y):
     """Grouped conv with one input channel per group: output channel o reads input channel o // m."""
-    n, c, h, w = x.shape
+    c, n, h, w = x.shape
     o_ch, kh, kw = wt.shape
     m = o_ch // c
     for t in prange(n * o_ch):
@@ -78,14 +78,14 @@ def depthwise_forward(x, wt, sh, sw, dh, dw, ph, pw, ho, wo, y):
                     for kj in range(kw):
                         jj = oj * sw + kj * dw - pw
                         if jj >= 0 and jj < w:
-                            acc += wt[o, ki, kj] * x[b, ch, ii, jj]
-                y[b, o, oi, oj] = acc
+                            acc += wt[o, ki, kj] * x[ch, b, ii, jj]
+                y[o, b, oi, oj] = acc
 
 
 @njit(**JIT)
 def depthwise_backward_input(dy, wt, sh, sw, dh, dw, ph, pw, dx):
     """dL/dx of ``depthwise_forward``; parallel over (batch, input channel)."""
-    n, c, h, w = dx.shape
+    c, n, h, w = dx.shape
     o_ch, kh, kw = wt.shape
     ho, wo = dy.shape[2], dy.shape[3]
     m = o_ch // c
@@ -99,18 +99,18 @@ def depthwise_backward_input(dy, wt, sh, sw, dh, dw, ph, pw, dx):
                     if ii < 0 or ii >= h:
                         continue
                     for oj in range(wo):
-                        g = dy[b, o, oi, oj]
+                        g = dy[o, b, oi, oj]
                         for kj in range(kw):
                             jj = oj * sw + kj * dw - pw
                             if jj >= 0 and jj < w:
-                                dx[b, ch, ii, jj] += wt[o, ki, kj] * g
+                                dx[ch, b, ii, jj] += wt[o, ki, kj] * g
 
 
 @njit(**JIT)
 def depthwise_backward_weight(x, dy, kh, kw, sh, sw, dh, dw, ph, pw, dwt):
     """dL/dW of ``depthwise_forward``; parallel over output channels, accumulated in float64."""
-    n, c, h, w = x.shape
-    o_ch = dy.shape[1]
+    c, n, h, w = x.shape
+    o_ch = dy.shape[0]
     ho, wo = dy.shape[2], dy.shape[3]
     m = o_ch // c
     for o in prange(o_ch):
@@ -126,14 +126,14 @@ def depthwise_backward_weight(x, dy, kh, kw, sh, sw, dh, dw, ph, pw, dwt):
                         for oj in range(wo):
                             jj = oj * sw + kj * dw - pw
                             if jj >= 0 and jj < w:
-                                acc += x[b, ch, ii, jj] * dy[b, o, oi, oj]
+                                acc += x[ch, b, ii, jj] * dy[o, b, oi, oj]
                 dwt[o, ki, kj] = acc
 
 
 @njit(**JIT)
 def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y, arg):
     """Max over each window; ``arg`` keeps the flat input index of the winner (-1: all padding)."""
-    n, c, h, w = x.shape
+    c, n, h, w = x.shape
     ho, wo = y.shape[2], y.shape[3]
     for t in prange(n * c):
         b = t // c
@@ -149,33 +149,33 @@ def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y, arg):
                     for kj in range(kw):
                         jj = oj * sw + kj * dw - pw
                         if jj >= 0 and jj < w:
-                            v = x[b, ch, ii, jj]
+                            v = x[ch, b, ii, jj]
                             if v > best or where < 0:
                                 best = v
                                 where = ii * w + jj
-                y[b, ch, oi, oj] = best
-                arg[b, ch, oi, oj] = where
+                y[ch, b, oi, oj] = best
+                arg[ch, b, oi, oj] = where
 
 
 @njit(**JIT)
 def maxpool_backward(dy, arg, dx):
     """Route each output gradient to the input element that won the max."""
-    n, c, h, w = dx.shape
+    c, n, h, w = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
     for t in prange(n * c):
         b = t // c
         ch = t % c
         for oi in range(ho):
             for oj in range(wo):
-                k = arg[b, ch, oi, oj]
+                k = arg[ch, b, oi, oj]
                 if k >= 0:
-                    dx[b, ch, k // w, k % w] += dy[b, ch, oi, oj]
+                    dx[ch, b, k // w, k % w] += dy[ch, b, oi, oj]
 
 
 @njit(**JIT)
 def avgpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, divisor, y):
     """Window sums divided by ``divisor[oi, oj]`` (the count the spec asks for at that position)."""
-    n, c, h, w = x.shape
+    c, n, h, w = x.shape
     ho, wo = y.shape[2], y.shape[3]
     for t in prange(n * c):
         b = t // c
@@ -190,21 +190,21 @@ def avgpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, divisor, y):
                     for kj in range(kw):
                         jj = oj * sw + kj * dw - pw
                         if jj >= 0 and jj < w:
-                            acc += x[b, ch, ii, jj]
-                y[b, ch, oi, oj] = acc / divisor[oi, oj]
+                            acc += x[ch, b, ii, jj]
+                y[ch, b, oi, oj] = acc / divisor[oi, oj]
 
 
 @njit(**JIT)
 def avgpool_backward(dy, kh, kw, sh, sw, dh, dw, ph, pw, divisor, dx):
     """Spread each output gradient evenly over the real (non-padding) pixels of its window."""
-    n, c, h, w = dx.shape
+    c, n, h, w = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
     for t in prange(n * c):
         b = t // c
         ch = t % c
         for oi in range(ho):
             for oj in range(wo):
-                g = dy[b, ch, oi, oj] / divisor[oi, oj]
+                g = dy[ch, b, oi, oj] / divisor[oi, oj]
                 for ki in range(kh):
                     ii = oi * sh + ki * dh - ph
                     if ii < 0 or ii >= h:
@@ -212,4 +212,4 @@ def avgpool_backward(dy, kh, kw, sh, sw, dh, dw, ph, pw, divisor, dx):
                     for kj in range(kw):
                         jj = oj * sw + kj * dw - pw
                         if jj >= 0 and jj < w:
-                            dx[b, ch, ii, jj] += g
+                            dx[ch, b, ii, jj] += g

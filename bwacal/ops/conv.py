@@ -1,4 +1,8 @@
-"""2-D convolution: im2col + BLAS for dense and grouped convs, a direct numba kernel for depthwise."""
+"""2-D convolution on channel-major (CNHW) activations.
+
+Dense and grouped convs are im2col + one BLAS GEMM per group, ``W (O, C*kh*kw) @ cols``, whose
+result is already the CNHW output; depthwise convs use a direct numba kernel.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +19,19 @@ def _pointwise(x, g):
 
 
 def _cols(x, g):
-    """(N, C*kh*kw, Ho*Wo) patches of ``x``; a free view for pointwise convs."""
-    n, c, h, w = x.shape
+    """(C*kh*kw, N*Ho*Wo) patches of the CNHW array ``x``; a free view for pointwise convs."""
+    c, n, h, w = x.shape
     if _pointwise(x, g):
-        return x.reshape(n, c, h * w)
-    cols = np.empty((n, c * g.kh * g.kw, g.ho * g.wo), dtype=x.dtype)
+        return x.reshape(c, n * h * w)
+    cols = np.empty((c * g.kh * g.kw, n * g.ho * g.wo), dtype=x.dtype)
     K.im2col(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, cols)
     return cols
 
 
 @register("Conv")
 class Conv(Op):
+    layout = "cnhw"
+
     def __init__(self, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None,
                  strides=None):
         self.auto_pad, self.dilations, self.group = auto_pad, dilations, group
@@ -39,68 +45,66 @@ class Conv(Op):
                       self.auto_pad)
 
     def _depthwise(self, x, w):
-        return self.group > 1 and self.group == x.shape[1] and w.shape[1] == 1
+        return self.group > 1 and self.group == x.shape[0] and w.shape[1] == 1
 
     def forward(self, x, w, b=None):
         if x.ndim != 4 or w.ndim != 4:
-            raise ValueError("only 2-D convolution on NCHW input is supported")
+            raise ValueError("only 2-D convolution on 4-D input is supported")
+        if x.shape[0] != w.shape[1] * self.group:
+            raise ValueError(f"input has {x.shape[0]} channels, weight expects {w.shape[1] * self.group}")
         x = np.ascontiguousarray(x)
         g = self._geometry(x, w)
-        n, o = x.shape[0], w.shape[0]
+        o, n = w.shape[0], x.shape[1]
         if self._depthwise(x, w):
-            y = np.empty((n, o, g.ho, g.wo), dtype=x.dtype)
+            y = np.empty((o, n, g.ho, g.wo), dtype=x.dtype)
             K.depthwise_forward(x, np.ascontiguousarray(w[:, 0]), g.sh, g.sw, g.dh, g.dw, g.ph, g.pw,
                                 g.ho, g.wo, y)
-            y = y.reshape(n, o, g.ho * g.wo)
+            y = y.reshape(o, -1)
         else:
             cols = _cols(x, g)
+            w2 = w.reshape(o, -1)
             if self.group == 1:
-                y = np.matmul(w.reshape(o, -1), cols)
+                y = w2 @ cols
             else:
-                k, og = cols.shape[1] // self.group, o // self.group
-                y = np.empty((n, o, g.ho * g.wo), dtype=x.dtype)
+                k, og = w2.shape[1], o // self.group
+                y = np.empty((o, cols.shape[1]), dtype=x.dtype)
                 for i in range(self.group):
-                    y[:, i * og:(i + 1) * og] = np.matmul(w[i * og:(i + 1) * og].reshape(og, -1),
-                                                          cols[:, i * k:(i + 1) * k])
+                    np.matmul(w2[i * og:(i + 1) * og], cols[i * k:(i + 1) * k], out=y[i * og:(i + 1) * og])
         if b is not None:
-            y += b.reshape(1, o, 1).astype(y.dtype, copy=False)
-        return y.reshape(n, o, g.ho, g.wo), (x, w, g, b is not None)
+            y += b.reshape(o, 1).astype(y.dtype, copy=False)
+        return y.reshape(o, n, g.ho, g.wo), (x, w, g, b is not None)
 
     def backward(self, ctx, dy, need):
         x, w, g, has_b = ctx
-        n, o = dy.shape[:2]
-        dy = np.ascontiguousarray(dy)
+        o = dy.shape[0]
+        dy2 = np.ascontiguousarray(dy).reshape(o, -1)
         dx = dw = db = None
         if has_b and need[2]:
-            db = dy.sum(axis=(0, 2, 3))
+            db = dy2.sum(axis=1)
         if self._depthwise(x, w):
             w3 = np.ascontiguousarray(w[:, 0])
+            dy4 = dy2.reshape(dy.shape)
             if need[0]:
                 dx = np.zeros_like(x)
-                K.depthwise_backward_input(dy, w3, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
+                K.depthwise_backward_input(dy4, w3, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
             if need[1]:
                 dw = np.empty(w3.shape, dtype=np.float64)
-                K.depthwise_backward_weight(x, dy, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dw)
+                K.depthwise_backward_weight(x, dy4, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dw)
                 dw = dw.astype(w.dtype).reshape(w.shape)
             return dx, dw, db
-        dy3 = dy.reshape(n, o, -1)
-        groups = self.group
-        og = o // groups
+        w2 = w.reshape(o, -1)
+        k, og = w2.shape[1], o // self.group
         if need[1]:
-            cols = _cols(x, g)
-            k = cols.shape[1] // groups
-            dw = np.empty((o, k), dtype=dy.dtype)
-            for i in range(groups):
-                part = np.matmul(dy3[:, i * og:(i + 1) * og], cols[:, i * k:(i + 1) * k].transpose(0, 2, 1))
-                dw[i * og:(i + 1) * og] = part.sum(axis=0)
+            cols = _cols(x, g)  # recomputed: cheaper in memory than keeping every layer's patches
+            dw = np.empty_like(w2)
+            for i in range(self.group):
+                np.matmul(dy2[i * og:(i + 1) * og], cols[i * k:(i + 1) * k].T, out=dw[i * og:(i + 1) * og])
             dw = dw.reshape(w.shape)
             del cols
         if need[0]:
-            w2 = w.reshape(o, -1)
-            k = w2.shape[1]
-            dcols = np.empty((n, k * groups, dy3.shape[2]), dtype=dy.dtype)
-            for i in range(groups):
-                dcols[:, i * k:(i + 1) * k] = np.matmul(w2[i * og:(i + 1) * og].T, dy3[:, i * og:(i + 1) * og])
+            dcols = np.empty((k * self.group, dy2.shape[1]), dtype=dy2.dtype)
+            for i in range(self.group):
+                np.matmul(w2[i * og:(i + 1) * og].T, dy2[i * og:(i + 1) * og], out=dcols[i * k:(i + 1) * k])
             if _pointwise(x, g):
                 dx = dcols.reshape(x.shape)
             else:

@@ -10,6 +10,8 @@ from bwacal.ops.base import Op, Unsupported, register
 
 @register("Add")
 class Add(Op):
+    layout = "follow"
+
     def forward(self, a, b):
         return a + b, None
 
@@ -19,6 +21,8 @@ class Add(Op):
 
 @register("Sub")
 class Sub(Op):
+    layout = "follow"
+
     def forward(self, a, b):
         return a - b, None
 
@@ -28,6 +32,8 @@ class Sub(Op):
 
 @register("Mul")
 class Mul(Op):
+    layout = "follow"
+
     def forward(self, a, b):
         return a * b, (a, b)
 
@@ -38,6 +44,8 @@ class Mul(Op):
 
 @register("Div")
 class Div(Op):
+    layout = "follow"
+
     def forward(self, a, b):
         if np.issubdtype(np.result_type(a, b), np.integer):
             # ONNX integer division truncates toward zero
@@ -53,6 +61,8 @@ class Div(Op):
 
 @register("Relu")
 class Relu(Op):
+    layout = "follow"
+
     def forward(self, x):
         y = np.maximum(x, 0)
         return y, y
@@ -63,6 +73,8 @@ class Relu(Op):
 
 @register("LeakyRelu")
 class LeakyRelu(Op):
+    layout = "follow"
+
     def __init__(self, alpha=0.01):
         self.alpha = alpha
 
@@ -75,6 +87,8 @@ class LeakyRelu(Op):
 
 @register("PRelu")
 class PRelu(Op):
+    layout = "follow"
+
     def forward(self, x, slope):
         return np.where(x >= 0, x, x * slope), (x, slope)
 
@@ -89,6 +103,8 @@ class PRelu(Op):
 @register("Clip")
 class Clip(Op):
     """Clip; before opset 11 the bounds are attributes, from 11 on optional inputs."""
+
+    layout = "follow"
 
     def __init__(self, min=None, max=None, opset=13):
         self.lo_attr, self.hi_attr = min, max
@@ -115,6 +131,8 @@ class Clip(Op):
 
 @register("Sigmoid")
 class Sigmoid(Op):
+    layout = "follow"
+
     def forward(self, x):
         y = np.empty_like(x)
         pos = x >= 0
@@ -130,6 +148,8 @@ class Sigmoid(Op):
 
 @register("Tanh")
 class Tanh(Op):
+    layout = "follow"
+
     def forward(self, x):
         y = np.tanh(x)
         return y, y
@@ -140,6 +160,8 @@ class Tanh(Op):
 
 @register("HardSigmoid")
 class HardSigmoid(Op):
+    layout = "follow"
+
     def __init__(self, alpha=0.2, beta=0.5):
         self.alpha, self.beta = alpha, beta
 
@@ -153,6 +175,8 @@ class HardSigmoid(Op):
 
 @register("HardSwish")
 class HardSwish(Op):
+    layout = "follow"
+
     def forward(self, x):
         return x * np.clip(x / 6 + x.dtype.type(0.5), 0, 1), x
 
@@ -164,6 +188,8 @@ class HardSwish(Op):
 
 @register("Identity")
 class Identity(Op):
+    layout = "follow"
+
     def forward(self, x):
         return x, None
 

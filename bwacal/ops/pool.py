@@ -1,4 +1,4 @@
-"""2-D MaxPool and AveragePool on NCHW input (numba kernels in ``_kernels``)."""
+"""2-D MaxPool and AveragePool on channel-major (CNHW) input (numba kernels in ``_kernels``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from bwacal.ops.window import check_2d, window
 
 
 class _Pool(Op):
+    layout = "cnhw"
     def check(self, shapes):
         check_2d(self.kernel_shape, shapes[:1], "pooling")
 
     def _geometry(self, x):
         if x.ndim != 4:
-            raise ValueError("only 2-D pooling on NCHW input is supported")
+            raise ValueError("only 2-D pooling on 4-D input is supported")
         return window(x.shape[2], x.shape[3], self.kernel_shape, self.strides, self.dilations, self.pads,
                       self.auto_pad, self.ceil_mode)
 

@@ -35,6 +35,7 @@ class ReduceMean(Op):
 
 @register("GlobalAveragePool")
 class GlobalAveragePool(Op):
+    layout = "cnhw"  # reduces the last two axes: the same code serves NCHW and CNHW
     def forward(self, x):
         axes = tuple(range(2, x.ndim))
         return x.mean(axis=axes, keepdims=True, dtype=np.float64 if x.dtype == np.float64 else np.float32).astype(x.dtype), x.shape
@@ -46,6 +47,7 @@ class GlobalAveragePool(Op):
 
 @register("GlobalMaxPool")
 class GlobalMaxPool(Op):
+    layout = "cnhw"  # reduces the last two axes: the same code serves NCHW and CNHW
     def forward(self, x):
         flat = x.reshape(x.shape[0], x.shape[1], -1)
         idx = flat.argmax(axis=2)
