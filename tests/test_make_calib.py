@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import struct
 import sys
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -247,9 +249,11 @@ def test_cli_builds_idx_file(tmp_path, idx_pair):
                        "--mean", "0.3", "--std", "0.4", "-o", out)
     assert code == 0, output
     assert f"wrote {out}: 12 images 1x6x5 uint8" in output and "per class: 0:4, 1:4, 2:4" in output
-    with open_dataset(out) as ds:
-        assert ds.n == 12
-        assert ds._mean.tolist() == pytest.approx([0.3]) and ds._std.tolist() == pytest.approx([0.4])
+    with h5py.File(out, "r") as f:
+        attrs = dict(f["images"].attrs)
+        assert f["images"].shape == (12, 1, 6, 5) and f["images"].dtype == np.uint8
+    assert attrs["mean"].tolist() == [0.3] and attrs["std"].tolist() == [0.4]
+    assert attrs["scale"] == pytest.approx(1 / 255)
 
     # the same command with the same seed gives the same bytes
     again = tmp_path / "again.h5"
@@ -307,3 +311,18 @@ def test_cli_bad_inputs_exit_2_and_leave_no_file(tmp_path, idx_pair):
         lines = output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, output)
         assert sorted(p.name for p in tmp_path.iterdir()) == before, name
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
+def test_committed_val_file_is_rebuilt_byte_for_byte(tmp_path):
+    """The README's command for data/fmnist_val.h5 reproduces the committed file exactly."""
+    out = tmp_path / "val.h5"
+    code, output = run("--idx-images", FMNIST / "t10k-images-idx3-ubyte.gz",
+                       "--idx-labels", FMNIST / "t10k-labels-idx1-ubyte.gz", "--count", 2000, "--balanced",
+                       "--seed", 0, "--mean", "0.2860", "--std", "0.3530", "-o", out)
+    assert code == 0, output
+    committed = Path(__file__).resolve().parent.parent / "data" / "fmnist_val.h5"
+    assert out.read_bytes() == committed.read_bytes()
