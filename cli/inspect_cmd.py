@@ -2,37 +2,106 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import user_errors
+from cli.common import EXIT_BAD_INPUT, user_errors
 from cli.main import app
+from cli.options import Json, Quiet, Verbose
+
+
+def _table(headers, rows, right=()) -> list[str]:
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for r in cells:
+        out.append("  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                                    for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    return out
+
+
+def _shape(v) -> str:
+    return "?" if v["shape"] is None else "[" + ", ".join(map(str, v["shape"])) + "]"
+
+
+def _accuracy(value) -> str:
+    if not isinstance(value, (int, float)):
+        return str(value)
+    return f"{100 * value:.2f}%" if abs(value) <= 1 else f"{value:.2f}%"
+
+
+def render(info: dict) -> list[str]:
+    lines = [f"model: {info['model']}", f"opset: {info['opset']}"]
+    lines += [f"input: {v['name']} {v['dtype']} {_shape(v)}" for v in info["inputs"]]
+    lines += [f"output: {v['name']} {v['dtype']} {_shape(v)}" for v in info["outputs"]]
+    if info["num_classes"] is not None:
+        lines.append(f"classes: {info['num_classes']}")
+    lines.append("ops: " + ", ".join(f"{k} x{n}" for k, n in info["ops"].items()))
+    lines.append(f"parameters: {info['parameters']}")
+    layers = info["layers"]
+    folded = ", after BatchNorm folding" if info["batchnorm_folded"] else ""
+    lines.append(f"weight layers: {len(layers)}{folded}; weight bits per protocol at --bits {info['bits']}:")
+    if layers:
+        rows = [(r["layer"], r["op"], "x".join(map(str, r["shape"])), r["params"], r["bits"]["first-last-8bit"],
+                 r["bits"]["all-layers"]) for r in layers]
+        lines += _table(("layer", "op", "weight", "params", "first-last-8bit", "all-layers"), rows, right=(3, 4, 5))
+    if info["unsupported"]:
+        lines.append(f"unsupported ops ({len(info['unsupported'])} nodes):")
+        lines += [f"  {u['op']} (node '{u['node']}'): {u['reason']}" for u in info["unsupported"]]
+    meta = info["bwacal"]
+    if meta is not None:
+        lines.append(f"bwacal calibration: version {meta['version']}, weights {meta['bits']} bits, activations "
+                     f"{meta['act_bits']}, protocol {meta['protocol']}")
+        if meta["calib_sha256"]:
+            lines.append(f"  calibration data sha256: {meta['calib_sha256']}")
+        if meta["accuracy"]:
+            lines.append("  accuracy: " + ", ".join(f"{k} {_accuracy(v)}" for k, v in meta["accuracy"].items()))
+        if meta["layers"]:
+            rows = []
+            for r in meta["layers"]:
+                a, g = r.get("alpha"), r.get("gamma")
+                rows.append((r["layer"], r["bits"], r["channels"],
+                             " ".join(f"{v:.3g}" for v in a["per_plane_mean"]) if a else "-",
+                             f"{a['min']:.3g}..{a['max']:.3g}" if a else "-",
+                             f"{g['mean']:.3g}" if g else "-"))
+            lines += ["  " + s for s in _table(("layer", "bits", "channels", "alpha mean per bit plane",
+                                                "alpha range", "gamma mean"), rows, right=(1, 2))]
+    for k, v in info["metadata"].items():
+        lines.append(f"metadata: {k} = {v}")
+    return lines
 
 
 @app.command("inspect")
 def inspect_model(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     *,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
+    bits: Annotated[int, typer.Option("--bits", help="Weight width (2-8) for the per-protocol plan.")] = 3,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ):
-    """Show a model's inputs, outputs, op counts and parameters.
+    """Show a model's inputs, outputs, op counts, parameters per layer, the bit width each layer would get
+    under each protocol, every unsupported op, and the calibration record of a model bwacal wrote.
 
-    Example: bwacal inspect data/zoo/resnet20.onnx
+    Exits 2 (after printing the rest) when the model has unsupported ops or is not a classifier bwacal can run.
+
+    Example: bwacal inspect data/zoo/resnet20.onnx --bits 3
     """
-    from bwacal import load_model
+    from bwacal.inspection import describe_model
 
     with user_errors(verbose):
-        m = load_model(model)
-    g = m.graph
-    typer.echo(f"model: {model}")
-    typer.echo(f"opset: {g.opset}")
-    for v in g.inputs:
-        typer.echo(f"input: {v.name} {v.shape}")
-    for v in g.outputs:
-        typer.echo(f"output: {v.name} {v.shape}")
-    typer.echo("ops: " + ", ".join(f"{k} x{n}" for k, n in sorted(Counter(n.op_type for n in g.nodes).items())))
-    total = sum(int(a.size) for a in g.initializers.values())
-    typer.echo(f"parameters: {total}")
+        info = describe_model(model, bits=bits)
+    if json_out:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        for line in render(info):
+            typer.echo(line)
+    if not quiet:
+        for w in info["warnings"]:
+            typer.echo(f"warning: {w}", err=True)
+    if info["error"] is not None:
+        typer.echo(f"error: {info['error']}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)

@@ -12,3 +12,5 @@ app = typer.Typer(
 
 from cli import inspect_cmd  # noqa: E402,F401  (commands register themselves on import)
 from cli import make_calib_cmd  # noqa: E402,F401
+from cli import evaluate_cmd  # noqa: E402,F401
+from cli import check_cmd  # noqa: E402,F401
