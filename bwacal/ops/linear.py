@@ -50,20 +50,20 @@ class MatMul(Op):
 
     def backward(self, ctx, dy, need):
         a, b = ctx
-        a2 = a[None, :] if a.ndim == 1 else a
-        b2 = b[:, None] if b.ndim == 1 else b
-        g = dy
-        if a.ndim == 1:
-            g = np.expand_dims(g, -2)
+        # NOTE: restore the axes that 1-D operands drop (b first: both 1-D gives a scalar dy);
+        # the engine sums the broadcast batch dims away
+        g = np.asarray(dy)
         if b.ndim == 1:
-            g = np.expand_dims(g, -1)
+            g = g[..., None]
+        if a.ndim == 1:
+            g = g[..., None, :]
         da = db = None
         if need[0]:
-            da = np.matmul(g, np.swapaxes(b2, -1, -2))
+            da = np.matmul(g, np.swapaxes(b[:, None] if b.ndim == 1 else b, -1, -2))
             if a.ndim == 1:
-                da = da.reshape(da.shape[:-2] + (-1,)).sum(axis=tuple(range(da.ndim - 2))) if da.ndim > 2 else da.reshape(-1)
+                da = da[..., 0, :]
         if need[1]:
-            db = np.matmul(np.swapaxes(a2, -1, -2), g)
+            db = np.matmul(np.swapaxes(a[None, :] if a.ndim == 1 else a, -1, -2), g)
             if b.ndim == 1:
-                db = db.reshape(db.shape[:-1]).sum(axis=tuple(range(db.ndim - 2))) if db.ndim > 2 else db.reshape(-1)
+                db = db[..., 0]
         return da, db
