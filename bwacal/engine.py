@@ -177,8 +177,8 @@ class Engine:
         if mode == "cnhw":
             convert = [0] if n and stored[0] is not None and np.ndim(stored[0]) == 4 else []
             out_cnhw = bool(convert)
-        elif mode == "follow" and any(name in cnhw for name in names if name):
-            convert = [k for k in range(n) if stored[k] is not None]
+        elif mode == "follow" and any(name in cnhw for name in names[:op.follow_inputs] if name):
+            convert = [k for k in range(min(n, op.follow_inputs)) if stored[k] is not None]
             out_cnhw = True
         else:
             convert = [k for k, name in enumerate(names) if name in cnhw]

@@ -36,6 +36,8 @@ def register(*op_types):
 class Op:
     differentiable = True
     max_outputs = 1  # node outputs the op can produce; more is refused at load
+    layout = None  # "cnhw", "follow" or None: see the layout notes in bwacal/engine.py
+    follow_inputs = 1 << 30  # with layout "follow": how many leading inputs share the data layout
 
     def backward(self, ctx, dy, need):
         raise NotImplementedError(f"{type(self).__name__} has no backward")

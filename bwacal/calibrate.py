@@ -1,0 +1,242 @@
+"""BWA calibration end to end: load, quantize, fit the bit weights, report.
+
+``calibrate(model_path, calib_path, options)`` returns a ``Calibration`` holding the fitted
+quantized network and the report; ``bwacal.export.write_quantized`` writes it as ONNX.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from bwacal import __version__
+from bwacal.data import open_dataset
+from bwacal.errors import BwacalError
+from bwacal.fit import FitOptions, fit_bit_weights, log_softmax
+from bwacal.model import Model, load_model
+from bwacal.quantize import PROTOCOLS, QuantizedNetwork, collect_activation_samples, quantize_network, select_layers
+
+IN_MEMORY_LIMIT = 512 << 20  # calibration images up to this many bytes are read once and kept
+
+
+@dataclass
+class CalibrationOptions:
+    """Everything that decides the output; the same options and seed give the same bytes."""
+
+    bits: int = 3
+    act_bits: int | None = None
+    act_bwa: bool = False
+    protocol: str = "first-last-8bit"
+    weight_method: str = "mse"
+    act_method: str = "mse"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 5e-3
+    holdout: float = 0.2
+    loss: str = "auto"  # auto | ce | kl | both
+    seed: int = 0
+
+    def validate(self):
+        """Raise ``BwacalError`` naming the first bad option."""
+        if not 2 <= self.bits <= 8:
+            raise BwacalError(f"--bits must be between 2 and 8, got {self.bits}")
+        if self.act_bits is not None and not 2 <= self.act_bits <= 8:
+            raise BwacalError(f"--act-bits must be between 2 and 8, got {self.act_bits}")
+        if self.act_bwa and self.act_bits is None:
+            raise BwacalError("--act-bwa needs --act-bits")
+        if self.protocol not in PROTOCOLS:
+            raise BwacalError(f"unknown protocol {self.protocol!r}")
+        if self.weight_method not in ("mse", "minmax"):
+            raise BwacalError(f"--weight-method must be 'mse' or 'minmax', got {self.weight_method!r}")
+        if self.act_method not in ("mse", "percentile"):
+            raise BwacalError(f"--act-method must be 'mse' or 'percentile', got {self.act_method!r}")
+        if self.epochs < 0:
+            raise BwacalError(f"--epochs must be 0 or more, got {self.epochs}")
+        if self.batch_size < 1:
+            raise BwacalError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise BwacalError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.holdout < 1:
+            raise BwacalError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.loss not in ("auto", "ce", "kl", "both"):
+            raise BwacalError(f"--loss must be auto, ce, kl or both, got {self.loss!r}")
+
+
+@dataclass
+class Calibration:
+    net: QuantizedNetwork
+    report: dict = field(default_factory=dict)
+
+
+class _Split:
+    """Images of one part of the calibration set, kept in memory or read per batch."""
+
+    def __init__(self, data, indices, in_memory):
+        self.data, self.indices = data, np.asarray(indices)
+        self.x = self.y = None
+        if in_memory and len(self.indices):
+            self.x, self.y = data.read(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def batches(self, batch_size, order=None):
+        """(x, y, positions) per batch; ``order`` permutes positions within the split."""
+        pos = np.arange(len(self.indices)) if order is None else order
+        for start in range(0, len(pos), batch_size):
+            p = pos[start:start + batch_size]
+            if self.x is not None:
+                yield self.x[p], (self.y[p] if self.y is not None else None), p
+            else:
+                x, y = self.data.read(self.indices[p])
+                yield x, y, p
+
+
+def _top1(forward, split: _Split, batch_size) -> float | None:
+    if split.y is None and not split.data.has_labels:
+        return None
+    correct = 0
+    for x, y, _ in split.batches(batch_size):
+        correct += int((forward(x).argmax(axis=1) == y).sum())
+    return correct / max(len(split), 1)
+
+
+def calibrate(model_path, calib_path, options: CalibrationOptions | None = None, eval_path=None,
+              progress=None, log=None) -> Calibration:
+    """Quantize ``model_path`` and fit its bit weights on ``calib_path``; see ``CalibrationOptions``.
+
+    ``progress(epoch, step, steps, loss, heldout_top1)`` reports fitting; ``log(message)`` reports
+    the stages.
+    """
+    options = options or CalibrationOptions()
+    options.validate()
+    say = log or (lambda message: None)
+    started = time.perf_counter()
+    model = load_model(model_path)
+    data = open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes)
+    try:
+        return _calibrate(model, data, options, eval_path, progress, say, started, str(model_path))
+    finally:
+        data.close()
+
+
+def _calibrate(model: Model, data, options, eval_path, progress, say, started, model_path):
+    loss_mode = options.loss if options.loss != "auto" else ("ce" if data.has_labels else "kl")
+    if loss_mode in ("ce", "both") and not data.has_labels:
+        raise BwacalError(f"{data.path}: --loss {loss_mode} needs 'labels', which the file does not have")
+    rng = np.random.default_rng(options.seed)
+    perm = rng.permutation(data.n)
+    n_hold = int(round(data.n * options.holdout)) if data.n > 1 else 0
+    held_idx, train_idx = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    in_memory = data.n * int(np.prod(model.input_shape)) * 4 <= IN_MEMORY_LIMIT
+    train, held = _Split(data, train_idx, in_memory), _Split(data, held_idx, in_memory)
+    bs = options.batch_size
+
+    say(f"model {model_path}: {model.num_classes} classes, input {model.input_shape}; "
+        f"calibration {data.n} images ({len(train)} fit, {len(held)} held out)")
+    teacher = {}
+    if loss_mode in ("kl", "both"):
+        for split_name, split in (("train", train), ("held", held)):
+            out = np.zeros((len(split), model.num_classes), np.float64)
+            for x, _, p in split.batches(bs):
+                out[p] = log_softmax(model.forward(x))
+            teacher[split_name] = out
+
+    layers = select_layers(model.graph, options.bits, options.protocol, options.act_bits)
+    if not layers:
+        raise BwacalError(f"{model_path}: no Conv, Gemm or MatMul layer with constant weights to quantize")
+    samples = None
+    if options.act_bits is not None:
+        names = {layer.data_input for layer in layers}
+        limit = min(len(train), 256)
+        samples = collect_activation_samples(model, names, (x for x, _, _ in train.batches(bs, np.arange(limit))),
+                                             seed=options.seed)
+    net = quantize_network(model, layers, options.weight_method, samples, options.act_method, options.act_bwa)
+    minmax = quantize_network(model, layers, "minmax", samples, options.act_method, False) \
+        if options.weight_method != "minmax" else None
+
+    def batches_of(split, name, order=None):
+        for x, y, p in split.batches(bs, order):
+            yield x, (y if loss_mode != "kl" else None), (teacher[name][p] if teacher else None)
+
+    eval_data = None
+    if eval_path is not None:
+        eval_data = open_dataset(eval_path, input_shape=model.input_shape, num_classes=model.num_classes)
+    try:
+        evaluation = _Split(eval_data, np.arange(eval_data.n), False) if eval_data is not None else held
+
+        def accuracy(forward):
+            return _top1(forward, evaluation, 256) if len(evaluation) else None
+
+        acc = {"fp": accuracy(model.forward)}
+        acc["uniform_minmax"] = accuracy(lambda x: minmax.forward(x)) if minmax else None
+        acc["uniform_mse"] = accuracy(lambda x: net.forward(x))
+        say(_acc_line("before fitting", acc))
+
+        fit_opts = FitOptions(options.epochs, bs, options.lr, loss_mode, options.seed)
+        epoch_rng = np.random.default_rng(options.seed + 1)
+
+        def train_batches(epoch):
+            return batches_of(train, "train", epoch_rng.permutation(len(train)))
+
+        fit_started = time.perf_counter()
+        if len(held) == 0:
+            say("no held-out split (--holdout 0): the last epoch is kept")
+        fit = fit_bit_weights(net, train_batches, lambda: batches_of(held, "held"), fit_opts, progress,
+                              keep_best=len(held) > 0)
+        fit_seconds = time.perf_counter() - fit_started
+        params = net.params()
+        acc["bwa"] = accuracy(lambda x: net.forward(x, params))
+        say(_acc_line(f"after fitting (best epoch {fit.best_epoch})", acc))
+    finally:
+        if eval_data is not None:
+            eval_data.close()
+
+    report = {
+        "bwacal_version": __version__,
+        "model": model_path,
+        "calib": str(data.path),
+        "calib_sha256": data.sha256(),
+        "calib_images": data.n,
+        "fit_images": len(train),
+        "heldout_images": len(held),
+        "eval": str(eval_path) if eval_path is not None else "heldout",
+        "eval_images": len(evaluation),
+        "options": asdict(options),
+        "loss": loss_mode,
+        "accuracy": acc,
+        "best_epoch": fit.best_epoch,
+        "history": fit.history,
+        "layers": [_layer_report(net, layer) for layer in net.layers],
+        "activations": [{"value": a.value, "bits": a.bits, "signed": a.signed, "step": float(a.step),
+                         "alpha": (net.act_alpha[a.alpha_name].tolist() if a.alpha_name else None)}
+                        for a in net.acts],
+        "fit_seconds": fit_seconds,
+        "seconds": time.perf_counter() - started,
+    }
+    return Calibration(net, report)
+
+
+def _acc_line(what, acc):
+    parts = [f"{k} {100 * v:.2f}%" for k, v in acc.items() if v is not None]
+    return f"top-1 {what}: " + (", ".join(parts) if parts else "n/a (no labels)")
+
+
+def _layer_report(net: QuantizedNetwork, layer) -> dict:
+    """Bits, channels, the learned bit weights and how far the levels moved from the uniform grid."""
+    bw = net.bit_weights[layer.weight]
+    wq = net.weights[layer.weight]
+    levels = bw.levels(wq.step).astype(np.float64) / wq.step.astype(np.float64)[:, None]
+    gaps = np.diff(np.sort(levels, axis=1), axis=1)
+    rel = bw.alpha / 2.0 ** np.arange(bw.bits)
+    return {
+        "layer": layer.node, "op_type": layer.op_type, "weight": layer.weight, "bits": layer.bits,
+        "act_bits": layer.act_bits, "channels": wq.channels,
+        "alpha_rel_min": float(rel.min()), "alpha_rel_max": float(rel.max()),
+        "level_gap_min": float(gaps.min()) if gaps.size else None,
+        "level_gap_max": float(gaps.max()) if gaps.size else None,
+        "alpha": np.round(bw.alpha, 6).tolist(), "gamma": np.round(bw.gamma, 6).tolist(),
+        "step": wq.step.tolist(),
+    }

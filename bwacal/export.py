@@ -1,0 +1,137 @@
+"""Writing a calibrated network as a standard ONNX model.
+
+- ``fake``: the (BatchNorm-folded) graph with every quantized weight replaced by its BWA values.
+- ``packed``: each quantized weight stored as uint8 codes plus a per-channel level table
+  ``step * (sum_k alpha_k * bit_k(u) + gamma)``; a Cast + GatherElements (+ Reshape, Transpose)
+  subgraph rebuilds it, so the file shrinks about 4x while ONNX Runtime computes the same values.
+
+Activation quantizers become Clip + QuantizeLinear + DequantizeLinear (uniform), or Clip +
+QuantizeLinear + Cast + Gather from the level table (BWA on activations).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bwacal import __version__
+from bwacal.errors import BwacalError
+from bwacal.graph import Graph, Node
+from bwacal.onnx_io import write_model
+from bwacal.ops.quant import activation_levels
+from bwacal.quantize import QuantizedNetwork
+
+FORMATS = ("fake", "packed")
+
+
+def quantized_graph(net: QuantizedNetwork, fmt: str = "fake") -> Graph:
+    """The standard-op graph that computes what ``net.forward`` computes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    graph = net.graph
+    inits = dict(graph.initializers)
+    params = net.params()
+    extra_nodes = []
+    for layer in net.layers:
+        if fmt == "fake":
+            inits[layer.weight] = params[layer.weight].astype(np.float32)
+        else:
+            del inits[layer.weight]
+            extra_nodes += _packed_weight(net, layer, inits)
+    nodes = list(extra_nodes)
+    for node in graph.nodes:
+        if node.op_type == "bwacal::ActQuant":
+            nodes += _act_quant_nodes(net, node, inits)
+        else:
+            nodes.append(node)
+    for spec in net.acts:
+        if spec.alpha_name:
+            inits.pop(spec.alpha_name, None)
+    return replace(graph, nodes=nodes, initializers=inits)
+
+
+def _packed_weight(net, layer, inits) -> list[Node]:
+    wq = net.weights[layer.weight]
+    levels = net.bit_weights[layer.weight].levels(wq.step)  # (C, 2**b) float32
+    base = layer.weight
+    inits[f"{base}.codes"] = np.ascontiguousarray(wq.codes, dtype=np.uint8)
+    inits[f"{base}.levels"] = levels
+    moved = (wq.shape[layer.axis],) + tuple(d for i, d in enumerate(wq.shape) if i != layer.axis)
+    inits[f"{base}.shape"] = np.array(moved, dtype=np.int64)
+    nodes = [
+        Node("Cast", f"{base}.cast", [f"{base}.codes"], [f"{base}.index"], {"to": 7}),
+        Node("GatherElements", f"{base}.gather", [f"{base}.levels", f"{base}.index"], [f"{base}.values"], {"axis": 1}),
+    ]
+    if layer.axis == 0:
+        nodes.append(Node("Reshape", f"{base}.reshape", [f"{base}.values", f"{base}.shape"], [base]))
+    else:
+        perm = list(range(1, len(moved)))
+        perm.insert(layer.axis, 0)
+        nodes.append(Node("Reshape", f"{base}.reshape", [f"{base}.values", f"{base}.shape"], [f"{base}.moved"]))
+        nodes.append(Node("Transpose", f"{base}.transpose", [f"{base}.moved"], [base], {"perm": perm}))
+    return nodes
+
+
+def _act_quant_nodes(net, node, inits) -> list[Node]:
+    spec = next(a for a in net.acts if a.node == node.name)
+    qmin = -(2 ** (spec.bits - 1)) if spec.signed else 0
+    qmax = qmin + 2**spec.bits - 1
+    step = np.float32(spec.step)
+    name, x = node.name, node.inputs[0]
+    inits[f"{name}.lo"] = np.array(np.float32(qmin) * step, dtype=np.float32)
+    inits[f"{name}.hi"] = np.array(np.float32(qmax) * step, dtype=np.float32)
+    inits[f"{name}.scale"] = np.array(step, dtype=np.float32)
+    nodes = [Node("Clip", f"{name}.clip", [x, f"{name}.lo", f"{name}.hi"], [f"{name}.clipped"])]
+    if spec.alpha_name is None:
+        zp = np.array(0, dtype=np.int8 if spec.signed else np.uint8)
+        inits[f"{name}.zero_point"] = zp
+        nodes += [
+            Node("QuantizeLinear", f"{name}.quantize", [f"{name}.clipped", f"{name}.scale", f"{name}.zero_point"],
+                 [f"{name}.codes"]),
+            Node("DequantizeLinear", f"{name}.dequantize", [f"{name}.codes", f"{name}.scale", f"{name}.zero_point"],
+                 node.outputs),
+        ]
+    else:
+        inits[f"{name}.zero_point"] = np.array(-qmin, dtype=np.uint8)
+        inits[f"{name}.levels"] = activation_levels(step, spec.bits, spec.signed, net.act_alpha[spec.alpha_name])
+        nodes += [
+            Node("QuantizeLinear", f"{name}.quantize", [f"{name}.clipped", f"{name}.scale", f"{name}.zero_point"],
+                 [f"{name}.codes"]),
+            Node("Cast", f"{name}.cast", [f"{name}.codes"], [f"{name}.index"], {"to": 7}),
+            Node("Gather", f"{name}.gather", [f"{name}.levels", f"{name}.index"], node.outputs, {"axis": 0}),
+        ]
+    return nodes
+
+
+def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
+    """The ``bwacal_*`` metadata_props every written model carries."""
+    opts = report.get("options", {})
+    return {
+        "bwacal_version": __version__,
+        "bwacal_format": fmt,
+        "bwacal_bits": str(opts.get("bits")),
+        "bwacal_act_bits": str(opts.get("act_bits") or "none"),
+        "bwacal_act_bwa": str(bool(opts.get("act_bwa"))).lower(),
+        "bwacal_protocol": str(opts.get("protocol")),
+        "bwacal_calib_sha256": report.get("calib_sha256", ""),
+        "bwacal_accuracy": json.dumps(report.get("accuracy", {})),
+        "bwacal_layers": json.dumps([{k: r[k] for k in ("layer", "weight", "bits", "channels", "alpha", "gamma")}
+                                     for r in report.get("layers", [])]),
+        "bwacal_activations": json.dumps(report.get("activations", [])),
+    }
+
+
+def write_quantized(net: QuantizedNetwork, report: dict, path, fmt: str = "fake") -> int:
+    """Write the calibrated model atomically; returns the file size in bytes."""
+    graph = quantized_graph(net, fmt)
+    meta = dict(graph.metadata)
+    meta.update(metadata(net, report, fmt))
+    if graph.opset < 11:
+        raise BwacalError(f"the model's opset {graph.opset} predates GatherElements/QuantizeLinear; "
+                          "re-export it at opset 11 or newer")
+    graph = replace(graph, metadata=meta)
+    write_model(graph, path)
+    return Path(path).stat().st_size
