@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from bwacal.errors import BwacalError, DataError, ModelError
+from bwacal.errors import BwacalError, DataError, ModelError, UnsupportedOpError
 
 RUNTIMES = ("bwacal", "onnxruntime")
 
@@ -164,6 +164,10 @@ def _first_line(exc) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+def _with_path(path, message: str) -> str:
+    return message if message.startswith(str(path)) else f"{path}: {message}"
+
+
 def onnxruntime_forward(path) -> OnnxRuntimeForward:
     """A callable ``x -> logits`` running ``path`` on ONNX Runtime; BwacalError if it is not installed."""
     return OnnxRuntimeForward(path)
@@ -174,7 +178,13 @@ def load_forward(path, runtime: str = "bwacal"):
     if runtime == "bwacal":
         from bwacal.model import load_model
 
-        model = load_model(path)
+        try:
+            model = load_model(path)
+        except UnsupportedOpError as exc:
+            hint = " (ONNX Runtime may run it: --runtime onnxruntime)"
+            raise ModelError(_with_path(path, str(exc)) + hint) from None
+        except ModelError as exc:
+            raise ModelError(_with_path(path, str(exc))) from None
         return model.forward, model.input_shape, model.num_classes
     if runtime == "onnxruntime":
         f = onnxruntime_forward(path)

@@ -16,17 +16,15 @@ from bwacal import passes
 from bwacal.errors import BwacalError, UnsupportedOpError
 from bwacal.graph import Graph, toposort
 from bwacal.onnx_io import read_model
+from bwacal.quantize import PROTOCOLS, select_layers
 
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
-PROTOCOLS = ("first-last-8bit", "all-layers")
-EDGE_BITS = 8  # width of the first conv and the last linear layer under "first-last-8bit"
-METADATA_KEYS = ("bwacal_version", "bwacal_bits", "bwacal_act_bits", "bwacal_protocol", "bwacal_calib_sha256",
-                 "bwacal_accuracy", "bwacal_layers")
+METADATA_KEYS = ("bwacal_version", "bwacal_format", "bwacal_bits", "bwacal_act_bits", "bwacal_act_bwa",
+                 "bwacal_protocol", "bwacal_calib_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
 
 
 @dataclass
 class WeightLayer:
-    """A layer with a weight initializer: its node, weight name and shape, parameters and output channels."""
+    """A layer calibration would quantize: node, weight name and shape, parameters (with bias), output channels."""
 
     name: str
     op_type: str
@@ -37,34 +35,24 @@ class WeightLayer:
 
 
 def weight_layers(graph: Graph) -> list[WeightLayer]:
-    """Conv / Gemm / MatMul nodes whose weight is an initializer, in graph order."""
+    """The layers ``bwacal calibrate`` quantizes (``quantize.select_layers``), in graph order."""
+    nodes = {n.name: n for n in graph.nodes}
     layers = []
-    for node in graph.nodes:
-        if node.op_type not in WEIGHT_OPS or len(node.inputs) < 2 or node.inputs[1] not in graph.initializers:
-            continue
-        w = graph.initializers[node.inputs[1]]
+    for q in select_layers(graph, 8, "all-layers"):
+        node = nodes[q.node]
+        w = graph.initializers[q.weight]
         bias = graph.initializers.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-        if node.op_type == "Conv" or (node.op_type == "Gemm" and node.attrs.get("transB", 0)):
-            channels = int(w.shape[0]) if w.ndim else 1
-        else:  # MatMul, Gemm without transB: (in, out)
-            channels = int(w.shape[-1]) if w.ndim else 1
         params = int(w.size) + (int(bias.size) if bias is not None else 0)
-        layers.append(WeightLayer(node.name, node.op_type, node.inputs[1], tuple(int(d) for d in w.shape),
-                                  params, channels))
+        layers.append(WeightLayer(q.node, q.op_type, q.weight, tuple(int(d) for d in w.shape), params,
+                                  int(w.shape[q.axis])))
     return layers
 
 
-def layer_bits(layers: list[WeightLayer], bits: int, protocol: str) -> list[int]:
-    """Weight width per layer: ``bits`` everywhere ("all-layers"), or 8 for the first conv and last linear layer."""
+def layer_bits(graph: Graph, bits: int, protocol: str) -> list[int]:
+    """Weight width per layer of ``weight_layers(graph)`` under ``protocol``, exactly as calibration assigns it."""
     if protocol not in PROTOCOLS:
         raise BwacalError(f"unknown protocol '{protocol}', expected one of: {', '.join(PROTOCOLS)}")
-    widths = [bits] * len(layers)
-    if protocol == "first-last-8bit" and layers:
-        convs = [i for i, layer in enumerate(layers) if layer.op_type == "Conv"]
-        linears = [i for i, layer in enumerate(layers) if layer.op_type != "Conv"]
-        widths[convs[0] if convs else 0] = max(bits, EDGE_BITS)
-        widths[linears[-1] if linears else len(layers) - 1] = max(bits, EDGE_BITS)
-    return widths
+    return [q.bits for q in select_layers(graph, bits, protocol)]
 
 
 def check_inspect_bits(bits) -> int:
@@ -78,17 +66,16 @@ def _value(v) -> dict:
             "shape": None if v.shape is None else ["N" if d is None else d for d in v.shape]}
 
 
-def _summarise_alpha(alpha, channels):
+def _summarise_alpha(alpha) -> dict:
+    """Bit weights (channels, bits) relative to their uniform values 2**k: mean per bit plane, min and max."""
     a = np.asarray(alpha, dtype=np.float64)
     if a.ndim == 1:
         a = a[None, :]
     if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"alpha has shape {a.shape}")
-    # one row per channel, one column per bit plane (transpose if stored the other way round)
-    if a.shape[0] != channels and a.shape[1] == channels:
-        a = a.T
-    return {"per_plane_mean": [round(float(v), 6) for v in a.mean(axis=0)],
-            "min": round(float(a.min()), 6), "max": round(float(a.max()), 6)}
+        raise ValueError(f"alpha has shape {a.shape}, expected (channels, bits)")
+    rel = a / 2.0 ** np.arange(a.shape[1])
+    return {"rel_mean_per_plane": [round(float(v), 4) for v in rel.mean(axis=0)],
+            "rel_min": round(float(rel.min()), 4), "rel_max": round(float(rel.max()), 4)}
 
 
 def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
@@ -96,9 +83,8 @@ def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
     if not any(k in meta for k in METADATA_KEYS):
         return None, []
     warnings = []
-    out = {"version": meta.get("bwacal_version"), "bits": meta.get("bwacal_bits"),
-           "act_bits": meta.get("bwacal_act_bits"), "protocol": meta.get("bwacal_protocol"),
-           "calib_sha256": meta.get("bwacal_calib_sha256"), "accuracy": None, "layers": None}
+    out = {k[len("bwacal_"):]: meta.get(k) for k in METADATA_KEYS}
+    out.update(accuracy=None, layers=None, activations=None)
     if "bwacal_accuracy" in meta:
         try:
             acc = json.loads(meta["bwacal_accuracy"])
@@ -114,7 +100,7 @@ def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
             for row in rows:
                 entry = {k: row.get(k) for k in ("layer", "weight", "bits", "channels")}
                 if row.get("alpha") is not None:
-                    entry["alpha"] = _summarise_alpha(row["alpha"], row.get("channels"))
+                    entry["alpha"] = _summarise_alpha(row["alpha"])
                 if row.get("gamma") is not None:
                     g = np.asarray(row["gamma"], dtype=np.float64)
                     entry["gamma"] = {"mean": round(float(g.mean()), 6), "min": round(float(g.min()), 6),
@@ -123,6 +109,13 @@ def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
             out["layers"] = layers
         except (ValueError, TypeError, AttributeError) as exc:
             warnings.append(f"metadata bwacal_layers cannot be read ({exc})")
+    if "bwacal_activations" in meta:
+        try:
+            acts = json.loads(meta["bwacal_activations"])
+            out["activations"] = [{"value": a.get("value"), "bits": a.get("bits"), "signed": a.get("signed")}
+                                  for a in acts]
+        except (ValueError, TypeError, AttributeError) as exc:
+            warnings.append(f"metadata bwacal_activations cannot be read ({exc})")
     return out, warnings
 
 
@@ -164,7 +157,7 @@ def describe_model(path, bits: int = 3) -> dict:
             info["error"] = str(exc)
 
     layers = weight_layers(graph)
-    widths = {p: layer_bits(layers, bits, p) for p in PROTOCOLS}
+    widths = {p: layer_bits(graph, bits, p) for p in PROTOCOLS}
     info["bits"] = bits
     info["layers"] = [{"layer": layer.name, "op": layer.op_type, "weight": layer.weight, "shape": list(layer.shape),
                        "params": layer.params, "channels": layer.channels,

@@ -28,9 +28,8 @@ def _shape(v) -> str:
 
 
 def _accuracy(value) -> str:
-    if not isinstance(value, (int, float)):
-        return str(value)
-    return f"{100 * value:.2f}%" if abs(value) <= 1 else f"{value:.2f}%"
+    """Accuracies are stored as fractions (as ``bwacal.evaluate`` gives them); None when not measured."""
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "n/a"
 
 
 def render(info: dict) -> list[str]:
@@ -53,22 +52,25 @@ def render(info: dict) -> list[str]:
         lines += [f"  {u['op']} (node '{u['node']}'): {u['reason']}" for u in info["unsupported"]]
     meta = info["bwacal"]
     if meta is not None:
-        lines.append(f"bwacal calibration: version {meta['version']}, weights {meta['bits']} bits, activations "
-                     f"{meta['act_bits']}, protocol {meta['protocol']}")
+        lines.append(f"bwacal calibration: version {meta['version']}, format {meta['format']}, weights "
+                     f"{meta['bits']} bits, activations {meta['act_bits']} (BWA {meta['act_bwa']}), "
+                     f"protocol {meta['protocol']}")
         if meta["calib_sha256"]:
             lines.append(f"  calibration data sha256: {meta['calib_sha256']}")
         if meta["accuracy"]:
-            lines.append("  accuracy: " + ", ".join(f"{k} {_accuracy(v)}" for k, v in meta["accuracy"].items()))
+            lines.append("  top-1: " + ", ".join(f"{k} {_accuracy(v)}" for k, v in meta["accuracy"].items()))
         if meta["layers"]:
             rows = []
             for r in meta["layers"]:
                 a, g = r.get("alpha"), r.get("gamma")
                 rows.append((r["layer"], r["bits"], r["channels"],
-                             " ".join(f"{v:.3g}" for v in a["per_plane_mean"]) if a else "-",
-                             f"{a['min']:.3g}..{a['max']:.3g}" if a else "-",
+                             " ".join(f"{v:.3f}" for v in a["rel_mean_per_plane"]) if a else "-",
+                             f"{a['rel_min']:.3f}..{a['rel_max']:.3f}" if a else "-",
                              f"{g['mean']:.3g}" if g else "-"))
-            lines += ["  " + s for s in _table(("layer", "bits", "channels", "alpha mean per bit plane",
-                                                "alpha range", "gamma mean"), rows, right=(1, 2))]
+            lines += ["  " + s for s in _table(("layer", "bits", "channels", "alpha/2^k mean per plane",
+                                                "alpha/2^k range", "gamma mean"), rows, right=(1, 2))]
+        if meta["activations"]:
+            lines.append(f"  activation quantizers: {len(meta['activations'])}")
     for k, v in info["metadata"].items():
         lines.append(f"metadata: {k} = {v}")
     return lines
