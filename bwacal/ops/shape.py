@@ -195,3 +195,16 @@ class Gather(Op):
                         list(range(idx.ndim)))
         np.add.at(moved, idx, g)
         return dx, None
+
+
+@register("GatherElements")
+class GatherElements(Op):
+    differentiable = False
+
+    def __init__(self, axis=0):
+        self.axis = axis
+
+    def forward(self, data, indices):
+        axis = self.axis + data.ndim if self.axis < 0 else self.axis
+        idx = np.where(indices < 0, indices + data.shape[axis], indices)
+        return np.take_along_axis(data, idx, axis=axis), None

@@ -14,6 +14,7 @@ SUPPORTED = {
     "HardSigmoid", "HardSwish", "Tanh", "Softmax", "LogSoftmax", "BatchNormalization", "MaxPool",
     "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "Flatten", "Reshape", "Transpose",
     "Squeeze", "Unsqueeze", "Concat", "Pad", "Identity", "Dropout", "Constant", "Shape", "Gather", "Cast",
+    "GatherElements", "QuantizeLinear", "DequantizeLinear",
 }
 
 # cases outside what the engine promises, each with the reason
