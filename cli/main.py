@@ -14,3 +14,4 @@ from cli import inspect_cmd  # noqa: E402,F401  (commands register themselves on
 from cli import make_calib_cmd  # noqa: E402,F401
 from cli import evaluate_cmd  # noqa: E402,F401
 from cli import check_cmd  # noqa: E402,F401
+from cli import calibrate_cmd  # noqa: E402,F401
