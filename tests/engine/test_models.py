@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 import bwacal
 from tests import torch_models as tm
@@ -86,13 +87,15 @@ def _matched_parameters(model, torch_model):
     return out
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("exporter,fold", [("torchscript", False), ("torchscript", True), ("dynamo", False)])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_backward_matches_torch_autograd(exported, name, exporter):
+def test_backward_matches_torch_autograd(exported, name, exporter, fold):
+    """Unfolded, initializers are the torch parameters; folded (by bwacal, or by the dynamo exporter's
+    optimiser) they are the parameters of the torch model with BatchNorm fused into the convs."""
     torch_model, path = exported(name, exporter)
-    if exporter == "dynamo":
-        torch_model = tm.fuse_batchnorm(torch_model)  # its optimiser folds BatchNorm into the convs
-    model = bwacal.load_model(path, fold_batchnorm=False)
+    if fold or exporter == "dynamo":
+        torch_model = tm.fuse_batchnorm(torch_model)
+    model = bwacal.load_model(path, fold_batchnorm=fold)
     params = _matched_parameters(model, torch_model)
     weights = {n.inputs[1] for n in model.graph.nodes if n.op_type in ("Conv", "Gemm")}
     assert weights <= set(params), f"{sorted(weights - set(params))} map to no torch parameter"
@@ -136,3 +139,30 @@ def test_shape_subgraphs_folded_with_dynamic_batch(exported, name):
     for n in (1, 2, 5):
         x = _batch(n, MODELS[name][1], seed=n)
         assert _rel_err(model.forward(x), sess.run(None, {"input": x})[0]) <= 1e-4
+
+
+@pytest.mark.parametrize("opset", [11, 13, 15])
+@pytest.mark.parametrize("name", ["mobilenetv2_small", "se_net", "vgg_small"])
+def test_older_opsets(tmp_path, name, opset):
+    """Clip, Squeeze/Unsqueeze and ReduceMean change form across opsets 11-18."""
+    build, size = MODELS[name]
+    path = tmp_path / f"{name}_{opset}.onnx"
+    tm.export(build(), path, torch.randn(2, 3, size, size), opset=opset)
+    model = bwacal.load_model(path)
+    x = _batch(3, size, seed=opset)
+    assert _rel_err(model.forward(x), _ort(path).run(None, {"input": x})[0]) <= 1e-4
+
+
+def test_batchnorm_after_linear_is_folded(tmp_path):
+    torch.manual_seed(0)
+    net = tm._randomize_batchnorm(nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                                nn.Linear(16, 5)), seed=1)
+    path = tmp_path / "mlp_bn.onnx"
+    tm.export(net, path, torch.randn(2, 3, 4, 4))
+    sess = _ort(path)
+    x = _batch(3, 4, seed=0)
+    want = sess.run(None, {"input": x})[0]
+    for fold in (True, False):
+        model = bwacal.load_model(path, fold_batchnorm=fold)
+        assert any(n.op_type == "BatchNormalization" for n in model.graph.nodes) != fold
+        assert _rel_err(model.forward(x), want) <= 1e-4
