@@ -15,3 +15,14 @@ from cli import make_calib_cmd  # noqa: E402,F401
 from cli import evaluate_cmd  # noqa: E402,F401
 from cli import check_cmd  # noqa: E402,F401
 from cli import calibrate_cmd  # noqa: E402,F401
+
+if __name__ == "__main__":
+    # NOTE: under ``python -m cli.main`` this module is ``__main__``; the commands registered
+    # themselves on ``cli.main.app`` (imported afresh above), not on this module's ``app``.
+    from cli.main import app as registered
+
+    registered()
+from cli import batch_cmd  # noqa: E402,F401
+
+if __name__ == "__main__":
+    app()

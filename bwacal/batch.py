@@ -1,0 +1,471 @@
+"""Batch quantization: every (model, width) pair of a model zoo is one independent, resumable job.
+
+``plan_jobs`` turns a directory of ``*.onnx`` files or a TOML manifest into ``Job``s; ``run_job``
+runs one (calibrate, write the ONNX, then the JSON report, each atomically) and returns its summary
+row; ``run_jobs`` runs many on a local process pool or a Dask cluster and yields the rows as the
+jobs finish; ``write_summary`` writes the Markdown, CSV and JSON tables and the plot.
+
+A job is skipped when its output and report exist and the report carries the job's key: a hash of
+the model, calibration and evaluation bytes, the options, the format and the bwacal version.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import time
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from bwacal import __version__
+from bwacal.calibrate import CalibrationOptions
+from bwacal.errors import BwacalError
+
+FORMATS = ("fake", "packed")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+SUMMARY_COLUMNS = ("model", "width", "act_bits", "fp", "uniform", "bwa", "drop", "size_ratio", "seconds",
+                   "status", "error")
+
+# manifest keys that go straight into CalibrationOptions, with the types TOML must give them
+_OPTION_TYPES = {"act_bits": int, "act_bwa": bool, "protocol": str, "epochs": int, "batch_size": int,
+                 "lr": (int, float), "holdout": (int, float), "loss": str, "seed": int, "weight_method": str,
+                 "act_method": str}
+_MODEL_KEYS = {"path", "name", "calib", "eval", "bits", "all_layers", "format"} | set(_OPTION_TYPES)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model at one weight width: inputs, options, outputs and the key that decides resume."""
+
+    name: str
+    model: Path
+    calib: Path
+    eval: Path | None
+    options: CalibrationOptions
+    fmt: str
+    output: Path
+    report: Path
+    key: str
+    threads: int | None = None  # numba threads for the run; the executor sets it
+
+    @property
+    def width(self) -> str:
+        """``W3`` or ``W3A8``."""
+        act = self.options.act_bits
+        return f"W{self.options.bits}" + (f"A{act}" if act else "")
+
+
+def output_name(name: str, bits: int, act_bits: int | None) -> str:
+    """``<name>.w<bits>[a<act_bits>].onnx``, as ``bwacal calibrate`` names its default output."""
+    return f"{name}.w{bits}" + (f"a{act_bits}" if act_bits else "") + ".onnx"
+
+
+def plan_jobs(source, bits: Iterable[int], outdir, *, calib=None, eval_path=None,
+              options: CalibrationOptions | None = None, fmt: str = "fake") -> list[Job]:
+    """The jobs for ``source``: a directory (every ``*.onnx``, sharing ``calib`` and ``eval_path``) or a
+    TOML manifest (see README, "Batch quantization").
+
+    ``bits``, ``options`` and ``fmt`` are the defaults a manifest entry may override. Raises
+    ``BwacalError`` naming the file and the problem for a bad source, manifest or option.
+    """
+    source, outdir = Path(source), Path(outdir)
+    base = options or CalibrationOptions()
+    if source.is_dir():
+        if outdir.resolve() == source.resolve():
+            raise BwacalError(f"{outdir}: the output directory is the source directory; choose another with -o")
+        models = sorted(source.glob("*.onnx"))
+        if not models:
+            raise BwacalError(f"{source}: no *.onnx files in the directory")
+        if calib is None:
+            raise BwacalError(f"{source}: a directory source needs --calib (shared by every model)")
+        specs = [{"path": m, "name": m.stem, "calib": Path(calib), "eval": _opt_path(eval_path),
+                  "bits": list(bits), "format": fmt, "options": base} for m in models]
+        where = str(source)
+    elif source.is_file():
+        specs = _read_manifest(source, list(bits), calib, eval_path, base, fmt)
+        where = str(source)
+    else:
+        raise BwacalError(f"{source}: no such file or directory")
+
+    hashes: dict[Path, str] = {}
+    jobs, owners = [], {}
+    for spec in specs:
+        label = f"{where}: model '{spec['name']}'"
+        for kind in ("path", "calib", "eval"):
+            if spec[kind] is not None and not Path(spec[kind]).is_file():
+                raise BwacalError(f"{label}: {kind if kind != 'path' else 'model'} file {spec[kind]} does not exist")
+        if spec["calib"] is None:
+            raise BwacalError(f"{label}: no calibration file (give 'calib' in the manifest or --calib)")
+        if spec["format"] not in FORMATS:
+            raise BwacalError(f"{label}: format must be one of {', '.join(FORMATS)}; got {spec['format']!r}")
+        if not spec["bits"]:
+            raise BwacalError(f"{label}: no bit widths")
+        for width in spec["bits"]:
+            opts = replace(spec["options"], bits=width)
+            try:
+                opts.validate()
+            except BwacalError as exc:
+                raise BwacalError(f"{label}: {exc}") from None
+            out = outdir / output_name(spec["name"], width, opts.act_bits)
+            if out in owners:
+                raise BwacalError(f"{label}: output {out.name} clashes with model '{owners[out]}'; "
+                                  "give one of them another 'name'")
+            owners[out] = spec["name"]
+            key = job_key(spec["path"], spec["calib"], spec["eval"], opts, spec["format"], hashes)
+            jobs.append(Job(spec["name"], Path(spec["path"]), Path(spec["calib"]), _opt_path(spec["eval"]),
+                            opts, spec["format"], out, out.with_suffix(".json"), key))
+    return jobs
+
+
+def job_key(model, calib, eval_path, options: CalibrationOptions, fmt: str, cache: dict | None = None) -> str:
+    """SHA-256 over the input files' hashes, the options, the format and the bwacal version."""
+    cache = {} if cache is None else cache
+
+    def digest(path):
+        if path is None:
+            return None
+        path = Path(path).resolve()
+        if path not in cache:
+            cache[path] = file_sha256(path)
+        return cache[path]
+
+    record = {"model": digest(model), "calib": digest(calib), "eval": digest(eval_path),
+              "options": asdict(options), "format": fmt, "bwacal": __version__}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _opt_path(p):
+    return None if p is None else Path(p)
+
+
+def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions, fmt) -> list[dict]:
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BwacalError(f"{path}: not a valid TOML manifest: {exc}") from None
+    unknown = set(doc) - {"defaults", "model"}
+    if unknown:
+        raise BwacalError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected [defaults] and [[model]])")
+    defaults = doc.get("defaults", {})
+    entries = doc.get("model")
+    if not isinstance(defaults, dict):
+        raise BwacalError(f"{path}: 'defaults' must be a table")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise BwacalError(f"{path}: no models; list each as a [[model]] table with a 'path'")
+    if "path" in defaults:
+        raise BwacalError(f"{path}: 'path' belongs in each [[model]], not in [defaults]")
+    root = path.parent
+    specs = []
+    for i, entry in enumerate(entries, 1):
+        merged = {**defaults, **entry}
+        label = f"{path}: model {i}" + (f" ({entry['path']!r})" if isinstance(entry.get("path"), str) else "")
+        bad = sorted(set(merged) - _MODEL_KEYS)
+        if bad:
+            raise BwacalError(f"{label}: unknown key {bad[0]!r}; known keys: {', '.join(sorted(_MODEL_KEYS))}")
+        if not isinstance(merged.get("path"), str):
+            raise BwacalError(f"{label}: 'path' (the ONNX model, relative to the manifest) is required")
+        for key, kind in {**_OPTION_TYPES, "name": str, "calib": str, "eval": str, "format": str,
+                          "all_layers": bool}.items():
+            value = merged.get(key)
+            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise BwacalError(f"{label}: {key!r} has the wrong type ({type(value).__name__}: {value!r})")
+        widths = merged.get("bits", bits)
+        widths = [widths] if isinstance(widths, int) and not isinstance(widths, bool) else widths
+        if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+            raise BwacalError(f"{label}: 'bits' must be an integer or a list of integers, got {widths!r}")
+        if "all_layers" in merged and "protocol" in merged:
+            raise BwacalError(f"{label}: give 'protocol' or 'all_layers', not both")
+        overrides = {k: merged[k] for k in _OPTION_TYPES if k in merged}
+        if "all_layers" in merged:
+            overrides["protocol"] = "all-layers" if merged["all_layers"] else "first-last-8bit"
+        model = root / merged["path"]
+        specs.append({
+            "path": model, "name": merged.get("name", model.stem),
+            "calib": root / merged["calib"] if "calib" in merged else _opt_path(calib),
+            "eval": root / merged["eval"] if "eval" in merged else _opt_path(eval_path),
+            "bits": widths, "format": merged.get("format", fmt), "options": replace(base, **overrides),
+        })
+    return specs
+
+
+# ---- one job --------------------------------------------------------------------------------------
+
+
+def run_job(job: Job) -> dict:
+    """Run one job (or skip it when its finished outputs match its key); never raises.
+
+    Returns the summary row: accuracies in percent, ``drop`` = FP - BWA in points, ``status`` ok,
+    skipped or failed, and ``error`` (one line) for a failed job.
+    """
+    from bwacal.calibrate import calibrate
+    from bwacal.export import write_quantized
+    from bwacal.onnx_io import write_bytes_atomically
+
+    started = time.perf_counter()
+    try:
+        done = finished_report(job)
+        if done is not None:
+            return summary_row(job, done, "skipped")
+        if job.threads:
+            set_threads(job.threads)
+        # a report left from other options must not vouch for the output about to be replaced
+        job.report.unlink(missing_ok=True)
+        cal = calibrate(job.model, job.calib, job.options, eval_path=job.eval)
+        size = write_quantized(cal.net, cal.report, job.output, job.fmt)
+        report = cal.report
+        report.update({"output": str(job.output), "format": job.fmt, "size_bytes": size,
+                       "size_ratio": job.model.stat().st_size / size, "output_sha256": file_sha256(job.output),
+                       "batch_key": job.key, "batch_seconds": time.perf_counter() - started})
+        write_bytes_atomically(job.report, (json.dumps(report, indent=1) + "\n").encode())
+        return summary_row(job, report, "ok")
+    except Exception as exc:  # noqa: BLE001  (one job's failure is a row, not the end of the batch)
+        return failed_row(job, exc, time.perf_counter() - started)
+
+
+def finished_report(job: Job) -> dict | None:
+    """The job's report when its output and report exist, the key matches and the output is intact."""
+    if not (job.output.is_file() and job.report.is_file()):
+        return None
+    try:
+        report = json.loads(job.report.read_text())
+    except (OSError, ValueError):
+        return None
+    if report.get("batch_key") != job.key or report.get("output_sha256") != file_sha256(job.output):
+        return None
+    return report
+
+
+def summary_row(job: Job, report: dict, status: str) -> dict:
+    acc = report["accuracy"]
+
+    def pct(v):
+        return None if v is None else round(100 * v, 4)
+
+    fp, bwa = pct(acc.get("fp")), pct(acc.get("bwa"))
+    return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits, "fp": fp,
+            "uniform": pct(acc.get("uniform_mse")), "bwa": bwa,
+            "drop": None if fp is None or bwa is None else round(fp - bwa, 4),
+            "size_ratio": round(report["size_ratio"], 4), "seconds": round(report["batch_seconds"], 3),
+            "status": status, "error": None, "output": str(job.output)}
+
+
+def failed_row(job: Job, exc: BaseException, seconds: float | None = None) -> dict:
+    if isinstance(exc, BwacalError):
+        message = str(exc)
+    else:
+        message = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    lines = message.strip().splitlines()
+    return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits, "fp": None,
+            "uniform": None, "bwa": None, "drop": None, "size_ratio": None,
+            "seconds": None if seconds is None else round(seconds, 3), "status": "failed",
+            "error": lines[0] if lines else type(exc).__name__, "output": str(job.output)}
+
+
+def set_threads(threads: int):
+    """Numba threads for the calling thread (numba's setting is per thread), capped at its pool size."""
+    import numba
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+# ---- executors ------------------------------------------------------------------------------------
+
+
+def local_layout(n_jobs: int, workers: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) so that workers x threads <= cores."""
+    cores = os.cpu_count() or 1
+    workers = max(1, min(workers or cores, n_jobs))
+    return workers, max(1, cores // workers)
+
+
+def run_jobs(jobs: list[Job], workers: int | None = None, scheduler: str | None = None) -> Iterator[tuple[Job, dict]]:
+    """Run ``jobs`` and yield ``(job, row)`` as each finishes.
+
+    Locally on a process pool of ``workers`` (default: one per core; one worker runs in this
+    process), or on the Dask cluster whose scheduler is at ``scheduler`` (``tcp://HOST:8786``).
+    Finished jobs are yielded first, as skipped, without reaching a worker.
+    """
+    pending = []
+    for job in jobs:  # finished jobs need no worker (run_job checks again, for outputs racing in)
+        report = finished_report(job)
+        if report is not None:
+            yield job, summary_row(job, report, "skipped")
+        else:
+            pending.append(job)
+    if pending:
+        yield from (_run_dask(pending, scheduler) if scheduler else _run_local(pending, workers))
+
+
+def _run_local(jobs, workers):
+    workers, threads = local_layout(len(jobs), workers)
+    if workers == 1:
+        for job in jobs:
+            yield job, run_job(replace(job, threads=threads))
+        return
+    # spawned workers inherit the environment, so BLAS and numba size their pools before they load
+    with _environment({name: str(threads) for name in THREAD_VARIABLES}), \
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_job, replace(job, threads=threads)): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], _result(future, futures[future])
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _init_worker(threads: int):
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    set_threads(threads)
+
+
+@contextmanager
+def _environment(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _result(future, job) -> dict:
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001  (the worker died: BrokenProcessPool, KilledWorker)
+        return failed_row(job, exc)
+
+
+def _run_dask(jobs, scheduler):
+    try:
+        from distributed import Client, as_completed as dask_completed
+    except ImportError:
+        raise BwacalError("--scheduler needs Dask's distributed: pip install 'bwacal[cluster]'") from None
+    try:
+        client = Client(scheduler, timeout="20s", set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise BwacalError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}") from None
+    with client:
+        host_threads = {}
+        for info in client.scheduler_info(n_workers=-1)["workers"].values():
+            host_threads[info["host"]] = host_threads.get(info["host"], 0) + info["nthreads"]
+        futures = {client.submit(_run_on_dask_worker, job, host_threads, pure=False): job for job in jobs}
+        try:
+            for future in dask_completed(futures):
+                yield futures[future], _result(future, futures[future])
+        finally:
+            client.cancel(list(futures))
+
+
+def _run_on_dask_worker(job: Job, host_threads: dict) -> dict:
+    """Give the task its share of the host's cores: cores // (Dask threads on this host)."""
+    from urllib.parse import urlsplit
+
+    from distributed import get_worker
+
+    host = urlsplit(get_worker().address).hostname
+    threads = max(1, (os.cpu_count() or 1) // host_threads.get(host, os.cpu_count() or 1))
+    return run_job(replace(job, threads=threads))
+
+
+# ---- summary --------------------------------------------------------------------------------------
+
+
+def write_summary(rows: list[dict], outdir, meta: dict | None = None) -> list[Path]:
+    """Write ``summary.md``, ``summary.csv``, ``summary.json`` (and ``summary.png`` when matplotlib is
+    installed) into ``outdir``, each atomically; returns the paths written."""
+    from bwacal.onnx_io import write_bytes_atomically
+
+    outdir = Path(outdir)
+    written = []
+    doc = {"bwacal_version": __version__, **(meta or {}), "units": "accuracies and drop in percent", "jobs": rows}
+    for name, data in (("summary.md", summary_markdown(rows).encode()), ("summary.csv", _csv(rows).encode()),
+                       ("summary.json", (json.dumps(doc, indent=1) + "\n").encode())):
+        write_bytes_atomically(outdir / name, data)
+        written.append(outdir / name)
+    png = _plot(rows)
+    if png is not None:
+        write_bytes_atomically(outdir / "summary.png", png)
+        written.append(outdir / "summary.png")
+    return written
+
+
+def _fmt(value, digits=2):
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| model | width | FP | uniform | BWA | drop | size ratio | seconds | status |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        width = f"W{r['width']}" + (f"A{r['act_bits']}" if r["act_bits"] else "")
+        ratio = "" if r["size_ratio"] is None else f"{r['size_ratio']:.2f}x"
+        lines.append(f"| {r['model']} | {width} | {_fmt(r['fp'])} | {_fmt(r['uniform'])} | {_fmt(r['bwa'])} | "
+                     f"{_fmt(r['drop'])} | {ratio} | {_fmt(r['seconds'], 1)} | {r['status']} |")
+    failures = [r for r in rows if r["status"] == "failed"]
+    if failures:
+        lines += ["", "Failed:"]
+        lines += [f"- {r['model']} W{r['width']}: {r['error']}" for r in failures]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _plot(rows: list[dict]) -> bytes | None:
+    """Top-1 vs weight width per model (BWA solid, uniform dashed, FP dotted); None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["bwa"] is not None:
+            label = r["model"] + (f" A{r['act_bits']}" if r["act_bits"] else "")
+            series.setdefault(label, []).append(r)
+    if not series:
+        return None
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, points) in enumerate(sorted(series.items())):
+        points.sort(key=lambda r: r["width"])
+        color = f"C{i % 10}"
+        widths = [r["width"] for r in points]
+        ax.plot(widths, [r["bwa"] for r in points], "o-", color=color, label=f"{label} BWA")
+        ax.plot(widths, [r["uniform"] for r in points], "s--", color=color, alpha=0.6, label=f"{label} uniform")
+        ax.axhline(points[0]["fp"], color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_xticks(sorted({r["width"] for pts in series.values() for r in pts}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
