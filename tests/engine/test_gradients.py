@@ -339,3 +339,59 @@ def test_gradient_of_a_graph_input_read_by_a_later_output():
              helper.make_node("Mul", ["c", "g"], ["y"])]
     feeds = {"x": rnd(1, 2, 5, 5, seed=1), "w": rnd(3, 2, 2, 2, seed=2)}
     check_graph_grad(_model(nodes, feeds, {}, ["y"], 17), feeds)
+
+
+# a conv output (which the engine may keep in its own layout) read by every other kind of op
+def _after_conv(op_type, extra_inputs=(), **attrs):
+    return [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 0, 0]),
+            helper.make_node(op_type, ["c", *extra_inputs], ["y"], **attrs)]
+
+
+AFTER_CONV = {
+    "add_input": (_after_conv("Add", ["x"]), {}),  # a residual straight from the graph input
+    "mul_channel": (_after_conv("Mul", ["s"]), {"s": rnd(3, 1, 1, seed=5)}),
+    "mul_rank4": (_after_conv("Mul", ["s"]), {"s": rnd(1, 3, 1, 1, seed=5)}),
+    "sub_scalar": (_after_conv("Sub", ["s"]), {"s": rnd(1, seed=5)}),
+    "div_row": (_after_conv("Div", ["s"]), {"s": rnd(3, seed=5, lo=0.5, hi=1.0)}),
+    "add_full": (_after_conv("Add", ["s"]), {"s": rnd(2, 3, 3, 3, seed=5)}),
+    "prelu": (_after_conv("PRelu", ["s"]), {"s": rnd(3, 1, 1, seed=5)}),
+    "concat_channels": (_after_conv("Concat", ["x"], axis=1), {}),
+    "concat_width": (_after_conv("Concat", ["x"], axis=-1), {}),
+    "transpose": (_after_conv("Transpose", perm=[0, 2, 3, 1]), {}),
+    "flatten": (_after_conv("Flatten"), {}),
+    "softmax_channels": (_after_conv("Softmax", axis=1), {}),
+    "logsoftmax_last": (_after_conv("LogSoftmax"), {}),
+    "reduce_mean": (_after_conv("ReduceMean", axes=[2, 3], keepdims=0), {}),
+    "reduce_mean_channels": (_after_conv("ReduceMean", axes=[1]), {}),
+    "global_average_pool": (_after_conv("GlobalAveragePool"), {}),
+    "global_max_pool": (_after_conv("GlobalMaxPool"), {}),
+    "batchnorm": (_after_conv("BatchNormalization", ["s", "b", "m", "v"]),
+                  {"s": rnd(3, seed=5), "b": rnd(3, seed=6), "m": rnd(3, seed=7), "v": rnd(3, seed=8, lo=0.5, hi=2)}),
+    "averagepool": (_after_conv("AveragePool", kernel_shape=[2, 2], strides=[2, 2]), {}),
+    "maxpool": (_after_conv("MaxPool", kernel_shape=[2, 2], strides=[2, 2]), {}),
+    "sigmoid": (_after_conv("Sigmoid"), {}),
+    "clip": (_after_conv("Clip", ["lo", "hi"]), {}),
+}
+AFTER_CONV_CONSTS = {"clip": {"lo": np.array(-10.0), "hi": np.array(10.0)}}
+
+
+@pytest.mark.parametrize("case", list(AFTER_CONV))
+def test_after_conv(case):
+    nodes, extra = AFTER_CONV[case]
+    feeds = {"x": rnd(2, 3, 3, 3, seed=1), "w": rnd(3, 3, 2, 2, seed=2), **extra}
+    consts = AFTER_CONV_CONSTS.get(case, {})
+    if case == "batchnorm":
+        consts = {k: feeds.pop(k) for k in ("m", "v")}
+    check_graph_grad(_model(nodes, feeds, consts, ["y"], 17), feeds)
+
+
+def test_conv_output_read_by_conv_and_reshape():
+    """One conv output read by a second conv and by a Reshape; both reach the output."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 0, 0]),
+             helper.make_node("Conv", ["c", "w2"], ["d"], strides=[2, 2]),
+             helper.make_node("Reshape", ["c", "shape"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["m"], axes=[1], keepdims=0),
+             helper.make_node("Flatten", ["d"], ["f"]),
+             helper.make_node("Concat", ["f", "m"], ["y"], axis=1)]
+    feeds = {"x": rnd(2, 3, 3, 3, seed=1), "w": rnd(3, 3, 2, 2, seed=2), "w2": rnd(2, 3, 2, 2, seed=3)}
+    check_graph_grad(_model(nodes, feeds, {"shape": ints(2, 3, 9)}, ["y"], 17), feeds)
