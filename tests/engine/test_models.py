@@ -141,13 +141,14 @@ def test_shape_subgraphs_folded_with_dynamic_batch(exported, name):
         assert _rel_err(model.forward(x), sess.run(None, {"input": x})[0]) <= 1e-4
 
 
-@pytest.mark.parametrize("opset", [11, 13, 15])
-@pytest.mark.parametrize("name", ["mobilenetv2_small", "se_net", "vgg_small"])
-def test_older_opsets(tmp_path, name, opset):
+@pytest.mark.parametrize("name,exporter,opset", [
+    *[(name, "torchscript", opset) for name in ("mobilenetv2_small", "se_net", "vgg_small") for opset in (11, 13, 15)],
+    ("mobilenetv2_small", "dynamo", 21)])
+def test_other_opsets(tmp_path, name, exporter, opset):
     """Clip, Squeeze/Unsqueeze and ReduceMean change form across opsets 11-18."""
     build, size = MODELS[name]
     path = tmp_path / f"{name}_{opset}.onnx"
-    tm.export(build(), path, torch.randn(2, 3, size, size), opset=opset)
+    tm.export(build(), path, torch.randn(2, 3, size, size), exporter=exporter, opset=opset)
     model = bwacal.load_model(path)
     x = _batch(3, size, seed=opset)
     assert _rel_err(model.forward(x), _ort(path).run(None, {"input": x})[0]) <= 1e-4
