@@ -318,10 +318,7 @@ def _run_local(jobs, workers):
         for job in jobs:
             yield job, run_job(replace(job, threads=threads))
         return
-    # spawned workers inherit the environment, so BLAS and numba size their pools before they load
-    with _environment({name: str(threads) for name in THREAD_VARIABLES}), \
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=_init_worker, initargs=(threads,)) as pool:
+    with local_pool(workers, threads) as pool:
         futures = {pool.submit(run_job, replace(job, threads=threads)): job for job in jobs}
         try:
             for future in as_completed(futures):
@@ -329,6 +326,16 @@ def _run_local(jobs, workers):
         finally:
             for future in futures:
                 future.cancel()
+
+
+@contextmanager
+def local_pool(workers: int, threads: int):
+    """A spawn-started process pool whose workers each run BLAS and numba on ``threads`` threads."""
+    # spawned workers inherit the environment, so BLAS and numba size their pools before they load
+    with _environment({name: str(threads) for name in THREAD_VARIABLES}), \
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_init_worker, initargs=(threads,)) as pool:
+        yield pool
 
 
 def _init_worker(threads: int):
@@ -373,7 +380,7 @@ def _run_dask(jobs, scheduler):
             host_threads[info["host"]] = host_threads.get(info["host"], 0) + info["nthreads"]
         futures = {client.submit(_run_on_dask_worker, job, host_threads, pure=False): job for job in jobs}
         try:
-            for future in dask_completed(futures):
+            for future in dask_completed(futures, loop=client.loop):
                 yield futures[future], _result(future, futures[future])
         finally:
             client.cancel(list(futures))
@@ -461,6 +468,7 @@ def _plot(rows: list[dict]) -> bytes | None:
         ax.plot(widths, [r["bwa"] for r in points], "o-", color=color, label=f"{label} BWA")
         ax.plot(widths, [r["uniform"] for r in points], "s--", color=color, alpha=0.6, label=f"{label} uniform")
         ax.axhline(points[0]["fp"], color=color, linestyle=":", linewidth=1)
+    ax.set_title("top-1 vs weight width (dotted: full precision)", fontsize="medium")
     ax.set_xlabel("weight bits")
     ax.set_ylabel("top-1 (%)")
     ax.set_xticks(sorted({r["width"] for pts in series.values() for r in pts}))
