@@ -35,7 +35,7 @@ def _terminate(signum, frame):
 def batch_cmd(
     source: Annotated[Path, typer.Argument(help="A directory of *.onnx models, or a TOML manifest listing models with their own data and options.")],
     *,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory: <model>.w<b>[a<A>].onnx, a .json report each, summary.md/.csv/.json/.png.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory: <model>.w<b>.onnx (.w<b>a<A>.onnx with --act-bits) and a .json report per job; summary.md, .csv, .json, .png.")],
     bits: Annotated[str, typer.Option("--bits", help="Weight widths, comma-separated; one job per model and width.")] = "3",
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration HDF5 file shared by the models (a manifest entry may name its own).")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation HDF5 file shared by the models (default: the held-out calibration split).")] = None,
