@@ -55,6 +55,7 @@ class Conv(Op):
         x = np.ascontiguousarray(x)
         g = self._geometry(x, w)
         o, n = w.shape[0], x.shape[1]
+        keep = x
         if self._depthwise(x, w):
             y = np.empty((o, n, g.ho, g.wo), dtype=x.dtype)
             K.depthwise_forward(x, np.ascontiguousarray(w[:, 0]), g.sh, g.sw, g.dh, g.dw, g.ph, g.pw,
@@ -62,6 +63,7 @@ class Conv(Op):
             y = y.reshape(o, -1)
         else:
             cols = _cols(x, g)
+            keep = cols  # the patches are what dL/dW needs: kept rather than rebuilt in backward
             w2 = w.reshape(o, -1)
             if self.group == 1:
                 y = w2 @ cols
@@ -72,16 +74,17 @@ class Conv(Op):
                     np.matmul(w2[i * og:(i + 1) * og], cols[i * k:(i + 1) * k], out=y[i * og:(i + 1) * og])
         if b is not None:
             y += b.reshape(o, 1).astype(y.dtype, copy=False)
-        return y.reshape(o, n, g.ho, g.wo), (x, w, g, b is not None)
+        return y.reshape(o, n, g.ho, g.wo), (keep, x.shape, w, g, b is not None)
 
     def backward(self, ctx, dy, need):
-        x, w, g, has_b = ctx
+        kept, xshape, w, g, has_b = ctx
         o = dy.shape[0]
         dy2 = np.ascontiguousarray(dy).reshape(o, -1)
         dx = dw = db = None
         if has_b and need[2]:
             db = dy2.sum(axis=1)
-        if self._depthwise(x, w):
+        if self.group > 1 and self.group == xshape[0] and w.shape[1] == 1:
+            x = kept
             w3 = np.ascontiguousarray(w[:, 0])
             dy4 = dy2.reshape(dy.shape)
             if need[0]:
@@ -95,19 +98,20 @@ class Conv(Op):
         w2 = w.reshape(o, -1)
         k, og = w2.shape[1], o // self.group
         if need[1]:
-            cols = _cols(x, g)  # recomputed: cheaper in memory than keeping every layer's patches
+            cols = kept
             dw = np.empty_like(w2)
             for i in range(self.group):
-                np.matmul(dy2[i * og:(i + 1) * og], cols[i * k:(i + 1) * k].T, out=dw[i * og:(i + 1) * og])
+                # NOTE: written as (cols @ dy.T).T: OpenBLAS takes ~100x longer on dy @ cols.T, whose
+                # reduction dimension (N*Ho*Wo) is huge and whose output is tiny
+                dw[i * og:(i + 1) * og] = (cols[i * k:(i + 1) * k] @ dy2[i * og:(i + 1) * og].T).T
             dw = dw.reshape(w.shape)
-            del cols
         if need[0]:
             dcols = np.empty((k * self.group, dy2.shape[1]), dtype=dy2.dtype)
             for i in range(self.group):
                 np.matmul(w2[i * og:(i + 1) * og].T, dy2[i * og:(i + 1) * og], out=dcols[i * k:(i + 1) * k])
-            if _pointwise(x, g):
-                dx = dcols.reshape(x.shape)
+            if g.kh == g.kw == 1 and g.ph == g.pw == 0 and (g.ho, g.wo) == xshape[2:]:
+                dx = dcols.reshape(xshape)
             else:
-                dx = np.zeros_like(x)
+                dx = np.zeros(xshape, dtype=dy.dtype)
                 K.col2im(dcols, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, dx)
         return dx, dw, db

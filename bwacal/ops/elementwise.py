@@ -68,7 +68,7 @@ class Relu(Op):
         return y, y
 
     def backward(self, ctx, dy, need):
-        return (np.where(ctx > 0, dy, 0).astype(dy.dtype, copy=False),)
+        return (dy * (ctx > 0),)
 
 
 @register("LeakyRelu")

@@ -1,0 +1,166 @@
+"""Engine throughput: bwacal forward vs ONNX Runtime, bwacal forward+backward vs PyTorch.
+
+Same model, batch and thread count in one run; prints a Markdown table of images/s and ratios.
+Forward+backward computes dL/dx and dL/dW for every Conv/Gemm weight for L = sum(r * logits),
+on the BatchNorm-folded graph in bwacal (what calibration runs) and with eval-mode BN in PyTorch.
+
+    python -m benchmarks.engine [--threads 2] [--repeat 5] [--models resnet20,resnet18,mobilenetv2]
+    python -m benchmarks.engine --memory resnet18   # peak RSS of one bwacal forward+backward (subprocess)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {
+    # name: (builder kwargs, input shape, batch)
+    "resnet20": ("resnet_cifar", dict(depth=20, in_ch=3, width=16, classes=10), (3, 32, 32), 128),
+    "resnet18": ("resnet18", dict(in_ch=3, classes=1000), (3, 224, 224), 8),
+    "mobilenetv2": ("mobilenetv2_small", dict(in_ch=3, classes=10, width_mult=1.0), (3, 32, 32), 128),
+}
+
+
+def _set_threads(n: int):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def _export(name: str, workdir: Path) -> Path:
+    import torch
+
+    from tests import torch_models
+
+    builder, kwargs, shape, batch = MODELS[name]
+    model = getattr(torch_models, builder)(**kwargs).eval()
+    path = workdir / f"{name}.onnx"
+    torch_models.export(model, path, torch.randn(2, *shape))
+    return path, model
+
+
+def _best(fn, repeat):
+    fn()  # warm-up: JIT compilation, allocator
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench(name: str, threads: int, repeat: int, workdir: Path) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import bwacal
+
+    torch.set_num_threads(threads)
+    path, tmodel = _export(name, workdir)
+    _, _, shape, batch = MODELS[name]
+    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    model = bwacal.load_model(path)
+    weights = [n.inputs[1] for n in model.graph.nodes if n.op_type in ("Conv", "Gemm")]
+    r = np.random.default_rng(1).standard_normal((batch, model.num_classes)).astype(np.float32)
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    iname = sess.get_inputs()[0].name
+
+    def bw_fwd():
+        model.forward(x)
+
+    def ort_fwd():
+        sess.run(None, {iname: x})
+
+    def bw_fwd_bwd():
+        logits, tape = model.forward(x, record=True, wrt=weights + [model.input_name])
+        model.backward(tape, r, wrt=weights + [model.input_name])
+
+    xt = torch.from_numpy(x)
+    rt = torch.from_numpy(r)
+
+    def torch_fwd_bwd():
+        xi = xt.clone().requires_grad_(True)
+        tmodel.zero_grad(set_to_none=True)
+        (tmodel(xi) * rt).sum().backward()
+
+    t = {k: _best(f, repeat) for k, f in
+         (("bwacal_fwd", bw_fwd), ("ort_fwd", ort_fwd), ("bwacal_fwdbwd", bw_fwd_bwd), ("torch_fwdbwd", torch_fwd_bwd))}
+    return {"model": name, "shape": "x".join(map(str, shape)), "batch": batch,
+            **{k: batch / v for k, v in t.items()}}
+
+
+def peak_memory(name: str, threads: int) -> float:
+    """Peak RSS (MiB) of a fresh process doing one bwacal forward+backward (after one warm-up)."""
+    code = f"""
+import resource, sys, numpy as np, tempfile
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from benchmarks.engine import MODELS, _export
+import bwacal
+d = Path(tempfile.mkdtemp())
+path, _ = _export({name!r}, d)
+del _
+import gc; gc.collect()
+_, _, shape, batch = MODELS[{name!r}]
+model = bwacal.load_model(path)
+x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+w = [n.inputs[1] for n in model.graph.nodes if n.op_type in ("Conv", "Gemm")] + [model.input_name]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(2):
+    logits, tape = model.forward(x, record=True, wrt=w)
+    g = model.backward(tape, np.ones_like(logits), wrt=w)
+    del tape, g
+print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    base, peak = (float(v) for v in out.stdout.split()[-2:])
+    return base, peak
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--memory", default="resnet18", help="model for the peak-memory run ('' to skip)")
+    args = ap.parse_args()
+    _set_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.models.split(","):
+            rows.append(bench(name, args.threads, args.repeat, Path(d)))
+            print(rows[-1], file=sys.stderr)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor())
+    print(f"machine: {cpu}, {os.cpu_count()} cores; threads: {args.threads}; repeat: best of {args.repeat}; "
+          f"date: {time.strftime('%Y-%m-%d')}")
+    print()
+    print("| model | input | batch | bwacal fwd img/s | ORT fwd img/s | fwd ratio | bwacal fwd+bwd img/s | "
+          "PyTorch fwd+bwd img/s | fwd+bwd ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['shape']} | {r['batch']} | {r['bwacal_fwd']:.0f} | {r['ort_fwd']:.0f} | "
+              f"{r['bwacal_fwd'] / r['ort_fwd']:.2f}x | {r['bwacal_fwdbwd']:.0f} | {r['torch_fwdbwd']:.0f} | "
+              f"{r['bwacal_fwdbwd'] / r['torch_fwdbwd']:.2f}x |")
+    if args.memory:
+        base, peak = peak_memory(args.memory, args.threads)
+        print()
+        print(f"peak RSS of bwacal forward+backward, {args.memory} batch {MODELS[args.memory][3]}: "
+              f"{peak:.0f} MiB (process after loading the model: {base:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
