@@ -34,6 +34,12 @@ NORMALISATION_ATTRS = ("scale", "mean", "std")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 # Rows read at a time when scanning float images for NaN/Inf (about 32 MiB of float32).
 _SCAN_BYTES = 32 << 20
+# What h5py raises on a corrupt file (truncated, flipped bits, lying headers); turned into DataError.
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+def _h5_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip(chr(39))}"
 
 
 class CalibrationData:
@@ -86,7 +92,7 @@ class CalibrationData:
         if indices is None:
             for start in range(0, self.n, batch_size):
                 stop = min(start + batch_size, self.n)
-                yield self._to_model(self._images[start:stop]), self._label_slice(start, stop)
+                yield self._to_model(self._rows(slice(start, stop))), self._label_slice(start, stop)
             return
         idx = self._check_indices(indices)
         for start in range(0, len(idx), batch_size):
@@ -101,9 +107,9 @@ class CalibrationData:
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         if hi - lo <= 2 * len(rows):
             # dense enough: one contiguous hyperslab read is much faster than a point selection
-            raw = self._images[lo:hi][rows - lo]
+            raw = self._rows(slice(lo, hi))[rows - lo]
         else:
-            raw = self._images[rows]  # h5py wants increasing indices
+            raw = self._rows(rows)  # h5py wants increasing indices
         x = self._to_model(raw[inverse])
         y = self._labels[idx] if self._labels is not None else None
         return x, y
@@ -115,6 +121,12 @@ class CalibrationData:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()
+
+    def _rows(self, selection) -> np.ndarray:
+        try:
+            return self._images[selection]
+        except _H5_ERRORS as exc:
+            raise DataError(f"{self.path}: cannot read 'images' ({_h5_reason(exc)}); the file is corrupt") from exc
 
     def _label_slice(self, start: int, stop: int) -> np.ndarray | None:
         return self._labels[start:stop] if self._labels is not None else None
@@ -154,10 +166,13 @@ def open_dataset(path: str | os.PathLike, input_shape: Sequence[int] | None = No
         raise DataError(f"{path}: is a directory, expected an HDF5 file")
     try:
         file = h5py.File(path, "r")
-    except OSError:
+    except _H5_ERRORS:
         raise DataError(f"{path}: not an HDF5 file (expected datasets 'images' and optionally 'labels')") from None
     try:
         return _validate(path, file, input_shape, num_classes, check_finite)
+    except _H5_ERRORS as exc:
+        file.close()
+        raise DataError(f"{path}: corrupt or unreadable HDF5 file ({_h5_reason(exc)})") from exc
     except BaseException:
         file.close()
         raise
@@ -175,6 +190,8 @@ def _validate(path: Path, file: h5py.File, input_shape, num_classes, check_finit
     if images.shape[0] == 0:
         raise DataError(f"{path}: 'images' is empty (shape {images.shape}), expected at least one image")
     c, h, w = (int(d) for d in images.shape[1:])
+    if min(c, h, w) == 0:
+        raise DataError(f"{path}: 'images' has shape {images.shape}, expected non-zero C, H and W")
     if input_shape is not None and tuple(int(d) for d in input_shape) != (c, h, w):
         raise DataError(f"{path}: 'images' are {c}x{h}x{w} (C x H x W) but the model expects "
                         + "x".join(str(int(d)) for d in input_shape))
@@ -204,7 +221,7 @@ def _normalisation(path: Path, images: h5py.Dataset, channels: int):
     attrs = images.attrs
     scale = DEFAULT_SCALE
     if "scale" in attrs:
-        value = np.asarray(attrs["scale"])
+        value = _numeric_attr(path, attrs, "scale", "one positive number")
         if value.size != 1 or not np.issubdtype(value.dtype, np.number):
             raise DataError(f"{path}: 'images' attribute 'scale' is {value.tolist()!r}, expected one positive number")
         scale = float(value.reshape(()))
@@ -217,10 +234,18 @@ def _normalisation(path: Path, images: h5py.Dataset, channels: int):
     return scale, mean, std
 
 
+def _numeric_attr(path: Path, attrs, name: str, expected: str) -> np.ndarray:
+    """Read an attribute stored as numbers or text; refuse variable-length, compound and object data unread."""
+    dtype = attrs.get_id(name).dtype
+    if dtype.kind not in "biufS" and h5py.check_string_dtype(dtype) is None:
+        raise DataError(f"{path}: 'images' attribute '{name}' is stored as {dtype}, expected {expected}")
+    return np.asarray(attrs[name])
+
+
 def _channel_attr(path: Path, attrs, name: str, channels: int) -> np.ndarray | None:
     if name not in attrs:
         return None
-    value = np.asarray(attrs[name])
+    value = _numeric_attr(path, attrs, name, f"{channels} numbers")
     if not np.issubdtype(value.dtype, np.number):
         raise DataError(f"{path}: 'images' attribute '{name}' is {value.tolist()!r}, expected {channels} numbers")
     value = value.astype(np.float32).reshape(-1)

@@ -13,6 +13,8 @@ from bwacal.errors import ModelError
 from bwacal.graph import Graph, toposort
 from bwacal.onnx_io import read_model
 
+MAX_INPUT_ELEMENTS = 1 << 24  # C*H*W of one image: 16M values, e.g. 3x2364x2364
+
 
 class Model:
     """An image classifier on bwacal's engine.
@@ -60,8 +62,12 @@ def prepare_graph(graph: Graph, source: str, fold_batchnorm: bool = True) -> Gra
     if inp.shape is None or len(inp.shape) != 4 or any(d is None or d <= 0 for d in inp.shape[1:]):
         raise ModelError(f"{source}: input '{inp.name}' has shape {inp.shape}; expected (batch, C, H, W) "
                          "with fixed C, H, W")
+    if int(np.prod(inp.shape[1:], dtype=np.float64)) > MAX_INPUT_ELEMENTS:
+        raise ModelError(f"{source}: input '{inp.name}' has shape {inp.shape}; more than {MAX_INPUT_ELEMENTS} "
+                         "values per image is not an image classifier bwacal can run")
     if inp.dtype is not None and inp.dtype != np.float32:
         raise ModelError(f"{source}: input '{inp.name}' is {inp.dtype}; expected float32")
+    _check_wiring(graph, source)
     try:
         nodes = toposort(graph.nodes, set(graph.initializers) | {inp.name})
     except ValueError:
@@ -82,8 +88,34 @@ def prepare_graph(graph: Graph, source: str, fold_batchnorm: bool = True) -> Gra
     return passes.remove_dead_nodes(graph)
 
 
+def _check_wiring(graph: Graph, source: str) -> None:
+    """Every value a node reads, and the output, must come from the input, an initializer or a node."""
+    available = set(graph.initializers) | {v.name for v in graph.inputs}
+    produced = {out for node in graph.nodes for out in node.outputs if out}
+    missing = [(node.name, name) for node in graph.nodes for name in node.inputs
+               if name and name not in available and name not in produced]
+    if missing:
+        listed = "; ".join(f"node '{node}' reads '{name}'" for node, name in missing[:5])
+        raise ModelError(f"{source}: {len(missing)} value(s) are read but never produced ({listed})")
+    out = graph.outputs[0].name
+    if out not in produced and out not in available:
+        raise ModelError(f"{source}: output '{out}' is produced by no node")
+
+
 def load_model(path, fold_batchnorm: bool = True) -> Model:
-    """Load an ONNX classifier, fold its shape subgraphs and (by default) its BatchNormalization."""
-    source = str(path)
-    graph = read_model(Path(path) if not hasattr(path, "graph") else path)
-    return Model(prepare_graph(graph, source, fold_batchnorm), source)
+    """Load an ONNX classifier, fold its shape subgraphs and (by default) its BatchNormalization.
+
+    Model files are untrusted: every failure to read, check or run the graph on a probe batch is a
+    ``ModelError`` naming the file.
+    """
+    source = "model" if hasattr(path, "graph") else str(path)
+    try:
+        graph = read_model(Path(path) if not hasattr(path, "graph") else path)
+        return Model(prepare_graph(graph, source, fold_batchnorm), source)
+    except ModelError as exc:
+        if not str(exc).startswith(source):
+            exc.args = (f"{source}: {exc}",)
+        raise
+    except Exception as exc:  # an op meeting inputs or attributes it cannot handle: a malformed graph
+        raise ModelError(f"{source}: the graph cannot be run ({type(exc).__name__}: {exc}); "
+                         "--verbose shows where") from exc
