@@ -66,8 +66,11 @@ class CalibrationOptions:
 
 @dataclass
 class Calibration:
+    """The fitted network, the report, and the uniform min-max baseline (same activation steps)."""
+
     net: QuantizedNetwork
     report: dict = field(default_factory=dict)
+    minmax: QuantizedNetwork | None = None
 
 
 class _Split:
@@ -107,7 +110,8 @@ def calibrate(model_path, calib_path, options: CalibrationOptions | None = None,
               progress=None, log=None) -> Calibration:
     """Quantize ``model_path`` and fit its bit weights on ``calib_path``; see ``CalibrationOptions``.
 
-    ``progress(epoch, step, steps, loss, heldout_top1)`` reports fitting; ``log(message)`` reports
+    ``progress(epoch, step, steps, loss, heldout_top1, heldout)`` reports fitting (see
+    ``fit_bit_weights``); ``log(message)`` reports
     the stages.
     """
     options = options or CalibrationOptions()
@@ -216,7 +220,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
     }
-    return Calibration(net, report)
+    return Calibration(net, report, minmax)
 
 
 def _acc_line(what, acc):

@@ -119,7 +119,9 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
     """Train ``net``'s bit weights in place; ``*_batches()`` return iterables of (x, y, teacher_logp).
 
     ``train_batches(epoch)`` yields the shuffled training batches of one epoch; ``progress`` is
-    called as ``progress(epoch, step, steps, loss, heldout_top1)``. Without ``keep_best`` (no
+    called as ``progress(epoch, step, steps, loss, heldout_top1, heldout)``: after every step with
+    the batch loss (``heldout`` False), and after every epoch (epoch 0: the uniform start) with the
+    held-out loss and top-1 (``heldout`` True). Without ``keep_best`` (no
     held-out data) the last epoch is kept.
     """
     theta = _to_theta(net)
@@ -132,7 +134,7 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
     history.append({"epoch": 0, "train_loss": None, "heldout_loss": loss0, "heldout_top1": top0})
     best_loss, best_epoch = loss0, 0
     if progress:
-        progress(0, 0, 0, loss0, top0)
+        progress(0, 0, 0, loss0, top0, True)
     total_steps, step_no = None, 0
     for epoch in range(1, options.epochs + 1):
         batches = list(train_batches(epoch)) if steps_per_epoch is None else train_batches(epoch)
@@ -166,12 +168,12 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
             step_no += 1
             losses.append(loss)
             if progress:
-                progress(epoch, i + 1, steps_per_epoch, loss, None)
+                progress(epoch, i + 1, steps_per_epoch, loss, None, False)
         bws, acts = _from_theta(net, theta)
         hl, ht = evaluate_loss(net, net.params(bws, acts), heldout_batches(), options.loss)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "heldout_loss": hl, "heldout_top1": ht})
         if progress:
-            progress(epoch, steps_per_epoch, steps_per_epoch, hl, ht)
+            progress(epoch, steps_per_epoch, steps_per_epoch, hl, ht, True)
         if hl < best_loss or not keep_best:
             best_loss, best_epoch = hl, epoch
             best = {k: v.copy() for k, v in theta.items()}

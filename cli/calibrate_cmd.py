@@ -118,7 +118,8 @@ def _print_summary(rep, out):
     opts = rep["options"]
     typer.echo(f"bits W{opts['bits']}" + (f"A{opts['act_bits']}" if opts["act_bits"] else "")
                + f" ({opts['protocol']}), best epoch {rep['best_epoch']}, {rep['seconds']:.1f} s")
-    typer.echo(f"wrote {out} ({rep['format']}, {rep['size_bytes'] / 1e6:.2f} MB, {rep['size_ratio']:.2f}x smaller)")
+    typer.echo(f"wrote {out} ({rep['format']}, {rep['size_bytes'] / 1e6:.2f} MB; "
+               f"input/output size ratio {rep['size_ratio']:.2f})")
 
 
 class _fit_progress:
@@ -142,12 +143,12 @@ class _fit_progress:
             self.task = self.bar.add_task("fitting", total=None)
         return self.update
 
-    def update(self, epoch, step, steps, loss, top1):
+    def update(self, epoch, step, steps, loss, top1, heldout):
         acc = "" if top1 is None else f", held-out top-1 {100 * top1:.2f}%"
         if self.bar is not None:
             self.bar.update(self.task, total=max(self.epochs * steps, 1), completed=(epoch - 1) * steps + step if epoch else 0,
                             description=f"epoch {epoch}/{self.epochs} loss {loss:.4f}{acc}")
-        if step == steps:  # end of an epoch (epoch 0: the uniform start)
+        if heldout:  # end of an epoch (epoch 0: the uniform start)
             line = f"epoch {epoch}/{self.epochs}: held-out loss {loss:.4f}{acc}"
             if self.bar is not None:
                 self.bar.console.print(line)

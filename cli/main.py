@@ -26,3 +26,4 @@ from cli import batch_cmd  # noqa: E402,F401
 
 if __name__ == "__main__":
     app()
+from cli import plot_cmd  # noqa: E402,F401

@@ -1,0 +1,57 @@
+"""``bwacal plot``: a picture of a calibration report or of a batch summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import user_errors
+from cli.main import app
+from cli.options import Verbose
+
+
+@app.command("plot")
+def plot_cmd(
+    report: Annotated[Path, typer.Argument(help="A report from 'bwacal calibrate --report' or a batch summary.json.")],
+    *,
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated layer names (default: the three whose levels moved most).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    verbose: Verbose = False,
+):
+    """Draw weight histograms with the uniform grid and the learned BWA levels, and the fitting curves;
+    for a batch summary, BWA accuracy against bit width per model.
+
+    Example: bwacal plot resnet20.w3.json -o resnet20.w3.png
+    """
+    from bwacal.errors import BwacalError
+    from bwacal.onnx_io import write_bytes_atomically
+    from bwacal.plot import plot_calibration, plot_summary
+
+    with user_errors(verbose):
+        if not report.is_file():
+            raise BwacalError(f"{report}: no such file")
+        if output.exists() and not force:
+            raise BwacalError(f"{output}: already exists; pass --force to overwrite it")
+        if not output.parent.is_dir():
+            raise BwacalError(f"{output}: the output directory {output.parent} does not exist")
+        try:
+            data = json.loads(report.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BwacalError(f"{report}: not a JSON report ({exc})") from None
+        if isinstance(data, dict) and "layers" in data and "model" in data:
+            from bwacal import load_model
+
+            model = load_model(data["model"])
+            png = plot_calibration(data, model.graph.initializers, layers.split(",") if layers else None)
+        elif isinstance(data, dict) and isinstance(data.get("jobs"), list):
+            png = plot_summary(data["jobs"])
+        elif isinstance(data, list) and all(isinstance(r, dict) and "model" in r for r in data):
+            png = plot_summary(data)
+        else:
+            raise BwacalError(f"{report}: neither a calibration report nor a batch summary")
+        write_bytes_atomically(output, png)
+    typer.echo(f"wrote {output}")
