@@ -1,0 +1,1 @@
+"""The Fashion-MNIST model zoo: architectures (``models``) and the builder (``build``)."""
