@@ -116,6 +116,9 @@ def load_model(path, fold_batchnorm: bool = True) -> Model:
         if not str(exc).startswith(source):
             exc.args = (f"{source}: {exc}",)
         raise
+    except MemoryError as exc:
+        raise ModelError(f"{source}: running the graph on a probe batch of 2 needs more memory than is "
+                         f"available ({exc}); its shapes or attributes are likely wrong") from exc
     except Exception as exc:  # an op meeting inputs or attributes it cannot handle: a malformed graph
         raise ModelError(f"{source}: the graph cannot be run ({type(exc).__name__}: {exc}); "
                          "--verbose shows where") from exc

@@ -15,6 +15,8 @@ from cli import make_calib_cmd  # noqa: E402,F401
 from cli import evaluate_cmd  # noqa: E402,F401
 from cli import check_cmd  # noqa: E402,F401
 from cli import calibrate_cmd  # noqa: E402,F401
+from cli import batch_cmd  # noqa: E402,F401
+from cli import plot_cmd  # noqa: E402,F401
 
 if __name__ == "__main__":
     # NOTE: under ``python -m cli.main`` this module is ``__main__``; the commands registered
@@ -22,8 +24,3 @@ if __name__ == "__main__":
     from cli.main import app as registered
 
     registered()
-from cli import batch_cmd  # noqa: E402,F401
-
-if __name__ == "__main__":
-    app()
-from cli import plot_cmd  # noqa: E402,F401

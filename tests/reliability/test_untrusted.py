@@ -181,3 +181,14 @@ def test_hdf5_object_and_variable_length_types_are_refused(tmp_path, field, make
     with pytest.raises(DataError, match=f"'{field}'|attribute '{field}'"):
         with open_dataset(path) as ds:
             list(ds.batches(2))
+
+
+def test_attributes_that_blow_up_an_activation_get_an_error(tiny_proto, tmp_path):
+    conv = next(n for n in tiny_proto.graph.node if n.op_type == "Conv")
+    next(a for a in conv.attribute if a.name == "pads").ints[:] = [10**6] * 4
+    path = tmp_path / "pads.onnx"
+    onnx.save(tiny_proto, str(path))
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="more memory than is available"):
+        bwacal.load_model(path)
+    assert time.perf_counter() - start < 2.0
