@@ -16,11 +16,14 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,6 +40,25 @@ def machine() -> str:
     except (OSError, subprocess.CalledProcessError, StopIteration):
         name = platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} CPUs"
+
+
+def subset(path: Path, n: int, out: Path) -> Path:
+    from bwacal.data import open_dataset, write_dataset
+
+    with open_dataset(path) as data:
+        x, y = data.read(np.arange(min(n, data.n)))
+    return write_dataset(out, x, y)
+
+
+def command_args(argv: list[str]) -> list[str]:
+    """The command line without its ``--note`` bullets (they are printed below it)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg == "--note":
+            skip = not skip
+            continue
+        out.append(arg)
+    return out
 
 
 def threading_layer() -> str:
@@ -63,12 +85,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=ROOT / "data" / "zoo")
     parser.add_argument("--calib", type=Path, default=ROOT / "data" / "fmnist_calib.h5")
-    parser.add_argument("--eval", type=Path, default=ROOT / "data" / "fmnist_val.h5")
+    parser.add_argument("--eval", default=str(ROOT / "data" / "fmnist_val.h5"),
+                        help="Evaluation file, or 'none' for the held-out calibration split.")
+    parser.add_argument("--calib-images", type=int, help="Calibrate on only the first N images (a shorter run).")
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--epochs", type=int, default=CalibrationOptions().epochs)
+    parser.add_argument("--note", action="append", default=[], help="A bullet to add under the section.")
     parser.add_argument("--append", type=Path, help="Append the '## Batch' section to this Markdown file.")
     args = parser.parse_args()
     args.bits = [int(b) for b in args.bits.split(",")]
+    args.eval = None if args.eval == "none" else Path(args.eval)
 
     import distributed
     import numba
@@ -78,6 +104,8 @@ def main():
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bwacal-batch-bench-") as tmp:
         tmp = Path(tmp)
+        if args.calib_images:
+            args.calib = subset(args.calib, args.calib_images, tmp / f"calib{args.calib_images}.h5")
         for name in ("serial", "pool", "dask"):
             (tmp / name).mkdir()
         print("serial (1 worker)", file=sys.stderr)
@@ -100,20 +128,22 @@ def main():
     n_jobs = len(runs["serial"][1])
     same = all([(r["fp"], r["uniform"], r["bwa"]) for r in runs[k][1]]
                == [(r["fp"], r["uniform"], r["bwa"]) for r in runs["serial"][1]] for k in runs)
+    eval_name = args.eval.name if args.eval else "the held-out 20% of the calibration images"
+    calib_note = f" (first {args.calib_images} images)" if args.calib_images else ""
     epochs_note = "" if args.epochs == CalibrationOptions().epochs else \
         f" (**reduced from the default {CalibrationOptions().epochs}** to keep the run short)"
     lines = [
         "## Batch", "",
-        f"`python benchmarks/batch.py --bits {','.join(map(str, args.bits))} --epochs {args.epochs}"
-        + (f" --append {args.append}" if args.append else "") + "`", "",
+        f"`python benchmarks/batch.py {shlex.join(command_args(sys.argv[1:]))}`", "",
         f"- machine: {machine()}; numba {numba.__version__} (threading layer {threading_layer()}), "
         f"NumPy {numpy.__version__}, distributed {distributed.__version__}",
         f"- date: {datetime.date.today().isoformat()}; 1-minute load average {load_before:.1f} before, "
         f"{load_after:.1f} after",
         f"- jobs: {n_jobs} ({', '.join(sorted({p.stem for p in Path(args.zoo).glob('*.onnx')}))} at W"
         f"{', W'.join(map(str, args.bits))}); epochs {args.epochs}{epochs_note}; calibration "
-        f"{args.calib.name}, evaluation {args.eval.name}; default protocol (first and last layers at 8 bits)",
-        f"- LocalCluster start-up (not in the wall time): {cluster_start:.1f} s", "",
+        f"{args.calib.name}{calib_note}, evaluation {eval_name}; default protocol (first and last layers at 8 bits)",
+        f"- LocalCluster start-up (not in the wall time): {cluster_start:.1f} s",
+        *[f"- {note}" for note in args.note], "",
         "| executor | workers x threads | wall s | sum of job s | speed-up vs serial | failed |",
         "|---|---|---:|---:|---:|---:|",
     ]
@@ -123,7 +153,7 @@ def main():
         job_s = sum(r["seconds"] or 0 for r in rows)
         failed = sum(r["status"] == "failed" for r in rows)
         lines.append(f"| {label} | {layout[name]} | {wall:.1f} | {job_s:.1f} | {serial_wall / wall:.2f}x | {failed} |")
-    lines += ["", f"Per job (serial run; top-1 in %, on {args.eval.name}); the three executors gave "
+    lines += ["", f"Per job (serial run; top-1 in %, on {eval_name}); the three executors gave "
               + ("identical accuracies." if same else "accuracies that differ in places (thread counts differ)."), "",
               "| model | width | FP | uniform | BWA | drop | size ratio | serial s | pool s | dask s |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
