@@ -92,12 +92,22 @@ def calibrate_cmd(
             log = None if quiet else (lambda m: typer.echo(m, err=True))
             with _fit_progress(opts.epochs, quiet) as progress:
                 result = calibrate(model, calib, opts, eval_path=eval_data, progress=progress, log=log)
-            size = write_quantized(result.net, result.report, out, fmt)
-            rep = result.report
-            rep.update({"output": str(out), "format": fmt, "size_bytes": size,
-                        "size_ratio": model.stat().st_size / size})
-            if report is not None:
-                write_bytes_atomically(report, (json.dumps(rep, indent=1) + "\n").encode())
+            written, target = [], out
+            try:  # the model and the report are written together or not at all
+                size = write_quantized(result.net, result.report, out, fmt)
+                written.append(out)
+                rep = result.report
+                rep.update({"output": str(out), "format": fmt, "size_bytes": size,
+                            "size_ratio": model.stat().st_size / size})
+                if report is not None:
+                    target = report
+                    write_bytes_atomically(report, (json.dumps(rep, indent=1) + "\n").encode())
+            except BaseException as exc:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                if isinstance(exc, OSError):
+                    raise BwacalError(f"{target}: cannot write it ({exc.strerror or exc})") from exc
+                raise
     except KeyboardInterrupt:
         typer.echo("interrupted: no output written", err=True)
         raise typer.Exit(130) from None

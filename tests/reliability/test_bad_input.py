@@ -246,3 +246,27 @@ def test_verbose_shows_the_traceback(valid, tmp_path, out_dir):
     assert result.exit_code == 2
     assert "Traceback" in result.output and f"error: {path}" in result.output
     assert os.listdir(out_dir) == []
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk_full", "interrupted"])
+def test_a_failed_report_write_removes_the_model_too(valid, out_dir, monkeypatch, failure):
+    import bwacal.onnx_io
+
+    real = bwacal.onnx_io.write_bytes_atomically
+    calls = []
+
+    def fail_second(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise failure
+        real(path, data)
+
+    monkeypatch.setattr(bwacal.onnx_io, "write_bytes_atomically", fail_second)
+    result = calibrate(valid[0], valid[1], out_dir, "--report", out_dir / "r.json")
+    assert calls == [out_dir / "q.onnx", out_dir / "r.json"]
+    if isinstance(failure, OSError):
+        assert_bad_input(result, out_dir / "r.json", "No space left on device", out_dir=out_dir)
+    else:
+        assert result.exit_code == 130 and "interrupted: no output written" in result.output
+        assert os.listdir(out_dir) == []
