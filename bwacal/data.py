@@ -39,7 +39,8 @@ _H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 
 def _h5_reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip(chr(39))}"
+    message = str(exc).strip("'")  # KeyError quotes its message
+    return f"{type(exc).__name__}: {message}"
 
 
 class CalibrationData:
