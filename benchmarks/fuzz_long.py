@@ -1,6 +1,6 @@
 """The long fuzz run: many mutated ONNX and HDF5 files through the targets of ``tests/reliability/fuzz.py``.
 
-    python benchmarks/fuzz_long.py [--onnx 5000] [--hdf5 5000] [--seed 0]
+    python benchmarks/fuzz_long.py [--onnx 5000] [--hdf5 5000] [--inspect 0] [--seed 0]
 
 Unlike the short run in the test suite, a failure does not stop the run: every exception other than
 ``BwacalError`` is counted by (type, file, line) and one example message is kept, so one run lists
@@ -29,6 +29,8 @@ def run(name, strategy, target, cases, rng_seed):
     outcomes = collections.Counter()
     crashes = collections.Counter()
     examples = {}
+    if cases <= 0:
+        return 0, outcomes, crashes, 0.0
 
     @seed(rng_seed)
     @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
@@ -58,11 +60,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", type=int, default=5000, help="ONNX cases")
     ap.add_argument("--hdf5", type=int, default=5000, help="HDF5 cases")
+    ap.add_argument("--inspect", type=int, default=0, help="ONNX cases through `bwacal inspect` (exit 0 or 2)")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis seed (same seed, same cases)")
     args = ap.parse_args()
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; seed {args.seed}", flush=True)
     results = [run("onnx", fuzz.onnx_cases(), fuzz.onnx_target, args.onnx, args.seed),
-               run("hdf5", fuzz.hdf5_with_model(), fuzz.run_hdf5, args.hdf5, args.seed)]
+               run("hdf5", fuzz.hdf5_with_model(), fuzz.run_hdf5, args.hdf5, args.seed),
+               run("inspect", fuzz.onnx_cases(), fuzz.inspect_target, args.inspect, args.seed)]
     total = sum(r[0] for r in results)
     crashes = sum(sum(r[2].values()) for r in results)
     print(f"total {total} cases, {crashes} crashes, {sum(r[3] for r in results):.0f} s", flush=True)

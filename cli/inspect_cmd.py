@@ -92,10 +92,17 @@ def inspect_model(
 
     Example: bwacal inspect data/zoo/resnet20.onnx --bits 3
     """
+    from bwacal.errors import BwacalError, ModelError
     from bwacal.inspection import describe_model
 
     with user_errors(verbose):
-        info = describe_model(model, bits=bits)
+        try:
+            info = describe_model(model, bits=bits)
+        except BwacalError:
+            raise
+        except Exception as exc:  # the analysis met a graph too malformed to describe
+            raise ModelError(f"{model}: cannot be inspected, the graph is malformed "
+                             f"({type(exc).__name__}: {exc}); --verbose shows where") from exc
     if json_out:
         typer.echo(json.dumps(info, indent=2))
     else:

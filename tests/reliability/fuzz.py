@@ -44,6 +44,21 @@ def onnx_target(data: bytes) -> str:
     return "ok"
 
 
+def inspect_target(data: bytes) -> str:
+    """``bwacal inspect`` on ``data`` as a model file: exit 0 or 2, never an exception; returns the exit code."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(data)
+        result = CliRunner().invoke(app, ["inspect", str(path)])
+    if result.exit_code not in (0, 2) or (result.exception and not isinstance(result.exception, SystemExit)):
+        raise AssertionError(f"inspect exited {result.exit_code}: {result.exception!r}\n{result.output[-500:]}")
+    return str(result.exit_code)
+
+
 def hdf5_target(path: Path, input_shape=None, num_classes=None) -> str:
     """Open ``path`` as calibration data and read every batch; returns "ok" or "error"."""
     try:

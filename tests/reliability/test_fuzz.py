@@ -15,6 +15,12 @@ def test_mutated_onnx_loads_or_raises_bwacal_error(data):
 
 
 @SHORT
+@given(fuzz.onnx_cases())
+def test_inspect_of_mutated_onnx_exits_0_or_2(data):
+    assert fuzz.inspect_target(data) in ("0", "2")
+
+
+@SHORT
 @given(fuzz.hdf5_with_model())
 def test_mutated_hdf5_reads_or_raises_bwacal_error(case):
     assert fuzz.run_hdf5(case) in ("ok", "error")
