@@ -97,6 +97,19 @@ class _Split:
                 yield x, y, p
 
 
+class _Sized:
+    """An iterator that knows its length, so fitting can count steps without reading every batch first."""
+
+    def __init__(self, iterator, length):
+        self.iterator, self.length = iterator, length
+
+    def __iter__(self):
+        return iter(self.iterator)
+
+    def __len__(self):
+        return self.length
+
+
 def _top1(forward, split: _Split, batch_size) -> float | None:
     if split.y is None and not split.data.has_labels:
         return None
@@ -183,7 +196,8 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         epoch_rng = np.random.default_rng(options.seed + 1)
 
         def train_batches(epoch):
-            return batches_of(train, "train", epoch_rng.permutation(len(train)))
+            order = epoch_rng.permutation(len(train))
+            return _Sized(batches_of(train, "train", order), -(-len(train) // bs))
 
         fit_started = time.perf_counter()
         if len(held) == 0:

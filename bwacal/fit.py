@@ -137,7 +137,9 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
         progress(0, 0, 0, loss0, top0, True)
     total_steps, step_no = None, 0
     for epoch in range(1, options.epochs + 1):
-        batches = list(train_batches(epoch)) if steps_per_epoch is None else train_batches(epoch)
+        batches = train_batches(epoch)
+        if steps_per_epoch is None and not hasattr(batches, "__len__"):
+            batches = list(batches)  # NOTE: holds the whole split; pass a sized iterable to stream
         if steps_per_epoch is None:
             steps_per_epoch = len(batches)
             total_steps = steps_per_epoch * options.epochs
