@@ -19,7 +19,6 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,6 @@ def ort_top1(path, x, y, batch=1000):
 def main():
     from bwacal.calibrate import CalibrationOptions, calibrate
     from bwacal.export import write_quantized
-    from bwacal.quant.bwa import BitWeights
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet20,mobilenetv2,vgg_small")
@@ -77,15 +75,12 @@ def main():
                     cal = calibrate(path, args.calib, opts)
                     seconds = time.perf_counter() - t0
                     acc = {"fp": fp}
-                    uniform = replace(cal.net, bit_weights={k: BitWeights.uniform(v.channels, v.bits)
-                                                            for k, v in cal.net.bit_weights.items()},
-                                      act_alpha={k: 2.0 ** np.arange(v.size) for k, v in cal.net.act_alpha.items()})
-                    for key, net in (("uniform_minmax", cal.minmax), ("uniform_mse", uniform), ("bwa", cal.net)):
+                    for key, net in (("uniform_minmax", cal.minmax), ("uniform_mse", cal.mse), ("bwa", cal.net)):
                         out = d / f"{model}.{protocol}.{setting}.{key}.onnx"
                         write_quantized(net, cal.report, out, "fake")
                         acc[key] = ort_top1(out, x, y)
                     row = {"model": model, "protocol": protocol, "setting": setting, **acc,
-                           "best_epoch": cal.report["best_epoch"], "seconds": seconds}
+                           "start": cal.report["start"], "best_epoch": cal.report["best_epoch"], "seconds": seconds}
                     target = TARGETS.get((model, setting)) if protocol == "first-last-8bit" else None
                     row["target_drop"] = target
                     row["met"] = None if target is None else bool(100 * (fp - acc["bwa"]) <= target)

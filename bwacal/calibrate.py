@@ -14,7 +14,7 @@ import numpy as np
 from bwacal import __version__
 from bwacal.data import open_dataset
 from bwacal.errors import BwacalError
-from bwacal.fit import FitOptions, fit_bit_weights, log_softmax
+from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
 from bwacal.model import Model, load_model
 from bwacal.quantize import PROTOCOLS, QuantizedNetwork, collect_activation_samples, quantize_network, select_layers
 
@@ -29,7 +29,7 @@ class CalibrationOptions:
     act_bits: int | None = None
     act_bwa: bool = False
     protocol: str = "first-last-8bit"
-    weight_method: str = "mse"
+    weight_method: str = "auto"  # auto | mse | minmax: the uniform grid BWA starts from
     act_method: str = "mse"
     epochs: int = 5
     batch_size: int = 64
@@ -48,8 +48,8 @@ class CalibrationOptions:
             raise BwacalError("--act-bwa needs --act-bits")
         if self.protocol not in PROTOCOLS:
             raise BwacalError(f"unknown protocol {self.protocol!r}")
-        if self.weight_method not in ("mse", "minmax"):
-            raise BwacalError(f"--weight-method must be 'mse' or 'minmax', got {self.weight_method!r}")
+        if self.weight_method not in ("auto", "mse", "minmax"):
+            raise BwacalError(f"--weight-method must be 'auto', 'mse' or 'minmax', got {self.weight_method!r}")
         if self.act_method not in ("mse", "percentile"):
             raise BwacalError(f"--act-method must be 'mse' or 'percentile', got {self.act_method!r}")
         if self.epochs < 0:
@@ -71,6 +71,7 @@ class Calibration:
     net: QuantizedNetwork
     report: dict = field(default_factory=dict)
     minmax: QuantizedNetwork | None = None
+    mse: QuantizedNetwork | None = None
 
 
 class _Split:
@@ -170,13 +171,24 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         limit = min(len(train), 256)
         samples = collect_activation_samples(model, names, (x for x, _, _ in train.batches(bs, np.arange(limit))),
                                              seed=options.seed)
-    net = quantize_network(model, layers, options.weight_method, samples, options.act_method, options.act_bwa)
-    minmax = quantize_network(model, layers, "minmax", samples, options.act_method, False) \
-        if options.weight_method != "minmax" else None
+    baselines = {method: quantize_network(model, layers, method, samples, options.act_method, options.act_bwa)
+                 for method in ("mse", "minmax")}
 
     def batches_of(split, name, order=None):
         for x, y, p in split.batches(bs, order):
             yield x, (y if loss_mode != "kl" else None), (teacher[name][p] if teacher else None)
+
+    start = options.weight_method
+    if start == "auto":
+        # the uniform grid with the lower loss (held-out split, else the fitting split) is the start:
+        # per-channel weight MSE is not the task loss, and at 2-3 bits it can clip far too hard
+        split, name = (held, "held") if len(held) else (train, "train")
+        losses = {m: evaluate_loss(baselines[m], baselines[m].params(), batches_of(split, name), loss_mode)[0]
+                  for m in ("mse", "minmax")}
+        start = min(losses, key=losses.get)
+        say(f"start: uniform {start} (loss {losses['mse']:.4f} with MSE steps, {losses['minmax']:.4f} with min-max)")
+    net = quantize_network(model, layers, start, samples, options.act_method, options.act_bwa)
+    minmax, mse = baselines["minmax"], baselines["mse"]
 
     eval_data = None
     if eval_path is not None:
@@ -188,8 +200,8 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
             return _top1(forward, evaluation, 256) if len(evaluation) else None
 
         acc = {"fp": accuracy(model.forward)}
-        acc["uniform_minmax"] = accuracy(lambda x: minmax.forward(x)) if minmax else None
-        acc["uniform_mse"] = accuracy(lambda x: net.forward(x))
+        acc["uniform_minmax"] = accuracy(lambda x: minmax.forward(x))
+        acc["uniform_mse"] = accuracy(lambda x: mse.forward(x))
         say(_acc_line("before fitting", acc))
 
         fit_opts = FitOptions(options.epochs, bs, options.lr, loss_mode, options.seed)
@@ -224,6 +236,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         "eval_images": len(evaluation),
         "options": asdict(options),
         "loss": loss_mode,
+        "start": start,
         "accuracy": acc,
         "best_epoch": fit.best_epoch,
         "history": fit.history,
@@ -234,7 +247,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
     }
-    return Calibration(net, report, minmax)
+    return Calibration(net, report, minmax, mse)
 
 
 def _acc_line(what, acc):

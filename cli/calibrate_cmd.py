@@ -59,7 +59,7 @@ def calibrate_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate on the normalised bit weights (cosine decay).")] = 5e-3,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the calibration set held out to pick the best epoch.")] = 0.2,
     loss: Annotated[str, typer.Option("--loss", help="auto (ce with labels, else kl), ce, kl (to the FP model) or both.")] = "auto",
-    weight_method: Annotated[str, typer.Option("--weight-method", help="Uniform step search: mse or minmax.")] = "mse",
+    weight_method: Annotated[str, typer.Option("--weight-method", help="The uniform grid BWA starts from: mse (per-channel step minimising weight error), minmax, or auto (whichever gives the lower held-out loss).")] = "auto",
     act_method: Annotated[str, typer.Option("--act-method", help="Activation step calibration: mse or percentile.")] = "mse",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split and shuffling; same seed, same output bytes.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
