@@ -270,3 +270,14 @@ def test_a_failed_report_write_removes_the_model_too(valid, out_dir, monkeypatch
     else:
         assert result.exit_code == 130 and "interrupted: no output written" in result.output
         assert os.listdir(out_dir) == []
+
+
+def test_outputs_get_the_usual_file_mode(valid, out_dir):
+    umask = os.umask(0o022)
+    try:
+        result = calibrate(valid[0], valid[1], out_dir, "--report", out_dir / "r.json")
+    finally:
+        os.umask(umask)
+    assert result.exit_code == 0, result.output
+    for name in ("q.onnx", "r.json"):
+        assert (out_dir / name).stat().st_mode & 0o777 == 0o644, name
