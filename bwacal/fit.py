@@ -68,8 +68,8 @@ class Adam:
 class FitOptions:
     epochs: int = 5
     batch_size: int = 64
-    lr: float = 5e-3
-    loss: str = "ce"  # ce | kl | both
+    lr: float = 1e-3
+    loss: str = "kl"  # kl | ce | both
     seed: int = 0
 
 
