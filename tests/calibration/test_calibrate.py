@@ -76,7 +76,7 @@ def test_written_model_matches_bwacal_in_onnxruntime(tiny, tmp_path, fmt, act):
 
 
 def test_fake_weights_have_at_most_2_to_the_b_values_per_channel(tiny, tmp_path):
-    cal = calibrate(tiny[0], tiny[1], CalibrationOptions(bits=2, protocol="all-layers", epochs=2, lr=2e-2))
+    cal = calibrate(tiny[0], tiny[1], CalibrationOptions(bits=2, protocol="all-layers", epochs=2, lr=2e-2, holdout=0.0))
     write_quantized(cal.net, cal.report, tmp_path / "q.onnx", "fake")
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
     moved_any = False
