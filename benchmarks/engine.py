@@ -100,18 +100,16 @@ def bench(name: str, threads: int, repeat: int, workdir: Path) -> dict:
             **{k: batch / v for k, v in t.items()}}
 
 
-def peak_memory(name: str, threads: int) -> float:
-    """Peak RSS (MiB) of a fresh process doing one bwacal forward+backward (after one warm-up)."""
+def peak_memory(name: str, threads: int, workdir: Path) -> tuple[float, float]:
+    """Peak RSS (MiB) of a fresh process (no torch in it) loading the model, then doing two bwacal
+    forward+backward passes; returns (after loading, peak)."""
+    path, _ = _export(name, workdir)
     code = f"""
-import resource, sys, numpy as np, tempfile
-from pathlib import Path
+import resource, sys, numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from benchmarks.engine import MODELS, _export
+from benchmarks.engine import MODELS
 import bwacal
-d = Path(tempfile.mkdtemp())
-path, _ = _export({name!r}, d)
-del _
-import gc; gc.collect()
+path = {str(path)!r}
 _, _, shape, batch = MODELS[{name!r}]
 model = bwacal.load_model(path)
 x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
@@ -156,7 +154,8 @@ def main():
               f"{r['bwacal_fwd'] / r['ort_fwd']:.2f}x | {r['bwacal_fwdbwd']:.0f} | {r['torch_fwdbwd']:.0f} | "
               f"{r['bwacal_fwdbwd'] / r['torch_fwdbwd']:.2f}x |")
     if args.memory:
-        base, peak = peak_memory(args.memory, args.threads)
+        with tempfile.TemporaryDirectory() as d:
+            base, peak = peak_memory(args.memory, args.threads, Path(d))
         print()
         print(f"peak RSS of bwacal forward+backward, {args.memory} batch {MODELS[args.memory][3]}: "
               f"{peak:.0f} MiB (process after loading the model: {base:.0f} MiB)")
