@@ -199,7 +199,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         evaluation = _Split(eval_data, np.arange(eval_data.n), False) if eval_data is not None else held
 
         def accuracy(forward):
-            return _top1(forward, evaluation, 256) if len(evaluation) else None
+            return _top1(forward, evaluation, bs) if len(evaluation) else None
 
         acc = {"fp": accuracy(model.forward)}
         acc["uniform_minmax"] = accuracy(lambda x: minmax.forward(x))
