@@ -178,7 +178,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
 
     def batches_of(split, name, order=None):
         for x, y, p in split.batches(bs, order):
-            yield x, (y if loss_mode != "kl" else None), (teacher[name][p] if teacher else None)
+            yield x, y, (teacher[name][p] if teacher else None)
 
     start = options.weight_method
     if start == "auto":

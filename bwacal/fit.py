@@ -102,16 +102,16 @@ def _from_theta(net: QuantizedNetwork, theta: dict):
 
 def evaluate_loss(net: QuantizedNetwork, params, batches, mode) -> tuple[float, float | None]:
     """Mean loss and top-1 (None without labels) over ``batches`` of (x, y, teacher_logp)."""
-    total, correct, count = 0.0, 0, 0
+    total, correct, count, labelled = 0.0, 0, 0, False
     for x, y, t in batches:
         logits = net.forward(x, params)
         loss, _ = classification_loss(logits, y, t, mode)
         total += loss * len(x)
         count += len(x)
         if y is not None:
+            labelled = True
             correct += int((logits.argmax(axis=1) == y).sum())
-    has_labels = mode != "kl"
-    return total / max(count, 1), (correct / count if has_labels and count else None)
+    return total / max(count, 1), (correct / count if labelled and count else None)
 
 
 def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, options: FitOptions,
