@@ -6,7 +6,8 @@ starting point) and BWA top-1 on the full 10,000-image test set, calibrating on 
 Runtime (the tests show ORT matches bwacal's own forward on written models).
 
     python -m benchmarks.accuracy [--models resnet20,mobilenetv2,vgg_small] [--settings W4,W3,W2,W4A4,W3A3]
-                                  [--protocols first-last-8bit,all-layers] [--epochs 5] [--json out.json]
+                                  [--protocols first-last-8bit,all-layers] [--epochs 5] [--lr 1e-3]
+                                  [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,7 +48,15 @@ def ort_top1(path, x, y, batch=1000):
     return float((pred == y).mean())
 
 
+def table_from(json_files):
+    """Print the table of earlier runs: ``python -m benchmarks.accuracy --table a.json b.json``."""
+    rows = [r for f in json_files for r in json.loads(Path(f).read_text())]
+    print_table(rows)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":
+        return table_from(sys.argv[2:])
     from bwacal.calibrate import CalibrationOptions, calibrate
     from bwacal.export import write_quantized
 
@@ -56,6 +65,7 @@ def main():
     ap.add_argument("--settings", default="W4,W3,W2,W4A4,W3A3")
     ap.add_argument("--protocols", default="first-last-8bit,all-layers")
     ap.add_argument("--epochs", type=int, default=CalibrationOptions.epochs)
+    ap.add_argument("--lr", type=float, default=CalibrationOptions.lr)
     ap.add_argument("--calib", default=str(ROOT / "data/fmnist_calib.h5"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -70,7 +80,8 @@ def main():
             for protocol in args.protocols.split(","):
                 for setting in args.settings.split(","):
                     bits, act_bits = parse_setting(setting)
-                    opts = CalibrationOptions(bits=bits, act_bits=act_bits, protocol=protocol, epochs=args.epochs)
+                    opts = CalibrationOptions(bits=bits, act_bits=act_bits, protocol=protocol, epochs=args.epochs,
+                                              lr=args.lr)
                     t0 = time.perf_counter()
                     cal = calibrate(path, args.calib, opts)
                     seconds = time.perf_counter() - t0
@@ -80,7 +91,7 @@ def main():
                         write_quantized(net, cal.report, out, "fake")
                         acc[key] = ort_top1(out, x, y)
                     row = {"model": model, "protocol": protocol, "setting": setting, **acc,
-                           "start": cal.report["start"], "best_epoch": cal.report["best_epoch"], "seconds": seconds}
+                           "epochs": args.epochs, "lr": args.lr, "start": cal.report["start"], "best_epoch": cal.report["best_epoch"], "seconds": seconds}
                     target = TARGETS.get((model, setting)) if protocol == "first-last-8bit" else None
                     row["target_drop"] = target
                     row["met"] = None if target is None else bool(100 * (fp - acc["bwa"]) <= target)
@@ -107,16 +118,22 @@ def print_table(rows):
     print(f"machine: {cpu}, {os.cpu_count()} cores; date: {time.strftime('%Y-%m-%d')}")
     print()
     print("| model | protocol | setting | FP | uniform min-max | uniform MSE | BWA | BWA drop | target | met | "
-          "BWA > MSE | calib s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
+          "BWA > MSE | BWA > best uniform | start | calib s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|")
     for r in rows:
         drop = 100 * (r["fp"] - r["bwa"])
         target = "" if r["target_drop"] is None else f"≤ {r['target_drop']}"
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        better = "yes" if r["bwa"] > r["uniform_mse"] else ("equal" if r["bwa"] == r["uniform_mse"] else "**no**")
-        print(f"| {r['model']} | {r['protocol']} | {r['setting']} | {100 * r['fp']:.2f} | "
+        def above(ref):
+            return "yes" if r["bwa"] > ref else ("equal" if r["bwa"] == ref else "**no**")
+
+        best = max(r["uniform_mse"], r["uniform_minmax"])
+        setting = r["setting"] + ("" if r.get("lr", 1e-3) == 1e-3 and r.get("epochs", 5) == 5
+                                  else f" (--lr {r['lr']:g} --epochs {r['epochs']})")
+        print(f"| {r['model']} | {r['protocol']} | {setting} | {100 * r['fp']:.2f} | "
               f"{100 * r['uniform_minmax']:.2f} | {100 * r['uniform_mse']:.2f} | {100 * r['bwa']:.2f} | "
-              f"{drop:.2f} | {target} | {met} | {better} | {r['seconds']:.0f} |")
+              f"{drop:.2f} | {target} | {met} | {above(r['uniform_mse'])} | {above(best)} | {r.get('start', '')} | "
+              f"{r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":
