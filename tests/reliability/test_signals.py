@@ -41,7 +41,10 @@ def test_signal_during_fitting_leaves_nothing(slow_inputs, tmp_path, signum):
     out_dir.mkdir()
     cmd = [sys.executable, "-m", "cli.main", "calibrate", str(model), "--calib", str(calib), "-o",
            str(out_dir / "q.onnx"), "--report", str(out_dir / "r.json"), "--epochs", "100", "--batch-size", "16"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # NOTE: a shell without job control starts background jobs with SIGINT ignored, and Python keeps
+    # an inherited SIG_IGN; restore the default so the child behaves as under a terminal's Ctrl-C
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     fitting = threading.Event()
     lines = []
 
