@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-JIT = dict(nogil=True, cache=True, parallel=True, fastmath=False)
+from bwacal.kernels import JIT_PARALLEL as JIT  # numba flags live in one place
 
 
 @njit(**JIT)
