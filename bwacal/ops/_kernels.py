@@ -60,26 +60,33 @@ def col2im(cols, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, dx):
 
 @njit(**JIT)
 def depthwise_forward(x, wt, sh, sw, dh, dw, ph, pw, ho, wo, y):
-    """Grouped conv with one input channel per group: output channel o reads input channel o // m."""
+    """Grouped conv with one input channel per group: output channel o reads input channel o // m.
+
+    Tap-major: for each window tap (i, j) the valid output columns are computed once, so the inner
+    loop over a row has no bounds test and vectorises.
+    """
     c, n, h, w = x.shape
     o_ch, kh, kw = wt.shape
     m = o_ch // c
-    for t in prange(n * o_ch):
-        b = t // o_ch
-        o = t % o_ch
+    for t in prange(o_ch * n):
+        o = t // n
+        b = t % n
         ch = o // m
         for oi in range(ho):
             for oj in range(wo):
-                acc = 0.0
-                for ki in range(kh):
+                y[o, b, oi, oj] = 0
+        for ki in range(kh):
+            for kj in range(kw):
+                wv = wt[o, ki, kj]
+                off = kj * dw - pw
+                lo = 0 if off >= 0 else (-off + sw - 1) // sw
+                hi = min(wo, (w - 1 - off) // sw + 1) if w - 1 - off >= 0 else 0
+                for oi in range(ho):
                     ii = oi * sh + ki * dh - ph
                     if ii < 0 or ii >= h:
                         continue
-                    for kj in range(kw):
-                        jj = oj * sw + kj * dw - pw
-                        if jj >= 0 and jj < w:
-                            acc += wt[o, ki, kj] * x[ch, b, ii, jj]
-                y[o, b, oi, oj] = acc
+                    for oj in range(lo, hi):
+                        y[o, b, oi, oj] += wv * x[ch, b, ii, oj * sw + off]
 
 
 @njit(**JIT)

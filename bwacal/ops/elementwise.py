@@ -112,12 +112,9 @@ class Clip(Op):
     def forward(self, x, lo=None, hi=None):
         lo = self.lo_attr if lo is None else lo
         hi = self.hi_attr if hi is None else hi
-        y = x
-        if lo is not None:
-            y = np.maximum(y, np.asarray(lo, dtype=x.dtype))
-        if hi is not None:
-            y = np.minimum(y, np.asarray(hi, dtype=x.dtype))
-        return (y if y is not x else x.copy()), (x, lo, hi)
+        y = np.clip(x, None if lo is None else np.asarray(lo, dtype=x.dtype),
+                    None if hi is None else np.asarray(hi, dtype=x.dtype))
+        return y, (x, lo, hi)
 
     def backward(self, ctx, dy, need):
         x, lo, hi = ctx
