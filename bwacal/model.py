@@ -75,11 +75,11 @@ def prepare_graph(graph: Graph, source: str, fold_batchnorm: bool = True) -> Gra
     graph = replace(graph, nodes=nodes)
     graph = passes.constants_to_initializers(graph)
     graph = passes.remove_identities(graph)
-    Engine(graph)  # report every unsupported op before running anything
+    engine = Engine(graph)  # reports every unsupported op before anything runs
 
     def evaluate(batch, names):
         x = np.zeros((batch,) + tuple(inp.shape[1:]), dtype=np.float32)
-        values, _ = Engine(graph).run({inp.name: x}, outputs=names)
+        values, _ = engine.run({inp.name: x}, outputs=names)
         return values
 
     graph = passes.fold_shape_subgraphs(graph, evaluate)

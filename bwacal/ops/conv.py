@@ -20,15 +20,15 @@ KEEP_PATCHES_BYTES = 64 << 20
 CHUNK_BYTES = 128 << 20
 
 
-def _pointwise(x, g):
-    """A 1x1, stride-1, unpadded conv: its patches are the input itself."""
-    return g.kh == 1 and g.kw == 1 and g.ho == x.shape[2] and g.wo == x.shape[3] and g.ph == 0 and g.pw == 0
+def _pointwise(shape, g):
+    """A 1x1, stride-1, unpadded conv on an input of ``shape``: its patches are the input itself."""
+    return g.kh == 1 and g.kw == 1 and (g.ho, g.wo) == tuple(shape[2:]) and g.ph == 0 and g.pw == 0
 
 
 def _cols(x, g):
     """(C*kh*kw, N*Ho*Wo) patches of the CNHW array ``x``; a free view for pointwise convs."""
     c, n, h, w = x.shape
-    if _pointwise(x, g):
+    if _pointwise(x.shape, g):
         return np.ascontiguousarray(x).reshape(c, n * h * w)
     cols = np.empty((c * g.kh * g.kw, n * g.ho * g.wo), dtype=x.dtype)
     K.im2col(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, cols)
@@ -38,7 +38,7 @@ def _cols(x, g):
 def _batch_chunks(x, g):
     """Batch ranges whose patch matrices stay within ``CHUNK_BYTES`` (one range for pointwise convs)."""
     n = x.shape[1]
-    if _pointwise(x, g):
+    if _pointwise(x.shape, g):
         return [(0, n)]
     per_image = x.shape[0] * g.kh * g.kw * g.ho * g.wo * x.itemsize
     step = max(1, CHUNK_BYTES // per_image)
@@ -94,7 +94,7 @@ class Conv(Op):
             if len(chunks) == 1:
                 cols = _cols(x, g)
                 y = self._matmul(w2, cols)
-                if cols.nbytes <= KEEP_PATCHES_BYTES or _pointwise(x, g):
+                if cols.nbytes <= KEEP_PATCHES_BYTES or _pointwise(x.shape, g):
                     keep = cols  # what dL/dW needs: kept rather than rebuilt in backward
             else:
                 y = np.empty((o, n, g.ho * g.wo), dtype=x.dtype)
@@ -124,16 +124,15 @@ class Conv(Op):
                 dw = dw.astype(w.dtype).reshape(w.shape)
             return dx, dw, db
         w2 = w.reshape(o, -1)
-        pointwise = g.kh == g.kw == 1 and g.ph == g.pw == 0 and (g.ho, g.wo) == xshape[2:]
+        pointwise = _pointwise(xshape, g)  # one chunk; dL/dx is the patch gradient itself
         if kept.ndim == 2:  # the patches of the whole batch, kept from forward
             chunks = [(0, xshape[1], kept)]
         else:  # the input: rebuild the patches chunk by chunk
             chunks = [(lo, hi, None) for lo, hi in _batch_chunks(kept, g)]
         if need[1]:
             dw = np.zeros_like(w2)
-        if need[0]:
-            dx = np.zeros(xshape, dtype=dy.dtype) if not pointwise else None
-        dcols_all = []
+        if need[0] and not pointwise:
+            dx = np.zeros(xshape, dtype=dy.dtype)
         for lo, hi, cols in chunks:
             dyc = dy[:, lo:hi].reshape(o, -1) if (lo, hi) != (0, xshape[1]) else dy.reshape(o, -1)
             if need[1]:
@@ -142,11 +141,9 @@ class Conv(Op):
             if need[0]:
                 dcols = self._input_grad(w2, dyc)
                 if pointwise:
-                    dcols_all.append(dcols)
+                    dx = dcols.reshape(xshape)
                 else:
                     K.col2im(dcols, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, dx[:, lo:hi])
-        if need[0] and pointwise:
-            dx = dcols_all[0].reshape(xshape)
         return dx, (dw.reshape(w.shape) if dw is not None else None), db
 
     def _weight_grad(self, cols, dy2):
