@@ -202,8 +202,9 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
             return _top1(forward, evaluation, bs) if len(evaluation) else None
 
         acc = {"fp": accuracy(model.forward)}
-        acc["uniform_minmax"] = accuracy(lambda x: minmax.forward(x))
-        acc["uniform_mse"] = accuracy(lambda x: mse.forward(x))
+        for key, base in (("uniform_minmax", minmax), ("uniform_mse", mse)):
+            params = base.params()  # composed once, not per batch
+            acc[key] = accuracy(lambda x, base=base, params=params: base.forward(x, params))
         say(_acc_line("before fitting", acc))
 
         fit_opts = FitOptions(options.epochs, bs, options.lr, loss_mode, options.seed)
