@@ -10,6 +10,10 @@ if "NUMBA_THREADING_LAYER" not in _os.environ:
     # must not be entered from two Python threads at once; bwacal runs parallel jobs in processes.
     _numba.config.THREADING_LAYER = "workqueue"
 
+from bwacal.memory import keep_freed_memory as _keep_freed_memory
+
+_keep_freed_memory()  # see bwacal/memory.py: page faults were a quarter of a pass
+
 from bwacal.errors import BwacalError, DataError, ModelError, UnsupportedOpError
 from bwacal.model import Model, load_model
 

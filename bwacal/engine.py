@@ -99,6 +99,45 @@ class Engine:
         self.graph = graph
         self.ops = build_ops(graph)
         self._last_use = self._compute_last_use()
+        self._fusable = self._find_fusable()
+
+    def _find_fusable(self) -> dict:
+        """Conv nodes whose only reader is a Relu, or a Clip with constant bounds: index of the Conv ->
+        (index of the activation, (lo, hi)). The Conv then applies the activation as it writes its
+        output, saving a pass over the activation (and one in backward)."""
+        readers = {}
+        for j, node in enumerate(self.graph.nodes):
+            for name in node.inputs:
+                if name:
+                    readers.setdefault(name, []).append(j)
+        outputs = {v.name for v in self.graph.outputs}
+        inits = self.graph.initializers
+        fusable = {}
+        for i, node in enumerate(self.graph.nodes):
+            if node.op_type != "Conv" or node.outputs[0] in outputs:
+                continue
+            after = readers.get(node.outputs[0], [])
+            if len(after) != 1:
+                continue
+            j = after[0]
+            act, op = self.graph.nodes[j], self.ops[j]
+            if act.inputs[0] != node.outputs[0] or len([o for o in act.outputs if o]) != 1:
+                continue
+            if act.op_type == "Relu":
+                fusable[i] = (j, (0.0, np.inf), ())
+            elif act.op_type == "Clip":
+                bounds = [getattr(op, "lo_attr", None), getattr(op, "hi_attr", None)]
+                names = tuple(n for n in act.inputs[1:] if n)
+                for k, name in enumerate(act.inputs[1:3]):
+                    if name:
+                        if name not in inits or np.size(inits[name]) != 1:
+                            break
+                        bounds[k] = float(np.asarray(inits[name]).reshape(()))
+                else:
+                    lo = -np.inf if bounds[0] is None else float(bounds[0])
+                    hi = np.inf if bounds[1] is None else float(bounds[1])
+                    fusable[i] = (j, (lo, hi), names)
+        return fusable
 
     def _compute_last_use(self) -> dict:
         last = {}
@@ -131,7 +170,18 @@ class Engine:
         for name, i in self._last_use.items():
             if name not in wanted:
                 drop_after.setdefault(i, []).append(name)
+        fused = {}  # Conv index -> (activation index, bounds) for this run
+        for i, (j, bounds, names) in self._fusable.items():
+            if self.graph.nodes[i].outputs[0] not in wanted and not (params and any(n in params for n in names)):
+                fused[i] = (j, bounds)
+        skip = {j for j, _ in fused.values()}
         for i, (node, op) in enumerate(zip(self.graph.nodes, self.ops)):
+            if i in skip:  # its Conv wrote its output already
+                continue
+            out_names = node.outputs
+            if i in fused:
+                act = self.graph.nodes[fused[i][0]]
+                out_names = [act.outputs[0]]
             try:
                 stored = [values[name] if name else None for name in node.inputs]
             except KeyError as exc:
@@ -140,7 +190,7 @@ class Engine:
             start = time.perf_counter() if profile is not None else 0.0
             args, hows, out_cnhw = self._to_op(op, node.inputs, stored, cnhw, relaid)
             try:
-                out, ctx = op.forward(*args)
+                out, ctx = op.forward(*args, clip=fused[i][1]) if i in fused else op.forward(*args)
             except (ValueError, IndexError) as exc:
                 shapes = [None if a is None else tuple(np.shape(a)) for a in args]
                 raise ModelError(f"node '{node.name}' ({node.op_type}) failed on input shapes "
@@ -149,7 +199,7 @@ class Engine:
                 profile[node.name] = profile.get(node.name, 0.0) + time.perf_counter() - start
             if not isinstance(out, tuple):
                 out = (out,)
-            for k, (name, value) in enumerate(zip(node.outputs, out)):
+            for k, (name, value) in enumerate(zip(out_names, out)):
                 if name:
                     values[name] = value
                     if out_cnhw and k == 0:
@@ -157,8 +207,9 @@ class Engine:
             if record:
                 needs = any(name in tape.requires_grad for name in node.inputs if name)
                 if needs and op.differentiable:
-                    tape.requires_grad.update(n for n in node.outputs[:1] if n)
-                    tape.entries.append((i, ctx, [None if a is None else np.shape(a) for a in args], hows))
+                    tape.requires_grad.update(n for n in out_names[:1] if n)
+                    tape.entries.append((i, ctx, [None if a is None else np.shape(a) for a in args], hows,
+                                         out_names[0]))
             for name in drop_after.get(i, ()):
                 values.pop(name, None)
                 relaid.pop((name, "T"), None)
@@ -206,13 +257,13 @@ class Engine:
         """Gradients of the names in ``wrt`` given ``seeds`` (value name -> dL/d value, in NCHW)."""
         grads = {name: (np.asarray(g).transpose(_SWAP) if name in tape.cnhw else g) for name, g in seeds.items()}
         wrt = set(wrt)
-        for i, ctx, shapes, hows in reversed(tape.entries):
+        for i, ctx, shapes, hows, out_name in reversed(tape.entries):
             node, op = self.graph.nodes[i], self.ops[i]
-            dy = grads.get(node.outputs[0])
+            dy = grads.get(out_name)
             if dy is None:
                 continue
-            if node.outputs[0] not in wrt:
-                del grads[node.outputs[0]]
+            if out_name not in wrt:
+                del grads[out_name]
             need = tuple(bool(name) and name in tape.requires_grad for name in node.inputs)
             gin = op.backward(ctx, dy, need)
             for name, g, shape, how, wanted in zip(node.inputs, gin, shapes, hows, need):

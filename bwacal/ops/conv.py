@@ -1,16 +1,20 @@
 """2-D convolution on channel-major (CNHW) activations.
 
-Dense and grouped convs are im2col + one BLAS GEMM per group, ``W (O, C*kh*kw) @ cols``, whose
-result is already the CNHW output; depthwise convs use a direct numba kernel.
+Dense and depthwise convs run direct numba kernels on padded frames of the input
+(``bwacal/ops/_frames.py``), which can also apply a following Relu/Clip as they write the output
+(the engine fuses it). Pointwise (1x1, stride 1, unpadded) convs are one BLAS GEMM,
+``W (O, C) @ x (C, N*H*W)``, whose result is already the CNHW output; other grouped convs are
+im2col + one GEMM per group.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from bwacal.ops import _frames as FR
 from bwacal.ops import _kernels as K
 from bwacal.ops.base import Op, register
-from bwacal.ops.window import check_2d, window
+from bwacal.ops.window import Window, check_2d, window
 
 
 # A layer's patch matrix is kept from forward for dL/dW up to this size and rebuilt above it, and
@@ -33,6 +37,25 @@ def _cols(x, g):
     cols = np.empty((c * g.kh * g.kw, n * g.ho * g.wo), dtype=x.dtype)
     K.im2col(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, cols)
     return cols
+
+
+def _frames(x, g, p):
+    """The phase frames of ``x`` for window ``g``; a pointwise conv's frame is the input itself."""
+    if _pointwise(x.shape, g):
+        return x.reshape(1, x.shape[0], -1)
+    return FR.build_frames(x, g, p)
+
+
+def _mirror(g, xshape):
+    """For a stride-1 conv, the window of the conv that takes dL/dy to dL/dx (flipped taps, padding
+    ``(k-1)*d - p`` on each side); None for strided convs or padding wider than the window."""
+    if g.sh != 1 or g.sw != 1:
+        return None
+    top, left = (g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw
+    bottom, right = (g.kh - 1) * g.dh - g.pad_end_h, (g.kw - 1) * g.dw - g.pad_end_w
+    if min(top, left, bottom, right) < 0:
+        return None
+    return Window(g.kh, g.kw, 1, 1, g.dh, g.dw, top, left, xshape[2], xshape[3], bottom, right)
 
 
 def _batch_chunks(x, g):
@@ -74,13 +97,48 @@ class Conv(Op):
             np.matmul(w2[i * og:(i + 1) * og], cols[i * k:(i + 1) * k], out=y[i * og:(i + 1) * og])
         return y
 
-    def forward(self, x, w, b=None):
+    def forward(self, x, w, b=None, clip=None):
+        """``clip=(lo, hi)`` applies a following Relu/Clip to the output (dense and depthwise convs);
+        ``backward`` then takes the gradient of the clipped output."""
         if x.ndim != 4 or w.ndim != 4:
             raise ValueError("only 2-D convolution on 4-D input is supported")
         if x.shape[0] != w.shape[1] * self.group:
             raise ValueError(f"input has {x.shape[0]} channels, weight expects {w.shape[1] * self.group}")
         x = np.ascontiguousarray(x)
         g = self._geometry(x, w)
+        if self._uses_frames(x, w, g):
+            return self._frames_forward(x, w, b, g, clip)
+        y, ctx = self._gemm_forward(x, w, b, g)
+        if clip is not None:
+            lo, hi = clip
+            y = np.minimum(np.maximum(y, y.dtype.type(lo)), y.dtype.type(hi))
+        return y, ctx + (clip, y if clip is not None else None)
+
+    def _uses_frames(self, x, w, g):
+        if self._depthwise(x, w):
+            return True
+        return self.group == 1
+
+    def _frames_forward(self, x, w, b, g, clip):
+        o, n = w.shape[0], x.shape[1]
+        p = FR.plan(g, x.shape[2], x.shape[3])
+        f = _frames(x, g, p)
+        taps = g.kh * g.kw
+        y = np.empty((o, n, g.ho, g.wo), dtype=x.dtype)
+        bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
+        lo, hi = clip if clip is not None else (-np.inf, np.inf)
+        ipc, _ = FR._chunking(p.hf * p.wf, n)
+        if self._depthwise(x, w):
+            wt = FR.tap_weights(w.reshape(o, taps).astype(x.dtype, copy=False))
+            src, off = FR.pad_taps(p.src, p.off)
+            FR.depthwise_forward(f, src, off, wt, bias, lo, hi, p.hf, p.wf, ipc, y)
+        else:
+            wk = FR.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
+            eph, ech, eoff = FR.entry_tables(x.shape[0], p)
+            FR.dense_forward(f, eph, ech, eoff, wk, bias, lo, hi, p.hf, p.wf, ipc, y)
+        return y, ("frames", f, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
+
+    def _gemm_forward(self, x, w, b, g):
         o, n = w.shape[0], x.shape[1]
         keep = x
         if self._depthwise(x, w):
@@ -103,9 +161,114 @@ class Conv(Op):
                 y = y.reshape(o, -1)
         if b is not None:
             y += b.reshape(o, 1).astype(y.dtype, copy=False)
-        return y.reshape(o, n, g.ho, g.wo), (keep, x.shape, w, g, b is not None)
+        return y.reshape(o, n, g.ho, g.wo), ("gemm", keep, x.shape, w, g, b is not None)
 
     def backward(self, ctx, dy, need):
+        clip, y = ctx[-2:]
+        if clip is not None:  # the fused Relu/Clip: gradient only where the output was not clipped
+            dy = np.where((y > clip[0]) & (y < clip[1]), dy, 0).astype(dy.dtype, copy=False)
+        if ctx[0] == "frames":
+            return self._frames_backward(ctx[1:-2], dy, need)
+        return self._gemm_backward(ctx[1:-2], dy, need)
+
+    def _frames_backward(self, ctx, dy, need):
+        f, p, xshape, w, g, has_b = ctx
+        o, n = dy.shape[0], dy.shape[1]
+        dy = np.ascontiguousarray(dy, dtype=f.dtype)
+        dx = dw = db = None
+        if has_b and need[2]:
+            db = dy.reshape(o, -1).sum(axis=1)
+        if not (need[0] or need[1]):
+            return dx, dw, db
+        depthwise = self.group > 1 and w.shape[1] == 1
+        fsz = p.hf * p.wf
+        # A stride-1 conv's dL/dx is a conv of dL/dy (flipped taps, mirrored padding) written
+        # straight to pixels; when dL/dy's frames line up with the input's, dL/dW reads them too.
+        mirror = _mirror(g, xshape) if not (depthwise and o != xshape[0]) else None
+        dyf = head = None
+        if mirror is not None:
+            pm = FR.plan(mirror, dy.shape[2], dy.shape[3])
+            fy = _frames(dy, mirror, pm)
+            if (pm.hf, pm.wf) == (p.hf, p.wf):
+                dyf, head = fy[0], mirror.ph * p.wf + mirror.pw
+        if need[1] and dyf is None:
+            head = int(p.off.max())
+            dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
+            FR.to_frame(dy, p.hf, p.wf, head, 0, dyf)
+        taps = g.kh * g.kw
+        if need[1]:
+            if depthwise:
+                out = np.empty((o, taps), dtype=np.float64)
+                FR.depthwise_weight_grad(dyf, head, f, p.src, p.off, n * fsz, out)
+                dw = out.astype(w.dtype).reshape(w.shape)
+            else:
+                eph, ech, eoff = FR.entry_tables(xshape[0], p)
+                splits = FR.weight_grad_splits(o, eph.size, n * fsz)
+                part = np.empty((splits, o, eph.size), dtype=np.float64)
+                FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n * fsz, splits, part)
+                dw = part.sum(axis=0)[:, :w.shape[1] * taps].astype(w.dtype).reshape(w.shape)
+        if need[0]:
+            if depthwise and o != xshape[0]:  # channel multiplier > 1: the direct kernel
+                dx = np.zeros(xshape, dtype=dy.dtype)
+                K.depthwise_backward_input(dy, np.ascontiguousarray(w[:, 0]), g.sh, g.sw, g.dh, g.dw,
+                                           g.ph, g.pw, dx)
+            elif mirror is not None:
+                dx = np.empty(xshape, dtype=dy.dtype)
+                flipped = w[:, :, ::-1, ::-1].astype(dy.dtype)
+                zero = np.zeros(xshape[0], dtype=dy.dtype)
+                ipc, _ = FR._chunking(pm.hf * pm.wf, n)
+                if depthwise:
+                    src, off = FR.pad_taps(pm.src, pm.off)
+                    FR.depthwise_forward(fy, src, off, FR.tap_weights(flipped.reshape(o, taps)), zero,
+                                         -np.inf, np.inf, pm.hf, pm.wf, ipc, dx)
+                else:
+                    wk = FR.dense_weights(np.ascontiguousarray(flipped.transpose(1, 0, 2, 3)).reshape(xshape[0], -1))
+                    eph, ech, eoff = FR.entry_tables(o, pm)
+                    FR.dense_forward(fy, eph, ech, eoff, wk, zero, -np.inf, np.inf, pm.hf, pm.wf, ipc, dx)
+            else:
+                if dyf is None or head != int(p.off.max()):
+                    head = int(p.off.max())
+                    dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
+                    FR.to_frame(dy, p.hf, p.wf, head, 0, dyf)
+                dx = self._frames_input_grad(dyf, head, p, xshape, w, g, depthwise)
+        return dx, dw, db
+
+    def _frames_input_grad(self, dyf, head, p, xshape, w, g, depthwise):
+        """dL/dx: each phase frame's gradient is a conv of dL/dy (as a frame) with the taps that read
+        that phase, at mirrored offsets; the frames' gradients are then gathered back to pixels."""
+        c, n = xshape[0], xshape[1]
+        fsz = p.hf * p.wf
+        o = dyf.shape[0]
+        dyf3 = dyf.reshape(1, o, -1)
+        ipc, _ = FR._chunking(fsz, n)
+        w3 = w.reshape(o, w.shape[1], -1).astype(dyf.dtype, copy=False)
+        df = np.empty((g.sh * g.sw, c, n * fsz), dtype=dyf.dtype)
+        for ph in range(g.sh * g.sw):
+            taps = np.flatnonzero(p.src == ph)
+            if taps.size == 0:
+                df[ph] = 0
+                continue
+            mirrored = head - p.off[taps]
+            if depthwise:
+                wt = FR.tap_weights(np.ascontiguousarray(w3[:, 0, taps]))
+                src, off = FR.pad_taps(np.zeros(taps.size, dtype=np.int64), mirrored)
+                FR.depthwise_frames(dyf3, src, off, wt, fsz, n, ipc, df[ph])
+            else:
+                # entries (o, t): weight w[o, c, t] for output row c
+                wk = FR.dense_weights(np.ascontiguousarray(w3[:, :, taps].transpose(1, 0, 2)).reshape(c, -1))
+                k = o * taps.size
+                kp = wk.shape[1]
+                eph = np.zeros(kp, dtype=np.int64)
+                ech = np.zeros(kp, dtype=np.int64)
+                eoff = np.zeros(kp, dtype=np.int64)
+                ech[:k] = np.repeat(np.arange(o), taps.size)
+                eoff[:k] = np.tile(mirrored, o)
+                FR.dense_frames(dyf3, eph, ech, eoff, wk, fsz, n, ipc, df[ph])
+        dx = np.empty(xshape, dtype=dyf.dtype)
+        FR.from_frames(df, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, dx)
+        return dx
+
+    def _gemm_backward(self, ctx, dy, need):
         kept, xshape, w, g, has_b = ctx
         o = dy.shape[0]
         dy = np.ascontiguousarray(dy)
