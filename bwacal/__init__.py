@@ -5,10 +5,10 @@ import os as _os
 if "NUMBA_THREADING_LAYER" not in _os.environ:
     import numba as _numba
 
-    # NOTE: the OpenMP layer's threads keep spinning after a parallel kernel and slow the BLAS call
-    # that follows (measured: ResNet-20 forward 0.44 s with omp, 0.29 s with workqueue). workqueue
-    # must not be entered from two Python threads at once; bwacal runs parallel jobs in processes.
-    _numba.config.THREADING_LAYER = "workqueue"
+    # NOTE: measured on 2 cores, ResNet-20 batch 128 forward: OpenMP 98-105 ms and steady,
+    # workqueue 115-158 ms (its workers are woken per kernel); tbb was not measured. OpenMP's GNU
+    # runtime is not fork-safe: bwacal's own worker processes are spawned, never forked.
+    _numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 from bwacal.memory import keep_freed_memory as _keep_freed_memory
 
