@@ -286,41 +286,6 @@ def dense_frames(f, eph, ech, eoff, wk, fsz, n_img, ipc, yf):
 
 
 @njit(**FMA)
-def depthwise_forward(f, src, off, wt, bias, lo_clip, hi_clip, hf, wf, ipc, y):
-    """Depthwise: output channel o reads frame channel ``o // m`` (m = O / C) with its own taps;
-    ``wt`` is (O, taps') with taps padded to a multiple of 3 by zero weights."""
-    o_n, n_n, ho, wo = y.shape
-    m = o_n // f.shape[1]
-    fsz = hf * wf
-    nchunks = (n_n + ipc - 1) // ipc
-    for job in prange(nchunks * o_n):
-        ci = job // o_n
-        o = job % o_n
-        b0 = ci * ipc
-        b1 = min(n_n, b0 + ipc)
-        n_pos = (b1 - 1 - b0) * fsz + (ho - 1) * wf + wo
-        acc = np.zeros((1, n_pos), dtype=y.dtype)
-        _accumulate_taps(f, src, off, wt, o, o // m, b0 * fsz, n_pos, acc[0])
-        _write_image(acc, o, b0, b1, fsz, wf, bias, lo_clip, hi_clip, y)
-
-
-@njit(**FMA)
-def depthwise_frames(f, src, off, wt, fsz, n_img, ipc, yf):
-    """Transposed depthwise (one input channel per output, m = 1): every frame position."""
-    c_n = yf.shape[0]
-    nchunks = (n_img + ipc - 1) // ipc
-    for job in prange(nchunks * c_n):
-        ci = job // c_n
-        c = job % c_n
-        lo = ci * ipc * fsz
-        n_pos = min(n_img, (ci + 1) * ipc) * fsz - lo
-        acc = yf[c, lo:lo + n_pos]
-        for i in range(n_pos):
-            acc[i] = 0
-        _accumulate_taps(f, src, off, wt, c, c, lo, n_pos, acc)
-
-
-@njit(**FMA)
 def to_frame(dy, hf, wf, head, tail, out):
     """``out[o, head + b*hf*wf + oi*wf + oj] = dy[o, b, oi, oj]``, zero everywhere else."""
     o_n, n_n, ho, wo = dy.shape
@@ -453,23 +418,119 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part):
                     part[s, o + j, k] = acc[j, k]
 
 
+# ---------------------------------------------------------------------------------------------
+# Depthwise convs: one frame per (channel, image), built in a small buffer inside the job, so the
+# (often 6x expanded) activation is never copied whole.
+
+
+@njit(inline="always")
+def _fill_image(xi, sh, sw, pt, pl, hf, wf, buf):
+    """The phase frames of one (h, w) image into ``buf`` (phases, hf*wf + tail), zeros elsewhere."""
+    h, w = xi.shape
+    buf[:] = 0
+    for ph in range(sh * sw):
+        a = ph // sw
+        b = ph % sw
+        q0 = max(0, (pl - b + sw - 1) // sw)
+        q1 = min(wf, (w - 1 + pl - b) // sw + 1) if w - 1 + pl - b >= 0 else 0
+        row = buf[ph]
+        for r in range(hf):
+            i = r * sh + a - pt
+            if i < 0 or i >= h or q0 >= q1:
+                continue
+            xs = xi[i, q0 * sw + b - pl:]
+            dst = row[r * wf + q0:r * wf + q1]
+            for q in range(q1 - q0):
+                dst[q] = xs[q * sw]
+
+
+@njit(inline="always")
+def _image_to_frame(yi, wf, out):
+    """``out[oi*wf + oj] = yi[oi, oj]``, zero in the columns past ``wo``."""
+    ho, wo = yi.shape
+    out[:] = 0
+    for oi in range(ho):
+        dst = out[oi * wf:oi * wf + wo]
+        src = yi[oi]
+        for oj in range(wo):
+            dst[oj] = src[oj]
+
+
+@njit(**FMA)
+def depthwise_forward(x, src, off, wt, bias, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, tail, y):
+    """Depthwise conv: output channel o reads input channel ``o // m`` (m = O / C) with its own taps,
+    ``wt`` (O, taps') with taps padded to a multiple of 3 by zero weights; clip as in ``dense_forward``."""
+    c_n, n_n = x.shape[:2]
+    o_n, _, ho, wo = y.shape
+    m = o_n // c_n
+    n_pos = (ho - 1) * wf + wo
+    for job in prange(o_n * n_n):
+        o = job // n_n
+        b = job % n_n
+        buf = np.empty((sh * sw, 1, hf * wf + tail), dtype=x.dtype)
+        _fill_image(x[o // m, b], sh, sw, pt, pl, hf, wf, buf[:, 0])
+        acc = np.zeros(n_pos, dtype=y.dtype)
+        _accumulate_taps(buf, src, off, wt, o, 0, 0, n_pos, acc)
+        bv = bias[o]
+        for oi in range(ho):
+            a = acc[oi * wf:]
+            dst = y[o, b, oi]
+            for oj in range(wo):
+                dst[oj] = min(max(a[oj] + bv, lo_clip), hi_clip)
+
+
+@njit(**FMA)
+def depthwise_input_grad(dy, src, off, wt, sh, sw, pt, pl, hf, wf, tail, dx):
+    """dL/dx of ``depthwise_forward``: per (channel, image), each output gradient is added back to
+    the frame entries its taps read, and the frames' entries are gathered back to pixels."""
+    c_n, n_n, h, w = dx.shape
+    o_n, _, ho, wo = dy.shape
+    m = o_n // c_n
+    n_pos = (ho - 1) * wf + wo
+    taps = src.size
+    for job in prange(c_n * n_n):
+        c = job // n_n
+        b = job % n_n
+        df = np.zeros((sh * sw, hf * wf + tail), dtype=dx.dtype)
+        dyl = np.empty(n_pos + wf, dtype=dx.dtype)
+        for o in range(c * m, c * m + m):
+            _image_to_frame(dy[o, b], wf, dyl)
+            for t in range(taps):
+                d = df[src[t], off[t]:]
+                wv = wt[o, t]
+                for i in range(n_pos):
+                    d[i] += wv * dyl[i]
+        for i in range(h):
+            r = (i + pt) // sh
+            a = (i + pt) % sh
+            dst = dx[c, b, i]
+            for bb in range(sw):
+                j0 = (bb - pl) % sw
+                fs = df[a * sw + bb, r * wf + (j0 + pl) // sw:]
+                for q in range((w - j0 + sw - 1) // sw):
+                    dst[j0 + q * sw] = fs[q]
+
+
 @njit(**REDUCE)
-def depthwise_weight_grad(dyf, head, f, src, off, n_pos, out):
-    """``out[o, t] = sum_p dyf[o, head + p] * f[src[t], o // m, p + off[t]]`` (float64)."""
-    o_n, taps = out.shape
-    m = o_n // f.shape[1]
+def depthwise_weight_grad(x, dy, src, off, sh, sw, pt, pl, hf, wf, tail, out):
+    """``out[o, t]`` = dL/dW of ``depthwise_forward`` (float32 per image, float64 across images)."""
+    c_n, n_n = x.shape[:2]
+    o_n, _, ho, wo = dy.shape
+    m = o_n // c_n
+    n_pos = (ho - 1) * wf + wo
+    taps = src.size
     for o in prange(o_n):
-        d = dyf[o]
-        ch = o // m
+        buf = np.empty((sh * sw, hf * wf + tail), dtype=x.dtype)
+        dyl = np.empty(n_pos + wf, dtype=x.dtype)
+        sums = np.zeros(taps, dtype=np.float64)
+        for b in range(n_n):
+            _fill_image(x[o // m, b], sh, sw, pt, pl, hf, wf, buf)
+            _image_to_frame(dy[o, b], wf, dyl)
+            for t in range(taps):
+                xs = buf[src[t], off[t]:]
+                part = x.dtype.type(0)
+                for i in range(n_pos):
+                    part += dyl[i] * xs[i]
+                sums[t] += part
         for t in range(taps):
-            xs = f[src[t], ch, off[t]:]
-            total = 0.0
-            for lo in range(0, n_pos, 4096):
-                n = min(4096, n_pos - lo)
-                e = d[head + lo:]
-                x = xs[lo:]
-                part = np.float32(0)
-                for i in range(n):
-                    part += e[i] * x[i]
-                total += part
-            out[o, t] = total
+            out[o, t] = sums[t]

@@ -122,43 +122,37 @@ class Conv(Op):
     def _frames_forward(self, x, w, b, g, clip):
         o, n = w.shape[0], x.shape[1]
         p = FR.plan(g, x.shape[2], x.shape[3])
-        f = _frames(x, g, p)
         taps = g.kh * g.kw
         y = np.empty((o, n, g.ho, g.wo), dtype=x.dtype)
         bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
         lo, hi = clip if clip is not None else (-np.inf, np.inf)
-        ipc, _ = FR._chunking(p.hf * p.wf, n)
         if self._depthwise(x, w):
             wt = FR.tap_weights(w.reshape(o, taps).astype(x.dtype, copy=False))
             src, off = FR.pad_taps(p.src, p.off)
-            FR.depthwise_forward(f, src, off, wt, bias, lo, hi, p.hf, p.wf, ipc, y)
-        else:
-            wk = FR.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
-            eph, ech, eoff = FR.entry_tables(x.shape[0], p)
-            FR.dense_forward(f, eph, ech, eoff, wk, bias, lo, hi, p.hf, p.wf, ipc, y)
+            FR.depthwise_forward(x, src, off, wt, bias, lo, hi, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, y)
+            return y, ("depthwise", x, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
+        f = _frames(x, g, p)
+        wk = FR.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
+        eph, ech, eoff = FR.entry_tables(x.shape[0], p)
+        ipc, _ = FR._chunking(p.hf * p.wf, n)
+        FR.dense_forward(f, eph, ech, eoff, wk, bias, lo, hi, p.hf, p.wf, ipc, y)
         return y, ("frames", f, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
 
     def _gemm_forward(self, x, w, b, g):
         o, n = w.shape[0], x.shape[1]
         keep = x
-        if self._depthwise(x, w):
-            y = np.empty((o, n, g.ho, g.wo), dtype=x.dtype)
-            K.depthwise_forward(x, np.ascontiguousarray(w[:, 0]), g.sh, g.sw, g.dh, g.dw, g.ph, g.pw,
-                                g.ho, g.wo, y)
-            y = y.reshape(o, -1)
+        w2 = w.reshape(o, -1)
+        chunks = _batch_chunks(x, g)
+        if len(chunks) == 1:
+            cols = _cols(x, g)
+            y = self._matmul(w2, cols)
+            if cols.nbytes <= KEEP_PATCHES_BYTES or _pointwise(x.shape, g):
+                keep = cols  # what dL/dW needs: kept rather than rebuilt in backward
         else:
-            w2 = w.reshape(o, -1)
-            chunks = _batch_chunks(x, g)
-            if len(chunks) == 1:
-                cols = _cols(x, g)
-                y = self._matmul(w2, cols)
-                if cols.nbytes <= KEEP_PATCHES_BYTES or _pointwise(x.shape, g):
-                    keep = cols  # what dL/dW needs: kept rather than rebuilt in backward
-            else:
-                y = np.empty((o, n, g.ho * g.wo), dtype=x.dtype)
-                for lo, hi in chunks:
-                    y[:, lo:hi] = self._matmul(w2, _cols(x[:, lo:hi], g)).reshape(o, hi - lo, -1)
-                y = y.reshape(o, -1)
+            y = np.empty((o, n, g.ho * g.wo), dtype=x.dtype)
+            for lo, hi in chunks:
+                y[:, lo:hi] = self._matmul(w2, _cols(x[:, lo:hi], g)).reshape(o, hi - lo, -1)
+            y = y.reshape(o, -1)
         if b is not None:
             y += b.reshape(o, 1).astype(y.dtype, copy=False)
         return y.reshape(o, n, g.ho, g.wo), ("gemm", keep, x.shape, w, g, b is not None)
@@ -169,7 +163,27 @@ class Conv(Op):
             dy = np.where((y > clip[0]) & (y < clip[1]), dy, 0).astype(dy.dtype, copy=False)
         if ctx[0] == "frames":
             return self._frames_backward(ctx[1:-2], dy, need)
+        if ctx[0] == "depthwise":
+            return self._depthwise_backward(ctx[1:-2], dy, need)
         return self._gemm_backward(ctx[1:-2], dy, need)
+
+    def _depthwise_backward(self, ctx, dy, need):
+        x, p, xshape, w, g, has_b = ctx
+        o = dy.shape[0]
+        dy = np.ascontiguousarray(dy, dtype=x.dtype)
+        dx = dw = db = None
+        if has_b and need[2]:
+            db = dy.reshape(o, -1).sum(axis=1)
+        taps = g.kh * g.kw
+        if need[1]:
+            out = np.empty((o, taps), dtype=np.float64)
+            FR.depthwise_weight_grad(x, dy, p.src, p.off, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, out)
+            dw = out.astype(w.dtype).reshape(w.shape)
+        if need[0]:
+            dx = np.empty(xshape, dtype=x.dtype)
+            wt = np.ascontiguousarray(w.reshape(o, taps), dtype=x.dtype)
+            FR.depthwise_input_grad(dy, p.src, p.off, wt, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, dx)
+        return dx, dw, db
 
     def _frames_backward(self, ctx, dy, need):
         f, p, xshape, w, g, has_b = ctx
@@ -180,62 +194,47 @@ class Conv(Op):
             db = dy.reshape(o, -1).sum(axis=1)
         if not (need[0] or need[1]):
             return dx, dw, db
-        depthwise = self.group > 1 and w.shape[1] == 1
         fsz = p.hf * p.wf
         # A stride-1 conv's dL/dx is a conv of dL/dy (flipped taps, mirrored padding) written
         # straight to pixels; when dL/dy's frames line up with the input's, dL/dW reads them too.
-        mirror = _mirror(g, xshape) if not (depthwise and o != xshape[0]) else None
+        mirror = _mirror(g, xshape)
         dyf = head = None
         if mirror is not None:
             pm = FR.plan(mirror, dy.shape[2], dy.shape[3])
             fy = _frames(dy, mirror, pm)
             if (pm.hf, pm.wf) == (p.hf, p.wf):
                 dyf, head = fy[0], mirror.ph * p.wf + mirror.pw
-        if need[1] and dyf is None:
+        if dyf is None:
             head = int(p.off.max())
             dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
             FR.to_frame(dy, p.hf, p.wf, head, 0, dyf)
-        taps = g.kh * g.kw
         if need[1]:
-            if depthwise:
-                out = np.empty((o, taps), dtype=np.float64)
-                FR.depthwise_weight_grad(dyf, head, f, p.src, p.off, n * fsz, out)
-                dw = out.astype(w.dtype).reshape(w.shape)
-            else:
-                eph, ech, eoff = FR.entry_tables(xshape[0], p)
-                splits = FR.weight_grad_splits(o, eph.size, n * fsz)
-                part = np.empty((splits, o, eph.size), dtype=np.float64)
-                FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n * fsz, splits, part)
-                dw = part.sum(axis=0)[:, :w.shape[1] * taps].astype(w.dtype).reshape(w.shape)
+            eph, ech, eoff = FR.entry_tables(xshape[0], p)
+            splits = FR.weight_grad_splits(o, eph.size, n * fsz)
+            part = np.empty((splits, o, eph.size), dtype=np.float64)
+            FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n * fsz, splits, part)
+            dw = part.sum(axis=0)[:, :w.shape[1] * g.kh * g.kw].astype(w.dtype).reshape(w.shape)
         if need[0]:
-            if depthwise and o != xshape[0]:  # channel multiplier > 1: the direct kernel
-                dx = np.zeros(xshape, dtype=dy.dtype)
-                K.depthwise_backward_input(dy, np.ascontiguousarray(w[:, 0]), g.sh, g.sw, g.dh, g.dw,
-                                           g.ph, g.pw, dx)
-            elif mirror is not None:
+            if mirror is not None:
                 dx = np.empty(xshape, dtype=dy.dtype)
-                flipped = w[:, :, ::-1, ::-1].astype(dy.dtype)
-                zero = np.zeros(xshape[0], dtype=dy.dtype)
+                flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=dy.dtype)
+                wk = FR.dense_weights(flipped.reshape(xshape[0], -1))
+                eph, ech, eoff = FR.entry_tables(o, pm)
                 ipc, _ = FR._chunking(pm.hf * pm.wf, n)
-                if depthwise:
-                    src, off = FR.pad_taps(pm.src, pm.off)
-                    FR.depthwise_forward(fy, src, off, FR.tap_weights(flipped.reshape(o, taps)), zero,
-                                         -np.inf, np.inf, pm.hf, pm.wf, ipc, dx)
-                else:
-                    wk = FR.dense_weights(np.ascontiguousarray(flipped.transpose(1, 0, 2, 3)).reshape(xshape[0], -1))
-                    eph, ech, eoff = FR.entry_tables(o, pm)
-                    FR.dense_forward(fy, eph, ech, eoff, wk, zero, -np.inf, np.inf, pm.hf, pm.wf, ipc, dx)
+                FR.dense_forward(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf,
+                                 pm.hf, pm.wf, ipc, dx)
             else:
-                if dyf is None or head != int(p.off.max()):
+                if head != int(p.off.max()):
                     head = int(p.off.max())
                     dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
                     FR.to_frame(dy, p.hf, p.wf, head, 0, dyf)
-                dx = self._frames_input_grad(dyf, head, p, xshape, w, g, depthwise)
+                dx = self._frames_input_grad(dyf, head, p, xshape, w, g)
         return dx, dw, db
 
-    def _frames_input_grad(self, dyf, head, p, xshape, w, g, depthwise):
-        """dL/dx: each phase frame's gradient is a conv of dL/dy (as a frame) with the taps that read
-        that phase, at mirrored offsets; the frames' gradients are then gathered back to pixels."""
+    def _frames_input_grad(self, dyf, head, p, xshape, w, g):
+        """dL/dx of a strided dense conv: each phase frame's gradient is a conv of dL/dy (as a frame)
+        with the taps that read that phase, at mirrored offsets; the frames' gradients are then
+        gathered back to pixels."""
         c, n = xshape[0], xshape[1]
         fsz = p.hf * p.wf
         o = dyf.shape[0]
@@ -248,22 +247,15 @@ class Conv(Op):
             if taps.size == 0:
                 df[ph] = 0
                 continue
-            mirrored = head - p.off[taps]
-            if depthwise:
-                wt = FR.tap_weights(np.ascontiguousarray(w3[:, 0, taps]))
-                src, off = FR.pad_taps(np.zeros(taps.size, dtype=np.int64), mirrored)
-                FR.depthwise_frames(dyf3, src, off, wt, fsz, n, ipc, df[ph])
-            else:
-                # entries (o, t): weight w[o, c, t] for output row c
-                wk = FR.dense_weights(np.ascontiguousarray(w3[:, :, taps].transpose(1, 0, 2)).reshape(c, -1))
-                k = o * taps.size
-                kp = wk.shape[1]
-                eph = np.zeros(kp, dtype=np.int64)
-                ech = np.zeros(kp, dtype=np.int64)
-                eoff = np.zeros(kp, dtype=np.int64)
-                ech[:k] = np.repeat(np.arange(o), taps.size)
-                eoff[:k] = np.tile(mirrored, o)
-                FR.dense_frames(dyf3, eph, ech, eoff, wk, fsz, n, ipc, df[ph])
+            # entries (o, t): weight w[o, c, t] for output row c, reading dL/dy at head - off[t]
+            wk = FR.dense_weights(np.ascontiguousarray(w3[:, :, taps].transpose(1, 0, 2)).reshape(c, -1))
+            k = o * taps.size
+            eph = np.zeros(wk.shape[1], dtype=np.int64)
+            ech = np.zeros(wk.shape[1], dtype=np.int64)
+            eoff = np.zeros(wk.shape[1], dtype=np.int64)
+            ech[:k] = np.repeat(np.arange(o), taps.size)
+            eoff[:k] = np.tile(head - p.off[taps], o)
+            FR.dense_frames(dyf3, eph, ech, eoff, wk, fsz, n, ipc, df[ph])
         dx = np.empty(xshape, dtype=dyf.dtype)
         FR.from_frames(df, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, dx)
         return dx
@@ -275,17 +267,6 @@ class Conv(Op):
         dx = dw = db = None
         if has_b and need[2]:
             db = dy.reshape(o, -1).sum(axis=1)
-        if self.group > 1 and self.group == xshape[0] and w.shape[1] == 1:
-            x = kept
-            w3 = np.ascontiguousarray(w[:, 0])
-            if need[0]:
-                dx = np.zeros_like(x)
-                K.depthwise_backward_input(dy, w3, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
-            if need[1]:
-                dw = np.empty(w3.shape, dtype=np.float64)
-                K.depthwise_backward_weight(x, dy, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dw)
-                dw = dw.astype(w.dtype).reshape(w.shape)
-            return dx, dw, db
         w2 = w.reshape(o, -1)
         pointwise = _pointwise(xshape, g)  # one chunk; dL/dx is the patch gradient itself
         if kept.ndim == 2:  # the patches of the whole batch, kept from forward
