@@ -102,9 +102,10 @@ class Engine:
         self._fusable = self._find_fusable()
 
     def _find_fusable(self) -> dict:
-        """Conv nodes whose only reader is a Relu, or a Clip with constant bounds: index of the Conv ->
-        (index of the activation, (lo, hi)). The Conv then applies the activation as it writes its
-        output, saving a pass over the activation (and one in backward)."""
+        """Nodes whose op can apply a clip as it writes its output (``fuses_clip``: Conv, Add) and
+        whose only reader is a Relu, or a Clip with constant bounds: index of the node -> (index of
+        the activation, (lo, hi), names of the bound initializers). Fused, the activation costs no
+        pass of its own over the tensor, forward or backward."""
         readers = {}
         for j, node in enumerate(self.graph.nodes):
             for name in node.inputs:
@@ -114,7 +115,7 @@ class Engine:
         inits = self.graph.initializers
         fusable = {}
         for i, node in enumerate(self.graph.nodes):
-            if node.op_type != "Conv" or node.outputs[0] in outputs:
+            if not getattr(self.ops[i], "fuses_clip", False) or node.outputs[0] in outputs:
                 continue
             after = readers.get(node.outputs[0], [])
             if len(after) != 1:

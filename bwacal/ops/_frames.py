@@ -36,6 +36,7 @@ OB = 8  # output channels per block
 GROUP = 4  # (channel, tap) entries per inner-loop iteration
 CHUNK = 4096  # frame positions per job, about (whole images at a time)
 SPAN = 4096  # positions per float32 partial sum in dL/dW
+ELEMENTS = 1 << 16  # elements per job of the element-wise kernels
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,11 @@ def _accumulate_taps(f, src, off, wt, o, ch, lo, n_pos, acc):
 
 @njit(inline="always")
 def _write_image(acc, o, b0, b1, fsz, wf, bias, lo_clip, hi_clip, y):
-    """Copy the valid positions of ``acc`` (rows: output channels from ``o``) into the CNHW ``y``."""
+    """Copy the valid positions of ``acc`` (rows: output channels from ``o``) into the CNHW ``y``,
+    adding the bias and clipping to [lo_clip, hi_clip]."""
     o_n, n_n, ho, wo = y.shape
+    lo = y.dtype.type(lo_clip)
+    hi = y.dtype.type(hi_clip)
     for k in range(acc.shape[0]):
         oo = o + k
         if oo >= o_n:
@@ -232,13 +236,16 @@ def _write_image(acc, o, b0, b1, fsz, wf, bias, lo_clip, hi_clip, y):
                 src = ak[(bi - b0) * fsz + oi * wf:]
                 dst = y[oo, bi, oi]
                 for oj in range(wo):
-                    dst[oj] = min(max(src[oj] + bv, lo_clip), hi_clip)
+                    v = src[oj] + bv
+                    # selects, not min/max (those do not vectorise); NaN passes through as in NumPy
+                    v = lo if v < lo else v
+                    dst[oj] = hi if v > hi else v
 
 
-def _chunking(fsz, n):
-    """Whole images per job (about CHUNK positions) and the number of jobs along the batch."""
-    ipc = max(1, CHUNK // fsz)
-    return ipc, -(-n // ipc)
+def images_per_job(fsz, n, jobs=1):
+    """Whole images per job: about CHUNK frame positions, and at least ``jobs`` jobs when the batch
+    allows (when the jobs are the only parallel dimension)."""
+    return max(1, min(CHUNK // fsz, -(-n // jobs)))
 
 
 @njit(**FMA)
@@ -472,11 +479,15 @@ def depthwise_forward(x, src, off, wt, bias, lo_clip, hi_clip, sh, sw, pt, pl, h
         acc = np.zeros(n_pos, dtype=y.dtype)
         _accumulate_taps(buf, src, off, wt, o, 0, 0, n_pos, acc)
         bv = bias[o]
+        lo = y.dtype.type(lo_clip)
+        hi = y.dtype.type(hi_clip)
         for oi in range(ho):
             a = acc[oi * wf:]
             dst = y[o, b, oi]
             for oj in range(wo):
-                dst[oj] = min(max(a[oj] + bv, lo_clip), hi_clip)
+                v = a[oj] + bv
+                v = lo if v < lo else v
+                dst[oj] = hi if v > hi else v
 
 
 @njit(**FMA)
@@ -534,3 +545,38 @@ def depthwise_weight_grad(x, dy, src, off, sh, sw, pt, pl, hf, wf, tail, out):
                 sums[t] += part
         for t in range(taps):
             out[o, t] = sums[t]
+
+
+@njit(**FMA)
+def clip_grad(dy, y, lo_clip, hi_clip, out):
+    """``out = dy`` where ``lo < y < hi``, else 0: the gradient through a fused Relu/Clip, one pass."""
+    g = dy.reshape(-1)
+    v = y.reshape(-1)
+    r = out.reshape(-1)
+    lo = v.dtype.type(lo_clip)
+    hi = v.dtype.type(hi_clip)
+    n = v.size
+    for blk in prange((n + ELEMENTS - 1) // ELEMENTS):
+        a, b = blk * ELEMENTS, min(n, (blk + 1) * ELEMENTS)
+        gs, vs, rs = g[a:b], v[a:b], r[a:b]
+        for i in range(b - a):
+            t = vs[i]
+            rs[i] = gs[i] if (t > lo) & (t < hi) else 0
+
+
+@njit(**FMA)
+def add_clip(a, b, lo_clip, hi_clip, out):
+    """``out = min(max(a + b, lo), hi)`` for same-shape arrays, one pass: a residual Add and its Relu."""
+    x = a.reshape(-1)
+    z = b.reshape(-1)
+    r = out.reshape(-1)
+    lo = r.dtype.type(lo_clip)
+    hi = r.dtype.type(hi_clip)
+    n = r.size
+    for blk in prange((n + ELEMENTS - 1) // ELEMENTS):
+        p, q = blk * ELEMENTS, min(n, (blk + 1) * ELEMENTS)
+        xs, zs, rs = x[p:q], z[p:q], r[p:q]
+        for i in range(q - p):
+            v = xs[i] + zs[i]
+            v = lo if v < lo else v
+            rs[i] = hi if v > hi else v

@@ -71,6 +71,7 @@ def _batch_chunks(x, g):
 @register("Conv")
 class Conv(Op):
     layout = "cnhw"
+    fuses_clip = True  # forward takes clip=(lo, hi): see bwacal/engine.py
 
     def __init__(self, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None,
                  strides=None):
@@ -131,11 +132,10 @@ class Conv(Op):
             src, off = FR.pad_taps(p.src, p.off)
             FR.depthwise_forward(x, src, off, wt, bias, lo, hi, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, y)
             return y, ("depthwise", x, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
-        f = _frames(x, g, p)
         wk = FR.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
         eph, ech, eoff = FR.entry_tables(x.shape[0], p)
-        ipc, _ = FR._chunking(p.hf * p.wf, n)
-        FR.dense_forward(f, eph, ech, eoff, wk, bias, lo, hi, p.hf, p.wf, ipc, y)
+        f = _frames(x, g, p)
+        FR.dense_forward(f, eph, ech, eoff, wk, bias, lo, hi, p.hf, p.wf, FR.images_per_job(p.hf * p.wf, n), y)
         return y, ("frames", f, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
 
     def _gemm_forward(self, x, w, b, g):
@@ -160,7 +160,9 @@ class Conv(Op):
     def backward(self, ctx, dy, need):
         clip, y = ctx[-2:]
         if clip is not None:  # the fused Relu/Clip: gradient only where the output was not clipped
-            dy = np.where((y > clip[0]) & (y < clip[1]), dy, 0).astype(dy.dtype, copy=False)
+            masked = np.empty(y.shape, dtype=y.dtype)
+            FR.clip_grad(np.ascontiguousarray(dy, dtype=y.dtype), y, clip[0], clip[1], masked)
+            dy = masked
         if ctx[0] == "frames":
             return self._frames_backward(ctx[1:-2], dy, need)
         if ctx[0] == "depthwise":
@@ -220,7 +222,7 @@ class Conv(Op):
                 flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=dy.dtype)
                 wk = FR.dense_weights(flipped.reshape(xshape[0], -1))
                 eph, ech, eoff = FR.entry_tables(o, pm)
-                ipc, _ = FR._chunking(pm.hf * pm.wf, n)
+                ipc = FR.images_per_job(pm.hf * pm.wf, n)
                 FR.dense_forward(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf,
                                  pm.hf, pm.wf, ipc, dx)
             else:
@@ -239,7 +241,7 @@ class Conv(Op):
         fsz = p.hf * p.wf
         o = dyf.shape[0]
         dyf3 = dyf.reshape(1, o, -1)
-        ipc, _ = FR._chunking(fsz, n)
+        ipc = FR.images_per_job(fsz, n)
         w3 = w.reshape(o, w.shape[1], -1).astype(dyf.dtype, copy=False)
         df = np.empty((g.sh * g.sw, c, n * fsz), dtype=dyf.dtype)
         for ph in range(g.sh * g.sw):

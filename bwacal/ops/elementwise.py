@@ -5,17 +5,32 @@ from __future__ import annotations
 import numpy as np
 
 from bwacal.graph import ONNX_DTYPES
+from bwacal.ops._frames import add_clip, clip_grad
 from bwacal.ops.base import Op, Unsupported, register
 
 
 @register("Add")
 class Add(Op):
     layout = "follow"
+    fuses_clip = True  # a residual Add followed by Relu: one pass, see bwacal/engine.py
 
-    def forward(self, a, b):
-        return a + b, None
+    def forward(self, a, b, clip=None):
+        if clip is None:
+            return a + b, None
+        if a.shape == b.shape and a.dtype == b.dtype and a.dtype.kind == "f":
+            y = np.empty(a.shape, dtype=a.dtype)
+            add_clip(np.ascontiguousarray(a), np.ascontiguousarray(b), clip[0], clip[1], y)
+        else:
+            y = a + b
+            y = np.minimum(np.maximum(y, y.dtype.type(clip[0])), y.dtype.type(clip[1]))
+        return y, (clip, y)
 
     def backward(self, ctx, dy, need):
+        if ctx is not None:
+            clip, y = ctx
+            masked = np.empty(y.shape, dtype=y.dtype)
+            clip_grad(np.ascontiguousarray(np.broadcast_to(dy, y.shape), dtype=y.dtype), y, clip[0], clip[1], masked)
+            dy = masked
         return dy, dy
 
 
