@@ -29,7 +29,7 @@ def main():
     ap.add_argument("extra", nargs="*", help="more calibrate options, after --")
     args = ap.parse_args()
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):  # BLAS: bwacal's default, one thread
         env[var] = str(args.threads)
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "cli.main", "calibrate", args.model, "--calib", args.calib,

@@ -29,7 +29,9 @@ MODELS = {
 
 
 def _set_threads(n: int):
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    # OPENBLAS_NUM_THREADS is left unset: bwacal runs NumPy's BLAS on one thread by default (see
+    # bwacal/runtime.py), and setting it would switch that off. bwacal's kernels are numba's.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(n)
 
 
@@ -143,7 +145,13 @@ def main():
             print(rows[-1], file=sys.stderr)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.processor())
-    print(f"machine: {cpu}, {os.cpu_count()} cores; threads: {args.threads}; repeat: best of {args.repeat}; "
+    import numba
+
+    from bwacal.runtime import openblas_threads
+
+    print(f"machine: {cpu}, {os.cpu_count()} cores; threads: {args.threads} (numba layer "
+          f"{numba.threading_layer()}, NumPy BLAS threads "
+          f"{[n for p, n in openblas_threads().items() if 'numpy' in p]}); repeat: best of {args.repeat}; "
           f"date: {time.strftime('%Y-%m-%d')}")
     print()
     print("| model | input | batch | bwacal fwd img/s | ORT fwd img/s | fwd ratio | bwacal fwd+bwd img/s | "

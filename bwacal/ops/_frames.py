@@ -11,9 +11,10 @@ A strided conv splits the padded input into ``sh*sw`` phase frames (padded rows 
 and columns ``b, b+sw, ...``); tap (ki, kj) reads phase ``((ki*dh) % sh, (kj*dw) % sw)`` at offset
 ``((ki*dh)//sh)*wf + (kj*dw)//sw``, so strided convs run the same kernels.
 
-Weights are laid out ``(O, K)`` over *entries* k = (input channel, tap), padded with zero entries
-to a multiple of ``GROUP`` and with zero output channels to a multiple of ``OB``: each inner-loop
-iteration reads ``GROUP`` frame values and updates ``OB`` output channels (32 FMAs, 8 stores).
+Weights are laid out ``(O, K)`` over *entries* k = (input channel, tap), with zero output channels
+added to make O a multiple of ``OB``: each inner-loop iteration reads ``GROUP`` frame values and
+updates ``OB`` output channels (32 FMAs, 8 stores); entries beyond the last full group go one at a
+time (a zero-weight padding entry would turn an infinite input into NaN).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ FMA = dict(JIT_PARALLEL, fastmath={"contract"}, error_model="numpy")
 REDUCE = dict(JIT_PARALLEL, fastmath={"contract", "reassoc"}, error_model="numpy")
 
 OB = 8  # output channels per block
-GROUP = 4  # (channel, tap) entries per inner-loop iteration
+GROUP = 4  # (channel, tap) entries per inner-loop iteration (dL/dW blocks too)
 CHUNK = 4096  # frame positions per job, about (whole images at a time)
 SPAN = 4096  # positions per float32 partial sum in dL/dW
 ELEMENTS = 1 << 16  # elements per job of the element-wise kernels
@@ -121,29 +122,20 @@ def _fill_frames(x, sh, sw, pt, pl, hf, wf, f):
 
 
 def dense_weights(w2):
-    """``(O, K)`` weights (entry k = c*taps + t) padded with zeros to ``(O', K')``: O' a multiple of
-    OB, K' of GROUP."""
+    """``(O, K)`` weights (entry k = c*taps + t) with zero rows added to make O a multiple of OB."""
     o, k = w2.shape
-    out = np.zeros((-(-o // OB) * OB, -(-k // GROUP) * GROUP), dtype=w2.dtype)
-    out[:o, :k] = w2
+    out = np.zeros((-(-o // OB) * OB, k), dtype=w2.dtype)
+    out[:o] = w2
     return out
 
 
-def tap_weights(wt):
-    """Depthwise ``(O, taps)`` weights padded with zero taps to a multiple of 3."""
-    o, t = wt.shape
-    out = np.zeros((o, -(-t // 3) * 3), dtype=wt.dtype)
-    out[:, :t] = wt
-    return out
-
-
-def pad_taps(src, off):
-    """Tap tables padded to a multiple of 3 (the padding taps read position 0 with zero weight)."""
-    t = src.size
-    tp = -(-t // 3) * 3
-    s, o = np.zeros(tp, dtype=np.int64), np.zeros(tp, dtype=np.int64)
-    s[:t], o[:t] = src, off
-    return s, o
+def pad_entries(eph, ech, eoff):
+    """Entry tables padded to a multiple of GROUP by repeating the last entry, for
+    ``dense_weight_grad``, whose sums for the extra entries are dropped."""
+    k = eph.size
+    kp = -(-k // GROUP) * GROUP
+    idx = np.minimum(np.arange(kp), k - 1)
+    return eph[idx], ech[idx], eoff[idx]
 
 
 def weight_grad_splits(o, k, n_pos):
@@ -156,17 +148,9 @@ def weight_grad_splits(o, k, n_pos):
 
 
 def entry_tables(c, p: Plan):
-    """Per entry k = c*taps + t (padded to a multiple of GROUP): (phase, channel, offset) arrays."""
+    """Per entry k = c*taps + t: (phase, channel, offset) arrays."""
     t = p.src.size
-    k = c * t
-    kp = -(-k // GROUP) * GROUP
-    ph = np.zeros(kp, dtype=np.int64)
-    ch = np.zeros(kp, dtype=np.int64)
-    off = np.zeros(kp, dtype=np.int64)
-    ph[:k] = np.tile(p.src, c)
-    ch[:k] = np.repeat(np.arange(c), t)
-    off[:k] = np.tile(p.off, c)
-    return ph, ch, off
+    return np.tile(p.src, c), np.repeat(np.arange(c, dtype=np.int64), t), np.tile(p.off, c)
 
 
 @njit(inline="always")
@@ -178,7 +162,23 @@ def _accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
     81 GMAC/s where 4 x 4 ran it at 62.
     """
     a0, a1, a2, a3, a4, a5, a6, a7 = acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]
-    for k in range(0, wk.shape[1], 4):
+    n_ent = eph.size
+    full = n_ent - n_ent % 4
+    for k in range(full, n_ent):  # the entries left over from the groups of 4, one at a time
+        s0 = f[eph[k], ech[k], lo + eoff[k]:]
+        w0, w1, w2, w3, w4, w5, w6, w7 = (wk[o, k], wk[o + 1, k], wk[o + 2, k], wk[o + 3, k],
+                                          wk[o + 4, k], wk[o + 5, k], wk[o + 6, k], wk[o + 7, k])
+        for i in range(n_pos):
+            x0 = s0[i]
+            a0[i] += w0 * x0
+            a1[i] += w1 * x0
+            a2[i] += w2 * x0
+            a3[i] += w3 * x0
+            a4[i] += w4 * x0
+            a5[i] += w5 * x0
+            a6[i] += w6 * x0
+            a7[i] += w7 * x0
+    for k in range(0, full, 4):
         s0 = f[eph[k], ech[k], lo + eoff[k]:]
         s1 = f[eph[k + 1], ech[k + 1], lo + eoff[k + 1]:]
         s2 = f[eph[k + 2], ech[k + 2], lo + eoff[k + 2]:]
@@ -209,7 +209,14 @@ def _accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
 @njit(inline="always")
 def _accumulate_taps(f, src, off, wt, o, ch, lo, n_pos, acc):
     """``acc[i] += sum_t wt[o, t] * f[src[t], ch, lo + off[t] + i]``, taps three at a time."""
-    for t in range(0, wt.shape[1], 3):
+    n_taps = src.size
+    full = n_taps - n_taps % 3
+    for t in range(full, n_taps):
+        s0 = f[src[t], ch, lo + off[t]:]
+        u0 = wt[o, t]
+        for i in range(n_pos):
+            acc[i] += u0 * s0[i]
+    for t in range(0, full, 3):
         s0 = f[src[t], ch, lo + off[t]:]
         s1 = f[src[t + 1], ch, lo + off[t + 1]:]
         s2 = f[src[t + 2], ch, lo + off[t + 2]:]
@@ -252,7 +259,7 @@ def images_per_job(fsz, n, jobs=1):
 def dense_forward(f, eph, ech, eoff, wk, bias, lo_clip, hi_clip, hf, wf, ipc, y):
     """``y[o, b, oi, oj] = clip(bias[o] + sum_k wk[o, k] * f[eph[k], ech[k], p + eoff[k]])``.
 
-    ``y`` is (O, N, ho, wo), ``wk`` (O', K') from ``dense_weights``, ``p = b*hf*wf + oi*wf + oj``;
+    ``y`` is (O, N, ho, wo), ``wk`` (O', K) from ``dense_weights``, ``p = b*hf*wf + oi*wf + oj``;
     the clip bounds fuse a following Relu/Clip (-inf/inf for none). ``ipc`` images per job.
     """
     o_n, n_n, ho, wo = y.shape
@@ -466,7 +473,7 @@ def _image_to_frame(yi, wf, out):
 @njit(**FMA)
 def depthwise_forward(x, src, off, wt, bias, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, tail, y):
     """Depthwise conv: output channel o reads input channel ``o // m`` (m = O / C) with its own taps,
-    ``wt`` (O, taps') with taps padded to a multiple of 3 by zero weights; clip as in ``dense_forward``."""
+    ``wt`` (O, taps); clip as in ``dense_forward``."""
     c_n, n_n = x.shape[:2]
     o_n, _, ho, wo = y.shape
     m = o_n // c_n

@@ -128,9 +128,8 @@ class Conv(Op):
         bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
         lo, hi = clip if clip is not None else (-np.inf, np.inf)
         if self._depthwise(x, w):
-            wt = FR.tap_weights(w.reshape(o, taps).astype(x.dtype, copy=False))
-            src, off = FR.pad_taps(p.src, p.off)
-            FR.depthwise_forward(x, src, off, wt, bias, lo, hi, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, y)
+            wt = np.ascontiguousarray(w.reshape(o, taps), dtype=x.dtype)
+            FR.depthwise_forward(x, p.src, p.off, wt, bias, lo, hi, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, y)
             return y, ("depthwise", x, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
         wk = FR.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
         eph, ech, eoff = FR.entry_tables(x.shape[0], p)
@@ -211,7 +210,7 @@ class Conv(Op):
             dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
             FR.to_frame(dy, p.hf, p.wf, head, 0, dyf)
         if need[1]:
-            eph, ech, eoff = FR.entry_tables(xshape[0], p)
+            eph, ech, eoff = FR.pad_entries(*FR.entry_tables(xshape[0], p))
             splits = FR.weight_grad_splits(o, eph.size, n * fsz)
             part = np.empty((splits, o, eph.size), dtype=np.float64)
             FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n * fsz, splits, part)
@@ -251,12 +250,9 @@ class Conv(Op):
                 continue
             # entries (o, t): weight w[o, c, t] for output row c, reading dL/dy at head - off[t]
             wk = FR.dense_weights(np.ascontiguousarray(w3[:, :, taps].transpose(1, 0, 2)).reshape(c, -1))
-            k = o * taps.size
-            eph = np.zeros(wk.shape[1], dtype=np.int64)
-            ech = np.zeros(wk.shape[1], dtype=np.int64)
-            eoff = np.zeros(wk.shape[1], dtype=np.int64)
-            ech[:k] = np.repeat(np.arange(o), taps.size)
-            eoff[:k] = np.tile(head - p.off[taps], o)
+            eph = np.zeros(o * taps.size, dtype=np.int64)
+            ech = np.repeat(np.arange(o, dtype=np.int64), taps.size)
+            eoff = np.tile(head - p.off[taps], o)
             FR.dense_frames(dyf3, eph, ech, eoff, wk, fsz, n, ipc, df[ph])
         dx = np.empty(xshape, dtype=dyf.dtype)
         FR.from_frames(df, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, dx)

@@ -1,0 +1,108 @@
+"""Process-level settings bwacal makes when it is imported, each measured and each switchable off.
+
+bwacal's heavy work is numba kernels on all cores, with NumPy allocating every op's output. Three
+defaults of the libraries underneath cost time there (figures: ResNet-20 batch 128 and ResNet-18
+batch 8 on 2 cores, see benchmarks/RESULTS.md):
+
+- **numba threading layer: OpenMP first.** The workqueue layer wakes its workers for every kernel:
+  ResNet-20 forward 115-158 ms, against 98-105 ms with OpenMP. GNU OpenMP is not fork-safe; bwacal's
+  own worker processes are spawned, never forked. ``NUMBA_THREADING_LAYER`` overrides this.
+- **Freed memory kept for reuse** (glibc): malloc hands blocks of a few MB back to the OS when they
+  are freed, so every pass page-faults on all of its activations again; on ResNet-20 that was a
+  quarter of forward+backward (626-666 ms against 450-500 ms). Resident memory stays near the peak
+  between passes; the peak itself is unchanged. ``BWACAL_MALLOC=default`` leaves malloc alone.
+- **BLAS on one thread** (OpenBLAS): convolutions are numba kernels, so BLAS only sees small GEMMs
+  (classifier heads), and OpenBLAS's threads keep spinning after each, taking the cores from the
+  numba kernel that follows: ResNet-18 forward 270 ms, 222 ms with one BLAS thread. Setting
+  ``OPENBLAS_NUM_THREADS`` (any value) leaves BLAS alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # the largest value glibc accepts
+TRIM_THRESHOLD = 1 << 30
+
+_OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def prefer_openmp() -> bool:
+    """Put numba's OpenMP threading layer first (unless ``NUMBA_THREADING_LAYER`` is set)."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return False
+    import numba
+
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    return True
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap threshold to its maximum (32 MB) and its trim threshold to 1 GB. A no-op
+    off glibc or with ``BWACAL_MALLOC=default``; returns whether it was applied."""
+    if os.environ.get("BWACAL_MALLOC", "") == "default":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def _loaded_libraries() -> set[str]:
+    try:
+        with open("/proc/self/maps") as fh:
+            return {line.split(None, 5)[5].strip() for line in fh if len(line.split(None, 5)) == 6}
+    except OSError:  # not Linux
+        return set()
+
+
+def single_thread_blas() -> int:
+    """Set every loaded OpenBLAS to one thread (unless ``OPENBLAS_NUM_THREADS`` is set); returns how
+    many libraries were set."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return 0
+    import numpy  # noqa: F401  (loads NumPy's OpenBLAS)
+
+    count = 0
+    for path in sorted(p for p in _loaded_libraries() if "openblas" in os.path.basename(p).lower()):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _OPENBLAS_SETTERS:
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter.argtypes = [ctypes.c_int]
+                setter.restype = None
+                setter(1)
+                count += 1
+                break
+    return count
+
+
+def openblas_threads() -> dict[str, int]:
+    """Thread count of each loaded OpenBLAS library, by path (for tests and benchmark headers).
+    Libraries loaded after bwacal (SciPy's, say) keep their own setting."""
+    counts = {}
+    for path in sorted(p for p in _loaded_libraries() if "openblas" in os.path.basename(p).lower()):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                     "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            getter = getattr(lib, name, None)
+            if getter is not None:
+                getter.restype = ctypes.c_int
+                counts[path] = getter()
+                break
+    return counts
+
+
+def apply() -> dict:
+    """All three settings; returns what was applied."""
+    return {"openmp": prefer_openmp(), "malloc": keep_freed_memory(), "blas_one_thread": single_thread_blas()}

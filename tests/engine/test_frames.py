@@ -1,0 +1,559 @@
+"""The direct-convolution frame kernels (``bwacal/ops/_frames.py``) behind ``Conv``, the engine's
+Conv+Relu/Clip fusion, and ``bwacal.runtime``.
+
+``Conv`` forward is checked against a float64 sum over taps of the padded input, backward (dx, dW, db,
+with and without a fused clip) against torch autograd, the frame layout against its definition, and a
+fused engine run against the same graph run unfused.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from bwacal.engine import Engine
+from bwacal import runtime
+from bwacal.runtime import keep_freed_memory
+from bwacal.onnx_io import read_model
+from bwacal.ops import _frames as FR
+from bwacal.ops.conv import Conv
+from bwacal.ops.window import window
+from tests.engine.test_gradients import _model
+
+RELU = (0.0, np.inf)
+RELU6 = (0.0, 6.0)
+FORWARD_TOL = {np.float32: 1e-5, np.float64: 1e-12}  # of max |y|
+GRAD_TOL = {np.float32: 1e-4, np.float64: 1e-10}  # of the largest gradient entry
+
+
+class Geometry(NamedTuple):
+    c: int  # input channels
+    o: int  # output channels
+    h: int
+    w: int
+    kernel: tuple = (3, 3)
+    pads: tuple = (0, 0, 0, 0)  # top, left, bottom, right
+    strides: tuple = (1, 1)
+    dilations: tuple = (1, 1)
+    group: int = 1
+
+    def op(self):
+        return Conv(kernel_shape=list(self.kernel), pads=list(self.pads), strides=list(self.strides),
+                    dilations=list(self.dilations), group=self.group)
+
+    def window(self):
+        return window(self.h, self.w, self.kernel, self.strides, self.dilations, self.pads, "NOTSET")
+
+
+GEOMETRIES = {
+    "dense_3x3_same": Geometry(3, 8, 8, 8, pads=(1, 1, 1, 1)),
+    "dense_valid": Geometry(4, 5, 6, 7),
+    "pointwise": Geometry(6, 10, 5, 5, kernel=(1, 1)),
+    "pointwise_strided": Geometry(6, 10, 7, 6, kernel=(1, 1), strides=(2, 2)),
+    "pointwise_padded": Geometry(3, 4, 4, 5, kernel=(1, 1), pads=(1, 1, 1, 1)),
+    "strided": Geometry(5, 9, 9, 9, pads=(1, 1, 1, 1), strides=(2, 2)),
+    "strided_uneven": Geometry(3, 4, 7, 8, pads=(1, 0, 0, 1), strides=(2, 3)),
+    "strided_3_kernel_5": Geometry(2, 3, 11, 10, kernel=(5, 5), pads=(2, 2, 2, 2), strides=(3, 3)),
+    "dilated": Geometry(3, 4, 8, 8, pads=(2, 2, 2, 2), dilations=(2, 2)),
+    "dilated_strided": Geometry(3, 4, 9, 8, dilations=(2, 1), strides=(2, 1)),
+    "dilated_wider_than_stride": Geometry(2, 3, 10, 10, pads=(1, 2, 0, 1), dilations=(3, 2), strides=(2, 2)),
+    "padded_asymmetric": Geometry(3, 4, 6, 6, pads=(0, 2, 1, 0)),
+    "padded_top_beyond_window": Geometry(2, 3, 5, 6, pads=(3, 0, 0, 0)),
+    "padded_beyond_window": Geometry(2, 3, 4, 5, pads=(3, 3, 3, 3)),
+    "one_channel": Geometry(1, 1, 6, 6, pads=(1, 1, 1, 1)),
+    "one_input_channel": Geometry(1, 16, 7, 7, pads=(1, 1, 1, 1), strides=(2, 2)),
+    "odd_sized_nonsquare_kernel": Geometry(3, 5, 7, 11, kernel=(5, 3), pads=(2, 1, 2, 1)),
+    "row_kernel": Geometry(4, 3, 5, 9, kernel=(1, 3), pads=(0, 1, 0, 1)),
+    "out_channels_17": Geometry(7, 17, 6, 5, pads=(1, 1, 1, 1)),
+    "kernel_covers_input": Geometry(3, 2, 3, 3),
+    "large_image": Geometry(2, 4, 64, 64, pads=(1, 1, 1, 1)),
+    "depthwise": Geometry(8, 8, 7, 7, pads=(1, 1, 1, 1), group=8),
+    "depthwise_multiplier_2": Geometry(4, 8, 6, 7, pads=(1, 1, 1, 1), group=4),
+    "depthwise_stride_2": Geometry(6, 6, 9, 8, pads=(1, 1, 1, 1), strides=(2, 2), group=6),
+    "depthwise_stride_3": Geometry(3, 3, 10, 11, pads=(1, 1, 1, 1), strides=(3, 3), group=3),
+    "depthwise_multiplier_2_strided": Geometry(3, 6, 9, 9, kernel=(5, 5), pads=(2, 1, 2, 1), strides=(2, 2),
+                                               group=3),
+    "depthwise_dilated_2": Geometry(4, 4, 9, 9, pads=(2, 2, 2, 2), dilations=(2, 2), group=4),
+    "depthwise_dilated_strided_uneven": Geometry(2, 4, 10, 9, pads=(0, 1, 2, 0), strides=(1, 2),
+                                                 dilations=(2, 2), group=2),
+    "grouped": Geometry(4, 6, 6, 6, pads=(1, 1, 1, 1), group=2),
+}
+# (bias, clip): what follows the conv's sum
+HEADS = {"plain": (False, None), "bias": (True, None), "bias_relu": (True, RELU), "bias_relu6": (True, RELU6),
+         "clip": (False, (-2.0, 3.0))}
+
+
+def reference_conv(x, w, b, g: Geometry):
+    """float64 conv of the CNHW ``x``: per group and tap, weights times a strided slice of the padded input."""
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    top, left, bottom, right = g.pads
+    xp = np.pad(x, [(0, 0), (0, 0), (top, bottom), (left, right)])
+    (sh, sw), (dh, dw) = g.strides, g.dilations
+    ho = (xp.shape[2] - (g.kernel[0] - 1) * dh - 1) // sh + 1
+    wo = (xp.shape[3] - (g.kernel[1] - 1) * dw - 1) // sw + 1
+    cg, og = g.c // g.group, g.o // g.group
+    y = np.zeros((g.o, x.shape[1], ho, wo))
+    for k in range(g.group):
+        for i in range(g.kernel[0]):
+            for j in range(g.kernel[1]):
+                patch = xp[k * cg:(k + 1) * cg, :, i * dh:i * dh + (ho - 1) * sh + 1:sh,
+                           j * dw:j * dw + (wo - 1) * sw + 1:sw]
+                y[k * og:(k + 1) * og] += np.einsum("oc,cnhw->onhw", w[k * og:(k + 1) * og, :, i, j], patch)
+    if b is not None:
+        y += b.astype(np.float64)[:, None, None, None]
+    return y
+
+
+def torch_grads(x, w, b, g: Geometry, clip, dy):
+    """dL/dx, dL/dW, dL/db of L = sum(dy * clamp(conv(x))) by torch autograd in float64 (CNHW/OIHW NumPy)."""
+    xt = torch.tensor(x.transpose(1, 0, 2, 3), dtype=torch.float64, requires_grad=True)
+    wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+    bt = None if b is None else torch.tensor(b, dtype=torch.float64, requires_grad=True)
+    top, left, bottom, right = g.pads
+    y = F.conv2d(F.pad(xt, (left, right, top, bottom)), wt, bt, stride=g.strides, dilation=g.dilations,
+                 groups=g.group)
+    if clip is not None:
+        y = y.clamp(clip[0], clip[1])
+    (y * torch.tensor(dy.transpose(1, 0, 2, 3), dtype=torch.float64)).sum().backward()
+    return xt.grad.numpy().transpose(1, 0, 2, 3), wt.grad.numpy(), None if bt is None else bt.grad.numpy()
+
+
+def random_inputs(g: Geometry, n, dtype, seed):
+    """x, W, b with pre-activations spread over about [-10, 10], so ReLU6 clips on both sides."""
+    rng = np.random.default_rng(seed)
+    fan_in = g.c // g.group * g.kernel[0] * g.kernel[1]
+    x = rng.standard_normal((g.c, n, g.h, g.w)) * 4
+    w = rng.standard_normal((g.o, g.c // g.group, *g.kernel)) / np.sqrt(fan_in)
+    b = rng.standard_normal(g.o)
+    return x.astype(dtype), w.astype(dtype), b.astype(dtype)
+
+
+def case_seed(name, n):
+    return list(GEOMETRIES).index(name) * 10 + n
+
+
+def assert_close(got, want, tol, what):
+    """Equal up to ``tol`` times the largest |want| (NaNs in the same places)."""
+    assert got is not None, f"no {what}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, want {want.shape}"
+    scale = max(np.nanmax(np.abs(want)), 1e-3)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale, err_msg=what)
+
+
+def check_conv(g: Geometry, n, dtype, has_bias, clip, seed):
+    """Conv forward against ``reference_conv``, then dx, dW (and db) of sum(dy * y) against torch."""
+    x, w, b = random_inputs(g, n, dtype, seed)
+    b = b if has_bias else None
+    op = g.op()
+    y, ctx = op.forward(x, w, b, clip=clip)
+    want = reference_conv(x, w, b, g)
+    if clip is not None:
+        want = np.clip(want, *clip)
+    assert y.dtype == dtype
+    assert_close(y, want, FORWARD_TOL[dtype], "y")
+
+    dy = np.random.default_rng(seed + 1).standard_normal(y.shape).astype(dtype)
+    dx, dw, db = op.backward(ctx, dy, need=(True, True, has_bias))
+    want_dx, want_dw, want_db = torch_grads(x, w, b, g, clip, dy)
+    assert_close(dx, want_dx, GRAD_TOL[dtype], "dx")
+    assert_close(dw, want_dw, GRAD_TOL[dtype], "dW")
+    if has_bias:
+        assert_close(db, want_db, GRAD_TOL[dtype], "db")
+    else:
+        assert db is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv forward and backward
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_conv(name, head, n, dtype):
+    check_conv(GEOMETRIES[name], n, dtype, *HEADS[head], seed=case_seed(name, n))
+
+
+# frames of 32 x 32 (30 x 30 padded): 4 images per job, the last job with fewer; dL/dW over 2 splits
+@pytest.mark.parametrize("g", [Geometry(3, 4, 30, 30, pads=(1, 1, 1, 1)), Geometry(3, 4, 32, 32, kernel=(1, 1)),
+                               Geometry(3, 4, 61, 61, pads=(1, 1, 1, 1), strides=(2, 2)),
+                               Geometry(4, 4, 30, 30, pads=(1, 1, 1, 1), group=4)],
+                         ids=["dense", "pointwise", "strided", "depthwise"])
+def test_conv_many_images_per_job(g):
+    check_conv(g, 9, np.float64, True, RELU6, seed=11)
+
+
+def test_clip_cases_cross_their_bounds():
+    """The clipped cases of ``test_conv`` are not vacuous: wherever there are 40 or more outputs, some
+    pre-activations lie below 0, some between 0 and 6, and some above 6."""
+    for name, g in GEOMETRIES.items():
+        for n in (1, 3):
+            x, w, b = random_inputs(g, n, np.float64, case_seed(name, n))
+            pre = reference_conv(x, w, b, g)
+            if pre.size >= 40:
+                assert (pre < 0).any() and ((pre > 0) & (pre < 6)).any() and (pre > 6).any(), (name, n)
+
+
+def test_backward_gives_only_what_is_needed():
+    g = GEOMETRIES["strided"]
+    x, w, b = random_inputs(g, 2, np.float64, seed=3)
+    op = g.op()
+    y, ctx = op.forward(x, w, b)
+    dy = np.ones_like(y)
+    dx, dw, db = op.backward(ctx, dy, need=(False, False, True))
+    assert dx is None and dw is None
+    np.testing.assert_allclose(db, dy.sum(axis=(1, 2, 3)))
+
+
+@st.composite
+def geometries(draw):
+    """Any dense or depthwise 2-D conv geometry whose window fits the padded input."""
+    depthwise = draw(st.booleans())
+    c = draw(st.integers(1, 5))
+    o = c * draw(st.integers(1, 3)) if depthwise else draw(st.integers(1, 11))
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilations = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pads = tuple(draw(st.integers(0, 4)) for _ in range(4))
+    size = []
+    for k, d, before, after in zip(kernel, dilations, pads[:2], pads[2:]):
+        size.append(draw(st.integers(max(1, (k - 1) * d + 1 - before - after), 12)))
+    return Geometry(c, o, size[0], size[1], kernel, pads, strides, dilations, group=c if depthwise else 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=geometries(), n=st.integers(1, 3), head=st.sampled_from(list(HEADS)), seed=st.integers(0, 2**16))
+def test_conv_any_geometry(g, n, head, seed):
+    check_conv(g, n, np.float64, *HEADS[head], seed=seed)
+
+
+NONFINITE = ["dense_3x3_same", "pointwise", "strided", "depthwise_multiplier_2", "grouped"]
+
+
+@pytest.mark.parametrize("name", NONFINITE)
+def test_nan_passes_through_the_fused_clip(name):
+    """As in NumPy (and torch): an output whose window covers a NaN is NaN, clipped or not; no other is."""
+    g = GEOMETRIES[name]
+    x, w, b = random_inputs(g, 2, np.float64, seed=5)
+    x[0, 0, 0, 0] = x[-1, 1, g.h // 2, g.w - 1] = np.nan
+    for clip in (None, RELU, RELU6):
+        y, _ = g.op().forward(x, w, b, clip=clip)
+        want = reference_conv(x, w, b, g)
+        assert np.isnan(want).any()
+        assert_close(y, want if clip is None else np.clip(want, *clip), FORWARD_TOL[np.float64], f"y, clip {clip}")
+
+
+# (the dense kernels once padded their (channel, tap) entries to a multiple of 4 with zero weights
+# reading channel 0's first tap: 0 * inf made these NaN)
+@pytest.mark.parametrize("name", NONFINITE)
+def test_infinite_input_gives_infinite_outputs(name):
+    """With positive weights, every output whose window covers a +inf pixel is +inf, as in torch. The
+    pixel is the one the first tap of a middle output reads."""
+    g = GEOMETRIES[name]
+    x, w, b = random_inputs(g, 1, np.float64, seed=6)
+    w = np.abs(w) + 0.1
+    win = g.window()
+    x[0, 0, win.ho // 2 * win.sh - win.ph, win.wo // 2 * win.sw - win.pw] = np.inf
+    y, _ = g.op().forward(x, w, b)
+    want = reference_conv(x, w, b, g)
+    assert np.isposinf(want).any() and not np.isnan(want).any()
+    np.testing.assert_array_equal(np.isnan(y), False)
+    np.testing.assert_array_equal(np.isposinf(y), np.isposinf(want))
+
+
+# ---------------------------------------------------------------------------------------------
+# The frame layout
+
+
+def padded_canvas(x, g: Geometry, hf, wf):
+    """The CNHW ``x`` zero-padded on a canvas of ``hf*sh`` x ``wf*sw`` padded pixels."""
+    (sh, sw), (top, left) = g.strides, g.pads[:2]
+    c, n, h, w = x.shape
+    canvas = np.zeros((c, n, max(hf * sh, top + h), max(wf * sw, left + w)), dtype=x.dtype)
+    canvas[:, :, top:top + h, left:left + w] = x
+    return canvas
+
+
+LAYOUTS = [name for name, g in GEOMETRIES.items() if g.group in (1, g.c)]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_build_frames_holds_the_phases_of_the_padded_input(name, n):
+    """Phase (a, b) row r column q of image i is padded pixel (r*sh + a, q*sw + b); the tail is zeros."""
+    g = GEOMETRIES[name]
+    x = np.random.default_rng(1).standard_normal((g.c, n, g.h, g.w))
+    win = g.window()
+    p = FR.plan(win, g.h, g.w)
+    f = FR.build_frames(x, win, p)
+    sh, sw = g.strides
+    assert f.shape == (sh * sw, g.c, n * p.hf * p.wf + p.tail)
+    canvas = padded_canvas(x, g, p.hf, p.wf)
+    for a in range(sh):
+        for b in range(sw):
+            want = canvas[:, :, a::sh, b::sw][:, :, :p.hf, :p.wf]
+            np.testing.assert_array_equal(f[a * sw + b, :, :n * p.hf * p.wf].reshape(want.shape), want)
+    assert not f[:, :, n * p.hf * p.wf:].any()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_taps_read_the_pixel_their_window_covers(name, n):
+    """For every valid output (i, oi, oj) and tap (ki, kj): frame ``src[t]`` at ``i*hf*wf + oi*wf + oj +
+    off[t]`` is padded pixel (oi*sh + ki*dh, oj*sw + kj*dw) of image i, and no read (including the
+    discarded padding-band positions the kernels compute) goes past the frame's end."""
+    g = GEOMETRIES[name]
+    x = np.random.default_rng(2).standard_normal((g.c, n, g.h, g.w)) + 5  # no data pixel is 0
+    win = g.window()
+    p = FR.plan(win, g.h, g.w)
+    f = FR.build_frames(x, win, p)
+    (sh, sw), (dh, dw) = g.strides, g.dilations
+    xp = np.pad(x, [(0, 0), (0, 0), (g.pads[0], g.pads[2]), (g.pads[1], g.pads[3])])
+    fsz = p.hf * p.wf
+    i, oi, oj = np.meshgrid(np.arange(n), np.arange(win.ho), np.arange(win.wo), indexing="ij")
+    for t, (ki, kj) in enumerate(np.ndindex(*g.kernel)):
+        got = f[p.src[t]][:, i * fsz + oi * p.wf + oj + p.off[t]]
+        want = xp[:, i, oi * sh + ki * dh, oj * sw + kj * dw]
+        np.testing.assert_array_equal(got, want, err_msg=f"tap {(ki, kj)}")
+    last_read = (n - 1) * fsz + (win.ho - 1) * p.wf + win.wo - 1 + p.off.max()
+    assert last_read < f.shape[2]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_from_frames_inverts_build_frames(name, n):
+    g = GEOMETRIES[name]
+    x = np.random.default_rng(3).standard_normal((g.c, n, g.h, g.w))
+    win = g.window()
+    p = FR.plan(win, g.h, g.w)
+    f = FR.build_frames(x, win, p)
+    back = np.full_like(x, np.nan)
+    FR.from_frames(f, win.sh, win.sw, win.ph, win.pw, p.hf, p.wf, back)
+    np.testing.assert_array_equal(back, x)
+
+
+@pytest.mark.parametrize("head, extra", [(0, 0), (7, 0), (3, 11)])
+@pytest.mark.parametrize("n", [1, 3])
+def test_to_frame_places_each_output_at_its_frame_position(n, head, extra):
+    """``out[o, head + i*hf*wf + oi*wf + oj] = dy[o, i, oi, oj]``; every other entry is zero."""
+    o, ho, wo, hf, wf = 5, 3, 4, 5, 6
+    dy = np.random.default_rng(4).standard_normal((o, n, ho, wo))
+    out = np.full((o, head + n * hf * wf + extra), np.nan)
+    FR.to_frame(dy, hf, wf, head, 0, out)
+    want = np.zeros_like(out)
+    frames = want[:, head:head + n * hf * wf].reshape(o, n, hf, wf)  # a view into want
+    frames[:, :, :ho, :wo] = dy
+    np.testing.assert_array_equal(out, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv+Relu/Clip fusion in the engine
+
+
+# the first conv of each chain
+CHAINS = {
+    "dense": Geometry(3, 4, 6, 6, pads=(1, 1, 1, 1)),
+    "strided": Geometry(3, 4, 7, 7, pads=(1, 1, 1, 1), strides=(2, 2)),
+    "pointwise": Geometry(3, 4, 6, 6, kernel=(1, 1)),
+    "depthwise": Geometry(4, 4, 6, 6, pads=(1, 1, 1, 1), group=4),
+    "depthwise_multiplier_2": Geometry(2, 4, 6, 6, pads=(1, 1, 1, 1), group=2),
+    "grouped": Geometry(4, 4, 6, 6, pads=(1, 1, 1, 1), group=2),
+}
+
+
+def chain_case(name):
+    """x -> Conv(w1, b1) -> h1 -> Relu -> r1 -> Conv(w2, b2) -> h2 -> Clip(lo, hi) -> y, with the bounds
+    0 and 6 as initializers (opset 13) and the first conv as ``CHAINS[name]``. Returns the model, its
+    initializers, an input and the first conv's geometry."""
+    g1 = CHAINS[name]
+    rng = np.random.default_rng(len(name))
+    x = rng.standard_normal((2, g1.c, g1.h, g1.w))
+    consts = {"w1": rng.standard_normal((g1.o, g1.c // g1.group, *g1.kernel)), "b1": np.full(g1.o, 0.1),
+              "w2": rng.standard_normal((5, g1.o, 3, 3)) / 2, "b2": np.full(5, 0.5),
+              "lo": np.array(0.0), "hi": np.array(6.0)}
+    attrs = dict(kernel_shape=list(g1.kernel), pads=list(g1.pads), strides=list(g1.strides), group=g1.group)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], name="conv1", **attrs),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["h2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["h2", "lo", "hi"], ["y"], name="clip2")]
+    return _model(nodes, {"x": x}, consts, ["y"], 13), consts, x, g1
+
+
+def reference_chain(x, consts, g1, hi=6.0):
+    """The chain of ``chain_case`` in float64 NCHW, with every intermediate."""
+    h1 = reference_conv(x.transpose(1, 0, 2, 3), consts["w1"], consts["b1"], g1)
+    r1 = np.maximum(h1, 0)
+    g2 = Geometry(g1.o, consts["w2"].shape[0], h1.shape[2], h1.shape[3], pads=(1, 1, 1, 1))
+    h2 = reference_conv(r1, consts["w2"], consts["b2"], g2)
+    return {name: v.transpose(1, 0, 2, 3) for name, v in
+            {"h1": h1, "r1": r1, "h2": h2, "y": np.clip(h2, 0, hi)}.items()}
+
+
+def run_profiled(engine, feeds, **kwargs):
+    profile = {}
+    values, tape = engine.run(feeds, profile=profile, **kwargs)
+    return values, tape, set(profile)
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_fused_chain_matches_reference_and_unfused_run(name):
+    model, consts, x, g1 = chain_case(name)
+    engine = Engine(read_model(model))
+    assert engine._fusable == {0: (1, RELU, ()), 2: (3, RELU6, ("lo", "hi"))}
+    want = reference_chain(x, consts, g1)
+    assert (want["h2"] > 6).any() and (want["h2"] < 0).any() and (want["h1"] < 0).any()
+
+    fused, _, ran = run_profiled(engine, {"x": x})
+    assert ran == {"conv1", "conv2"}  # the activations were applied by the convs
+    np.testing.assert_allclose(fused["y"], want["y"], rtol=0, atol=1e-12 * np.abs(want["y"]).max())
+
+    unfused, _, ran = run_profiled(engine, {"x": x}, outputs=["h1", "h2", "y"])
+    assert ran == {"conv1", "relu1", "conv2", "clip2"}
+    for k in ("h1", "h2", "y"):  # the raw conv outputs are the pre-activations, negatives included
+        np.testing.assert_allclose(unfused[k], want[k], rtol=0, atol=1e-12 * np.abs(want[k]).max(), err_msg=k)
+    np.testing.assert_array_equal(unfused["y"], fused["y"])
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_fused_chain_gradients_match_unfused(name):
+    model, consts, x, _ = chain_case(name)
+    engine = Engine(read_model(model))
+    wrt = ["x", "w1", "b1", "w2", "b2"]
+    values, tape = engine.run({"x": x}, record=True, wrt=wrt)
+    seed = np.random.default_rng(5).standard_normal(values["y"].shape)
+    fused = engine.backward(tape, {"y": seed}, wrt=wrt)
+    values, tape = engine.run({"x": x}, record=True, wrt=wrt, outputs=["h1", "h2", "y"])
+    unfused = engine.backward(tape, {"y": seed}, wrt=wrt)
+    for k in wrt:
+        assert fused[k].shape == unfused[k].shape, k
+        np.testing.assert_allclose(fused[k], unfused[k], rtol=0, atol=1e-12 * np.abs(unfused[k]).max(), err_msg=k)
+
+
+def test_requesting_only_the_first_conv_output_keeps_the_second_pair_fused():
+    model, consts, x, g1 = chain_case("dense")
+    engine = Engine(read_model(model))
+    values, _, ran = run_profiled(engine, {"x": x}, outputs=["h1", "y"])
+    assert ran == {"conv1", "relu1", "conv2"}
+    want = reference_chain(x, consts, g1)
+    assert (values["h1"] < 0).any()
+    for k in ("h1", "y"):
+        np.testing.assert_allclose(values[k], want[k], rtol=0, atol=1e-12 * np.abs(want[k]).max(), err_msg=k)
+
+
+def test_overridden_clip_bound_is_used_not_the_fused_initializer():
+    model, consts, x, g1 = chain_case("dense")
+    engine = Engine(read_model(model))
+    values, _, ran = run_profiled(engine, {"x": x}, params={"hi": np.array(3.0)})
+    assert "clip2" in ran and "relu1" not in ran
+    want = reference_chain(x, consts, g1, hi=3.0)
+    assert (want["h2"] > 3).any()
+    np.testing.assert_allclose(values["y"], want["y"], rtol=0, atol=1e-12 * np.abs(want["y"]).max())
+
+
+def test_conv_read_twice_is_not_fused():
+    """y = Relu(h) + h: fusing would hand the Add the clipped h."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Add", ["r", "h"], ["y"])]
+    rng = np.random.default_rng(6)
+    w, x = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((2, 2, 5, 5))
+    engine = Engine(read_model(_model(nodes, {"x": x}, {"w": w}, ["y"], 13)))
+    assert engine._fusable == {}
+    h = reference_conv(x.transpose(1, 0, 2, 3), w, None, Geometry(2, 3, 5, 5, pads=(1, 1, 1, 1)))
+    h = h.transpose(1, 0, 2, 3)
+    assert (h < 0).any()
+    values, _ = engine.run({"x": x})
+    np.testing.assert_allclose(values["y"], np.maximum(h, 0) + h, rtol=0, atol=1e-12 * np.abs(h).max())
+
+
+@pytest.mark.parametrize("act", ["Relu", "Clip"])
+def test_residual_add_and_its_activation_fuse(act):
+    """y = act(Conv(x) + x): the Add applies the Relu/Clip in one pass; outputs and gradients (through
+    both of the Add's inputs) equal the unfused run's, and asking for the sum turns the fusion off."""
+    extra = ["lo", "hi"] if act == "Clip" else []
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["h", "x"], ["s"]),
+             helper.make_node(act, ["s", *extra], ["y"])]
+    rng = np.random.default_rng(8)
+    w, x = rng.standard_normal((2, 2, 3, 3)), rng.standard_normal((3, 2, 5, 5))
+    consts = {"w": w, **({"lo": np.array(-0.3), "hi": np.array(0.4)} if act == "Clip" else {})}
+    engine = Engine(read_model(_model(nodes, {"x": x}, consts, ["y"], 13)))
+    assert list(engine._fusable) == [1]  # the Add; the Conv has the Add as its reader
+    fused, tape = engine.run({"x": x}, record=True, wrt=["x", "w"])
+    plain, plain_tape = engine.run({"x": x}, outputs=["s", "y"], record=True, wrt=["x", "w"])
+    lo, hi = (-0.3, 0.4) if act == "Clip" else (0.0, np.inf)
+    assert (plain["s"] < lo).any() and (plain["s"] > lo).any()
+    np.testing.assert_allclose(fused["y"], plain["y"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fused["y"], np.clip(plain["s"], lo, hi), rtol=0, atol=1e-12)
+    seed = rng.standard_normal(fused["y"].shape)
+    got = engine.backward(tape, {"y": seed}, wrt=["x", "w"])
+    want = engine.backward(plain_tape, {"y": seed}, wrt=["x", "w"])
+    for name in ("x", "w"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+# case -> (the Clip's inputs, its attributes, the bound initializers, opset, graph outputs, bounds,
+# fused); a bound input that is no initializer is fed as a graph input
+CLIPS = {
+    "initializer_bounds": (["h", "lo", "hi"], {}, {"lo": -0.5, "hi": 0.5}, 13, ["y"], (-0.5, 0.5), True),
+    "min_only": (["h", "lo"], {}, {"lo": -0.5}, 13, ["y"], (-0.5, np.inf), True),
+    "max_only": (["h", "", "hi"], {}, {"hi": 0.5}, 13, ["y"], (-np.inf, 0.5), True),
+    "attributes": (["h"], {"min": -0.5, "max": 0.5}, {}, 10, ["y"], (-0.5, 0.5), True),
+    "bound_is_graph_input": (["h", "lo", "hi"], {}, {"lo": -0.5}, 13, ["y"], (-0.5, 0.5), False),
+    "conv_output_is_graph_output": (["h", "lo", "hi"], {}, {"lo": -0.5, "hi": 0.5}, 13, ["h", "y"], (-0.5, 0.5),
+                                    False),
+}
+
+
+@pytest.mark.parametrize("case", list(CLIPS))
+def test_which_clips_fuse(case):
+    inputs, attrs, bounds, opset, outputs, (lo, hi), fused = CLIPS[case]
+    rng = np.random.default_rng(8)
+    w, x = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((1, 2, 4, 4))
+    feeds = {"x": x}
+    if "hi" in inputs and "hi" not in bounds:
+        feeds["hi"] = np.array(hi)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", inputs, ["y"], **attrs)]
+    consts = {"w": w, **{k: np.array(v) for k, v in bounds.items()}}
+    engine = Engine(read_model(_model(nodes, feeds, consts, outputs, opset)))
+    assert engine._fusable == ({0: (1, (lo, hi), tuple(bounds))} if fused else {})
+    h = reference_conv(x.transpose(1, 0, 2, 3), w, None, Geometry(2, 3, 4, 4, pads=(1, 1, 1, 1)))
+    want = np.clip(h, lo, hi).transpose(1, 0, 2, 3)
+    values, _ = engine.run(feeds)
+    np.testing.assert_allclose(values["y"], want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# bwacal.runtime
+
+
+def test_keep_freed_memory_applies_on_glibc(monkeypatch):
+    monkeypatch.delenv("BWACAL_MALLOC", raising=False)
+    assert keep_freed_memory() is True
+
+
+def test_keep_freed_memory_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("BWACAL_MALLOC", "default")
+    assert keep_freed_memory() is False
+
+
+def test_blas_runs_on_one_thread_unless_the_user_chose(monkeypatch):
+    """bwacal sets NumPy's OpenBLAS to one thread (its convs are numba kernels; see bwacal/runtime.py)
+    but leaves a user's OPENBLAS_NUM_THREADS alone."""
+    numpy_blas = [n for path, n in runtime.openblas_threads().items() if "numpy" in path]
+    if not numpy_blas:
+        pytest.skip("NumPy is not linked against OpenBLAS here")
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        assert numpy_blas == [1]
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert runtime.single_thread_blas() == 0
