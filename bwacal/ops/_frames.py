@@ -79,46 +79,47 @@ def plan(g, h, w) -> Plan:
 
 
 def build_frames(x, g, p: Plan):
-    """The ``(sh*sw, C, N*hf*wf + tail)`` phase frames of the CNHW array ``x``."""
+    """The ``(sh*sw, C, N*hf*wf + tail)`` phase frames of the CNHW array ``x``. Phases no tap reads
+    (three of the four of a strided 1x1 conv) are left unfilled: nothing reads them."""
     c, n = x.shape[:2]
     f = np.empty((g.sh * g.sw, c, n * p.hf * p.wf + p.tail), dtype=x.dtype)
-    _fill_frames(x, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, f)
+    used = np.zeros(g.sh * g.sw, dtype=np.bool_)
+    used[p.src] = True
+    _fill_frames(x, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, used, f)
     return f
 
 
 @njit(**FMA)
-def _fill_frames(x, sh, sw, pt, pl, hf, wf, f):
+def _fill_frames(x, sh, sw, pt, pl, hf, wf, used, f):
     c_n, n_n, h, w = x.shape
-    nph = sh * sw
-    for job in prange(nph * c_n):
+    fsz = hf * wf
+    for job in prange(sh * sw * c_n):
         ph = job // c_n
         c = job % c_n
+        if not used[ph]:
+            continue
         a = ph // sw
         b = ph % sw
         row = f[ph, c]
+        row[:] = 0  # one pass of zeros, then the image rows over it
         # columns q whose input column q*sw + b - pl lies in [0, w)
         q0 = max(0, (pl - b + sw - 1) // sw)
         q1 = min(wf, (w - 1 + pl - b) // sw + 1) if w - 1 + pl - b >= 0 else 0
-        q1 = max(q0, q1)
+        if q0 >= q1:
+            continue
         for bi in range(n_n):
+            xb = x[c, bi]
             for r in range(hf):
-                seg = row[(bi * hf + r) * wf:(bi * hf + r + 1) * wf]
                 i = r * sh + a - pt
-                if i < 0 or i >= h or q0 >= q1:
-                    for q in range(wf):
-                        seg[q] = 0
+                if i < 0 or i >= h:
                     continue
-                for q in range(q0):
-                    seg[q] = 0
-                xs = x[c, bi, i, q0 * sw + b - pl:]
-                dst = seg[q0:q1]
-                for q in range(q1 - q0):
-                    dst[q] = xs[q * sw]
-                for q in range(q1, wf):
-                    seg[q] = 0
-        tail = row[n_n * hf * wf:]
-        for q in range(tail.size):
-            tail[q] = 0
+                dst = row[bi * fsz + r * wf + q0:bi * fsz + r * wf + q1]
+                xs = xb[i, q0 * sw + b - pl:]
+                if sw == 1:
+                    dst[:] = xs[:q1 - q0]
+                else:
+                    for q in range(q1 - q0):
+                        dst[q] = xs[q * sw]
 
 
 def dense_weights(w2):

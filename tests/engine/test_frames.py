@@ -289,7 +289,8 @@ LAYOUTS = [name for name, g in GEOMETRIES.items() if g.group in (1, g.c)]
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_build_frames_holds_the_phases_of_the_padded_input(name, n):
-    """Phase (a, b) row r column q of image i is padded pixel (r*sh + a, q*sw + b); the tail is zeros."""
+    """Phase (a, b) row r column q of image i is padded pixel (r*sh + a, q*sw + b); the tail is zeros.
+    Only the phases some tap reads are filled (a strided 1x1 conv reads one of four)."""
     g = GEOMETRIES[name]
     x = np.random.default_rng(1).standard_normal((g.c, n, g.h, g.w))
     win = g.window()
@@ -298,11 +299,14 @@ def test_build_frames_holds_the_phases_of_the_padded_input(name, n):
     sh, sw = g.strides
     assert f.shape == (sh * sw, g.c, n * p.hf * p.wf + p.tail)
     canvas = padded_canvas(x, g, p.hf, p.wf)
+    read = sorted(set(p.src.tolist()))
     for a in range(sh):
         for b in range(sw):
+            if a * sw + b not in read:
+                continue
             want = canvas[:, :, a::sh, b::sw][:, :, :p.hf, :p.wf]
             np.testing.assert_array_equal(f[a * sw + b, :, :n * p.hf * p.wf].reshape(want.shape), want)
-    assert not f[:, :, n * p.hf * p.wf:].any()
+    assert not f[read, :, n * p.hf * p.wf:].any()
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -338,7 +342,11 @@ def test_from_frames_inverts_build_frames(name, n):
     f = FR.build_frames(x, win, p)
     back = np.full_like(x, np.nan)
     FR.from_frames(f, win.sh, win.sw, win.ph, win.pw, p.hf, p.wf, back)
-    np.testing.assert_array_equal(back, x)
+    # pixels of phases no tap reads are not in the frames (and get no gradient)
+    rows = (np.arange(g.h) + win.ph) % win.sh
+    cols = (np.arange(g.w) + win.pw) % win.sw
+    read = np.isin(rows[:, None] * win.sw + cols[None, :], p.src)
+    np.testing.assert_array_equal(back[:, :, read], x[:, :, read])
 
 
 @pytest.mark.parametrize("head, extra", [(0, 0), (7, 0), (3, 11)])
