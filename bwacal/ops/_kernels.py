@@ -1,7 +1,8 @@
-"""numba kernels behind Conv and the pools, on CNHW float arrays (channels, batch, height, width).
+"""numba kernels behind grouped convs (im2col, col2im) and the pools, on CNHW float arrays
+(channels, batch, height, width); dense and depthwise convs are in ``_frames.py``.
 
-The engine keeps 4-D activations channel-major so that a convolution is one GEMM,
-``W (O, C*kh*kw) @ cols (C*kh*kw, N*Ho*Wo)``, whose result is already the CNHW output.
+With activations channel-major, a grouped conv is one GEMM per group,
+``W_g (O/g, C/g*kh*kw) @ cols_g (C/g*kh*kw, N*Ho*Wo)``, whose result is already the CNHW output.
 Each kernel's parallel loop owns distinct output elements, so threads never write the same place.
 """
 

@@ -1,10 +1,10 @@
 """2-D convolution on channel-major (CNHW) activations.
 
-Dense and depthwise convs run direct numba kernels on padded frames of the input
-(``bwacal/ops/_frames.py``), which can also apply a following Relu/Clip as they write the output
-(the engine fuses it). Pointwise (1x1, stride 1, unpadded) convs are one BLAS GEMM,
-``W (O, C) @ x (C, N*H*W)``, whose result is already the CNHW output; other grouped convs are
-im2col + one GEMM per group.
+Dense convs (pointwise ones included: their input is its own frame) and depthwise convs run direct
+numba kernels on padded frames of the input (``bwacal/ops/_frames.py``), which can also apply a
+following Relu/Clip as they write the output (the engine fuses it). Other grouped convs are
+im2col + one BLAS GEMM per group, ``W_g (O/g, C/g*kh*kw) @ cols_g``, whose result is already the
+CNHW output.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Conv(Op):
             raise ValueError(f"input has {x.shape[0]} channels, weight expects {w.shape[1] * self.group}")
         x = np.ascontiguousarray(x)
         g = self._geometry(x, w)
-        if self._uses_frames(x, w, g):
+        if self._uses_frames(x, w):
             return self._frames_forward(x, w, b, g, clip)
         y, ctx = self._gemm_forward(x, w, b, g)
         if clip is not None:
@@ -115,10 +115,8 @@ class Conv(Op):
             y = np.minimum(np.maximum(y, y.dtype.type(lo)), y.dtype.type(hi))
         return y, ctx + (clip, y if clip is not None else None)
 
-    def _uses_frames(self, x, w, g):
-        if self._depthwise(x, w):
-            return True
-        return self.group == 1
+    def _uses_frames(self, x, w):
+        return self.group == 1 or self._depthwise(x, w)
 
     def _frames_forward(self, x, w, b, g, clip):
         o, n = w.shape[0], x.shape[1]
