@@ -203,6 +203,27 @@ def test_clip_cases_cross_their_bounds():
                 assert (pre < 0).any() and ((pre > 0) & (pre < 6)).any() and (pre > 6).any(), (name, n)
 
 
+@pytest.mark.parametrize("name", ["dense_3x3_same", "strided", "dilated"])
+def test_frames_too_large_to_keep_are_rebuilt_in_backward(name, monkeypatch):
+    """Above KEEP_FRAMES_BYTES a conv keeps its input, not its frames, and backward rebuilds them:
+    same gradients either way."""
+    import bwacal.ops.conv as conv_module
+
+    g = GEOMETRIES[name]
+    x, w, b = random_inputs(g, 3, np.float64, seed=9)
+    dy = np.random.default_rng(10).standard_normal(reference_conv(x, w, b, g).shape)
+    y, ctx = g.op().forward(x, w, b, clip=RELU)
+    assert ctx[1].ndim == 3  # frames kept
+    kept = g.op().backward(ctx, dy, need=(True, True, True))
+    monkeypatch.setattr(conv_module, "KEEP_FRAMES_BYTES", 0)
+    y2, ctx2 = g.op().forward(x, w, b, clip=RELU)
+    assert ctx2[1] is x or ctx2[1].ndim == 4  # the input kept instead
+    rebuilt = g.op().backward(ctx2, dy, need=(True, True, True))
+    np.testing.assert_array_equal(y2, y)
+    for a, c in zip(kept, rebuilt):
+        np.testing.assert_array_equal(a, c)
+
+
 def test_backward_gives_only_what_is_needed():
     g = GEOMETRIES["strided"]
     x, w, b = random_inputs(g, 2, np.float64, seed=3)
