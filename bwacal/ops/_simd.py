@@ -1,0 +1,98 @@
+"""Sixteen-float vectors for numba kernels: a value type and five intrinsics that emit LLVM vector IR.
+
+numba's loop vectoriser keeps a kernel's running sums in memory; a tile of sums held in registers
+across a whole reduction (what a GEMM micro-kernel does) has to be written with explicit vectors.
+``f32x16`` is an LLVM ``<16 x float>`` (one AVX-512 register, two AVX2 ones); a local variable of
+this type lives in a register. Only float32 arrays may be passed to ``vload``/``vstore``.
+
+- ``vzero()``: all zeros; ``vbcast(x)``: x in every lane.
+- ``vload(a, i)``: ``a[i:i+16]`` of a 1-D float32 array (unaligned; no bounds check: the caller
+  guarantees ``i + 16 <= a.size``).
+- ``vstore(a, i, v)``: ``a[i:i+16] = v``, same contract.
+- ``vfma(a, b, c)``: ``a * b + c`` lane by lane, one rounding (``llvm.fma``).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, models, register_model
+
+LANES = 16
+_VT = ir.VectorType(ir.FloatType(), LANES)
+
+
+class F32x16(types.Type):
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VT)
+
+
+def _check_array(arr, what):
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.float32):
+        raise TypingError(f"{what} takes a 1-D float32 array, got {arr}")
+
+
+def _pointer(context, builder, aryty, ary_value, index):
+    ary = context.make_array(aryty)(context, builder, ary_value)
+    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index], wraparound=False)
+    return builder.bitcast(ptr, ir.PointerType(_VT))
+
+
+@intrinsic
+def vload(typingctx, arr, index):
+    _check_array(arr, "vload")
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1]), align=4)
+
+    return f32x16(arr, index), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, index, value):
+    _check_array(arr, "vstore")
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _pointer(context, builder, sig.args[0], args[0], args[1]), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, value), codegen
+
+
+@intrinsic
+def vzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VT, [0.0] * LANES)
+
+    return f32x16(), codegen
+
+
+@intrinsic
+def vbcast(typingctx, x):
+    def codegen(context, builder, sig, args):
+        value = context.cast(builder, args[0], sig.args[0], types.float32)
+        v = builder.insert_element(ir.Constant(_VT, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        return builder.shuffle_vector(v, ir.Constant(_VT, ir.Undefined), mask)
+
+    return f32x16(x), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VT, [_VT] * 3), "llvm.fma.v16f32")
+        return builder.call(fn, args)
+
+    return f32x16(a, b, c), codegen
