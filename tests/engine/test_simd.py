@@ -1,0 +1,54 @@
+"""The vector intrinsics behind the register-tiled conv kernel, against NumPy."""
+
+import numpy as np
+import pytest
+from numba import njit
+from numba.core.errors import TypingError
+
+from bwacal.ops._simd import LANES, vbcast, vfma, vload, vstore, vzero
+
+
+@njit
+def _axpy_tiles(a, x, y, out):
+    """out[i] = a * x[i] + y[i] in 16-lane tiles; the tail beyond the last full tile untouched."""
+    u = vbcast(a)
+    for i in range(0, x.size - x.size % 16, 16):
+        vstore(out, i, vfma(u, vload(x, i), vload(y, i)))
+
+
+@njit
+def _sum_tiles(x):
+    acc = vzero()
+    one = vbcast(1.0)
+    for i in range(0, x.size - x.size % 16, 16):
+        acc = vfma(one, vload(x, i), acc)
+    lanes = np.empty(16, dtype=np.float32)
+    vstore(lanes, 0, acc)
+    return lanes
+
+
+def test_fma_tiles_match_numpy_and_leave_the_tail_alone():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2, 16 * 5 + 7)).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    _axpy_tiles(np.float32(1.5), x, y, out)
+    full = 16 * 5
+    # one rounding (fma) against NumPy's two: equal to within an ulp of the result
+    np.testing.assert_allclose(out[:full], np.float32(1.5) * x[:full] + y[:full], rtol=2e-7, atol=1e-7)
+    assert np.isnan(out[full:]).all()
+
+
+def test_unaligned_loads_and_lane_sums():
+    x = np.arange(1 + 16 * 4, dtype=np.float32)[1:]  # a view starting 4 bytes in
+    lanes = _sum_tiles(x)
+    np.testing.assert_array_equal(lanes, x.reshape(4, 16).sum(axis=0))
+    assert LANES == 16
+
+
+def test_non_float32_arrays_are_refused_at_compile_time():
+    @njit
+    def load64(a):
+        return vload(a, 0)
+
+    with pytest.raises(TypingError, match="float32"):
+        load64(np.zeros(16))
