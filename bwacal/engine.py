@@ -171,13 +171,13 @@ class Engine:
         for name, i in self._last_use.items():
             if name not in wanted:
                 drop_after.setdefault(i, []).append(name)
-        fused = {}  # Conv index -> (activation index, bounds) for this run
+        fused = {}  # index of a Conv or Add -> (index of its activation, bounds), for this run
         for i, (j, bounds, names) in self._fusable.items():
             if self.graph.nodes[i].outputs[0] not in wanted and not (params and any(n in params for n in names)):
                 fused[i] = (j, bounds)
         skip = {j for j, _ in fused.values()}
         for i, (node, op) in enumerate(zip(self.graph.nodes, self.ops)):
-            if i in skip:  # its Conv wrote its output already
+            if i in skip:  # the Conv or Add it is fused into wrote its output already
                 continue
             out_names = node.outputs
             if i in fused:

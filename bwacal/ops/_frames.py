@@ -52,10 +52,6 @@ class Plan:
     off: np.ndarray  # (taps,) offset of each tap in its phase frame
     tail: int  # zeros after the last image, so the padding band can be read past the end
 
-    @property
-    def phases(self):
-        return int(self.src.max()) + 1 if self.src.size else 1
-
 
 def plan(g, h, w) -> Plan:
     if g.sh == 1 and min(g.ph, g.pad_end_h) <= (g.kh - 1) * g.dh:
@@ -323,10 +319,9 @@ def _write_image(acc, o, b0, b1, fsz, wf, bias, lo_clip, hi_clip, y):
                     dst[oj] = hi if v > hi else v
 
 
-def images_per_job(fsz, n, jobs=1):
-    """Whole images per job: about CHUNK frame positions, and at least ``jobs`` jobs when the batch
-    allows (when the jobs are the only parallel dimension)."""
-    return max(1, min(CHUNK // fsz, -(-n // jobs)))
+def images_per_job(fsz, n):
+    """Whole images per job: about CHUNK frame positions (at most the batch)."""
+    return max(1, min(CHUNK // fsz, n))
 
 
 @njit(**FMA)
@@ -374,7 +369,7 @@ def dense_frames(f, eph, ech, eoff, wk, fsz, n_img, ipc, yf):
 
 
 @njit(**FMA)
-def to_frame(dy, hf, wf, head, tail, out):
+def to_frame(dy, hf, wf, head, out):
     """``out[o, head + b*hf*wf + oi*wf + oj] = dy[o, b, oi, oj]``, zero everywhere else."""
     o_n, n_n, ho, wo = dy.shape
     fsz = hf * wf

@@ -213,7 +213,7 @@ class Conv(Op):
         if dyf is None:
             head = int(p.off.max())
             dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
-            FR.to_frame(dy, p.hf, p.wf, head, 0, dyf)
+            FR.to_frame(dy, p.hf, p.wf, head, dyf)
         if need[1]:
             eph, ech, eoff = FR.pad_entries(*FR.entry_tables(xshape[0], p))
             splits = FR.weight_grad_splits(o, eph.size, n * fsz)
@@ -233,7 +233,7 @@ class Conv(Op):
                 if head != int(p.off.max()):
                     head = int(p.off.max())
                     dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
-                    FR.to_frame(dy, p.hf, p.wf, head, 0, dyf)
+                    FR.to_frame(dy, p.hf, p.wf, head, dyf)
                 dx = self._frames_input_grad(dyf, head, p, xshape, w, g)
         return dx, dw, db
 

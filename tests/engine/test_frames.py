@@ -377,7 +377,7 @@ def test_to_frame_places_each_output_at_its_frame_position(n, head, extra):
     o, ho, wo, hf, wf = 5, 3, 4, 5, 6
     dy = np.random.default_rng(4).standard_normal((o, n, ho, wo))
     out = np.full((o, head + n * hf * wf + extra), np.nan)
-    FR.to_frame(dy, hf, wf, head, 0, out)
+    FR.to_frame(dy, hf, wf, head, out)
     want = np.zeros_like(out)
     frames = want[:, head:head + n * hf * wf].reshape(o, n, hf, wf)  # a view into want
     frames[:, :, :ho, :wo] = dy
