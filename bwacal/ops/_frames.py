@@ -542,28 +542,29 @@ def _image_to_frame(yi, wf, out):
 @njit(**FMA)
 def depthwise_forward(x, src, off, wt, bias, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, tail, y):
     """Depthwise conv: output channel o reads input channel ``o // m`` (m = O / C) with its own taps,
-    ``wt`` (O, taps); clip as in ``dense_forward``."""
+    ``wt`` (O, taps); clip as in ``dense_forward``. One job per output channel, which reuses its
+    frame and sum buffers for every image."""
     c_n, n_n = x.shape[:2]
     o_n, _, ho, wo = y.shape
     m = o_n // c_n
     n_pos = (ho - 1) * wf + wo
-    for job in prange(o_n * n_n):
-        o = job // n_n
-        b = job % n_n
+    lo = y.dtype.type(lo_clip)
+    hi = y.dtype.type(hi_clip)
+    for o in prange(o_n):
         buf = np.empty((sh * sw, 1, hf * wf + tail), dtype=x.dtype)
-        _fill_image(x[o // m, b], sh, sw, pt, pl, hf, wf, buf[:, 0])
-        acc = np.zeros(n_pos, dtype=y.dtype)
-        _accumulate_taps(buf, src, off, wt, o, 0, 0, n_pos, acc)
+        acc = np.empty(n_pos, dtype=y.dtype)
         bv = bias[o]
-        lo = y.dtype.type(lo_clip)
-        hi = y.dtype.type(hi_clip)
-        for oi in range(ho):
-            a = acc[oi * wf:]
-            dst = y[o, b, oi]
-            for oj in range(wo):
-                v = a[oj] + bv
-                v = lo if v < lo else v
-                dst[oj] = hi if v > hi else v
+        for b in range(n_n):
+            _fill_image(x[o // m, b], sh, sw, pt, pl, hf, wf, buf[:, 0])
+            acc[:] = 0
+            _accumulate_taps(buf, src, off, wt, o, 0, 0, n_pos, acc)
+            for oi in range(ho):
+                a = acc[oi * wf:]
+                dst = y[o, b, oi]
+                for oj in range(wo):
+                    v = a[oj] + bv
+                    v = lo if v < lo else v
+                    dst[oj] = hi if v > hi else v
 
 
 @njit(**FMA)
