@@ -27,9 +27,6 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # the largest value glibc accepts
 TRIM_THRESHOLD = 1 << 30
 
-_OPENBLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads")
-
 
 def prefer_openmp() -> bool:
     """Put numba's OpenMP threading layer first (unless ``NUMBA_THREADING_LAYER`` is set)."""
@@ -55,12 +52,28 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def _loaded_libraries() -> set[str]:
+def _openblas_libraries():
+    """(path, ctypes handle) of every OpenBLAS the process has loaded (Linux; none elsewhere)."""
     try:
         with open("/proc/self/maps") as fh:
-            return {line.split(None, 5)[5].strip() for line in fh if len(line.split(None, 5)) == 6}
+            paths = {line.split(None, 5)[5].strip() for line in fh if len(line.split(None, 5)) == 6}
     except OSError:  # not Linux
-        return set()
+        return
+    for path in sorted(p for p in paths if "openblas" in os.path.basename(p).lower()):
+        try:
+            yield path, ctypes.CDLL(path)
+        except OSError:
+            continue
+
+
+def _symbol(lib, verb):
+    """The library's ``openblas_<verb>_num_threads`` under any of its export names, or None."""
+    for name in (f"scipy_openblas_{verb}_num_threads64_", f"scipy_openblas_{verb}_num_threads",
+                 f"openblas_{verb}_num_threads64_", f"openblas_{verb}_num_threads"):
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            return fn
+    return None
 
 
 def single_thread_blas() -> int:
@@ -71,19 +84,13 @@ def single_thread_blas() -> int:
     import numpy  # noqa: F401  (loads NumPy's OpenBLAS)
 
     count = 0
-    for path in sorted(p for p in _loaded_libraries() if "openblas" in os.path.basename(p).lower()):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _OPENBLAS_SETTERS:
-            setter = getattr(lib, name, None)
-            if setter is not None:
-                setter.argtypes = [ctypes.c_int]
-                setter.restype = None
-                setter(1)
-                count += 1
-                break
+    for _, lib in _openblas_libraries():
+        setter = _symbol(lib, "set")
+        if setter is not None:
+            setter.argtypes = [ctypes.c_int]
+            setter.restype = None
+            setter(1)
+            count += 1
     return count
 
 
@@ -91,15 +98,11 @@ def openblas_threads() -> dict[str, int]:
     """Thread count of each loaded OpenBLAS library, by path (for tests and benchmark headers).
     Libraries loaded after bwacal (SciPy's, say) keep their own setting."""
     counts = {}
-    for path in sorted(p for p in _loaded_libraries() if "openblas" in os.path.basename(p).lower()):
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                     "openblas_get_num_threads64_", "openblas_get_num_threads"):
-            getter = getattr(lib, name, None)
-            if getter is not None:
-                getter.restype = ctypes.c_int
-                counts[path] = getter()
-                break
+    for path, lib in _openblas_libraries():
+        getter = _symbol(lib, "get")
+        if getter is not None:
+            getter.restype = ctypes.c_int
+            counts[path] = getter()
     return counts
 
 

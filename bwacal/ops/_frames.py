@@ -371,7 +371,7 @@ def dense_frames(f, eph, ech, eoff, wk, fsz, n_img, ipc, yf):
 @njit(**FMA)
 def to_frame(dy, hf, wf, head, out):
     """``out[o, head + b*hf*wf + oi*wf + oj] = dy[o, b, oi, oj]``, zero everywhere else."""
-    o_n, n_n, ho, wo = dy.shape
+    o_n, n_n = dy.shape[:2]
     fsz = hf * wf
     for job in prange(o_n * n_n):
         o = job // n_n
@@ -383,39 +383,19 @@ def to_frame(dy, hf, wf, head, out):
         if b == n_n - 1:
             for i in range(head + n_n * fsz, row.size):
                 row[i] = 0
-        seg = row[head + b * fsz:head + (b + 1) * fsz]
-        for oi in range(hf):
-            dst = seg[oi * wf:(oi + 1) * wf]
-            if oi < ho:
-                src = dy[o, b, oi]
-                for oj in range(wo):
-                    dst[oj] = src[oj]
-                for oj in range(wo, wf):
-                    dst[oj] = 0
-            else:
-                for oj in range(wf):
-                    dst[oj] = 0
+        _image_to_frame(dy[o, b], wf, row[head + b * fsz:head + (b + 1) * fsz])
 
 
 @njit(**FMA)
 def from_frames(df, sh, sw, pt, pl, hf, wf, dx):
     """The inverse of ``_fill_frames`` on gradients: ``dx[c, b, i, j]`` is the phase-frame entry of
     padded pixel (i + pt, j + pl) (padding entries are dropped)."""
-    c_n, n_n, h, w = dx.shape
+    c_n, n_n = dx.shape[:2]
     fsz = hf * wf
     for job in prange(c_n * n_n):
         c = job // n_n
         b = job % n_n
-        for i in range(h):
-            r = (i + pt) // sh
-            a = (i + pt) % sh
-            dst = dx[c, b, i]
-            for bb in range(sw):
-                # columns j with (j + pl) % sw == bb, from j0 in steps of sw
-                j0 = (bb - pl) % sw
-                src = df[a * sw + bb, c, b * fsz + r * wf + (j0 + pl) // sw:]
-                for q in range((w - j0 + sw - 1) // sw):
-                    dst[j0 + q * sw] = src[q]
+        _gather_image(df[:, c, b * fsz:], sh, sw, pt, pl, wf, dx[c, b])
 
 
 @njit(**REDUCE)
@@ -539,6 +519,23 @@ def _image_to_frame(yi, wf, out):
             dst[oj] = src[oj]
 
 
+@njit(inline="always")
+def _gather_image(df, sh, sw, pt, pl, wf, dxi):
+    """``dxi[i, j]`` = the entry of padded pixel (i + pt, j + pl) in the phase frames ``df``
+    (phases, positions from the image's start): the inverse of ``_fill_image`` on gradients."""
+    h, w = dxi.shape
+    for i in range(h):
+        r = (i + pt) // sh
+        a = (i + pt) % sh
+        dst = dxi[i]
+        for bb in range(sw):
+            # columns j with (j + pl) % sw == bb, from j0 in steps of sw
+            j0 = (bb - pl) % sw
+            src = df[a * sw + bb, r * wf + (j0 + pl) // sw:]
+            for q in range((w - j0 + sw - 1) // sw):
+                dst[j0 + q * sw] = src[q]
+
+
 @njit(**FMA)
 def depthwise_forward(x, src, off, wt, bias, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, tail, y):
     """Depthwise conv: output channel o reads input channel ``o // m`` (m = O / C) with its own taps,
@@ -548,30 +545,21 @@ def depthwise_forward(x, src, off, wt, bias, lo_clip, hi_clip, sh, sw, pt, pl, h
     o_n, _, ho, wo = y.shape
     m = o_n // c_n
     n_pos = (ho - 1) * wf + wo
-    lo = y.dtype.type(lo_clip)
-    hi = y.dtype.type(hi_clip)
     for o in prange(o_n):
         buf = np.empty((sh * sw, 1, hf * wf + tail), dtype=x.dtype)
-        acc = np.empty(n_pos, dtype=y.dtype)
-        bv = bias[o]
+        acc = np.empty((1, n_pos), dtype=y.dtype)
         for b in range(n_n):
             _fill_image(x[o // m, b], sh, sw, pt, pl, hf, wf, buf[:, 0])
             acc[:] = 0
-            _accumulate_taps(buf, src, off, wt, o, 0, 0, n_pos, acc)
-            for oi in range(ho):
-                a = acc[oi * wf:]
-                dst = y[o, b, oi]
-                for oj in range(wo):
-                    v = a[oj] + bv
-                    v = lo if v < lo else v
-                    dst[oj] = hi if v > hi else v
+            _accumulate_taps(buf, src, off, wt, o, 0, 0, n_pos, acc[0])
+            _write_image(acc, o, b, b + 1, hf * wf, wf, bias, lo_clip, hi_clip, y)
 
 
 @njit(**FMA)
 def depthwise_input_grad(dy, src, off, wt, sh, sw, pt, pl, hf, wf, tail, dx):
     """dL/dx of ``depthwise_forward``: per (channel, image), each output gradient is added back to
     the frame entries its taps read, and the frames' entries are gathered back to pixels."""
-    c_n, n_n, h, w = dx.shape
+    c_n, n_n = dx.shape[:2]
     o_n, _, ho, wo = dy.shape
     m = o_n // c_n
     n_pos = (ho - 1) * wf + wo
@@ -588,15 +576,7 @@ def depthwise_input_grad(dy, src, off, wt, sh, sw, pt, pl, hf, wf, tail, dx):
                 wv = wt[o, t]
                 for i in range(n_pos):
                     d[i] += wv * dyl[i]
-        for i in range(h):
-            r = (i + pt) // sh
-            a = (i + pt) % sh
-            dst = dx[c, b, i]
-            for bb in range(sw):
-                j0 = (bb - pl) % sw
-                fs = df[a * sw + bb, r * wf + (j0 + pl) // sw:]
-                for q in range((w - j0 + sw - 1) // sw):
-                    dst[j0 + q * sw] = fs[q]
+        _gather_image(df, sh, sw, pt, pl, wf, dx[c, b])
 
 
 @njit(**REDUCE)
