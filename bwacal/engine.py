@@ -15,6 +15,7 @@ import numpy as np
 from bwacal.errors import ModelError, UnsupportedOpError
 from bwacal.graph import Graph
 from bwacal.ops import REGISTRY, Unsupported, make_op
+from bwacal.ops.block import find_inverted_residuals, run_inverted_residual
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Engine:
         self.ops = build_ops(graph)
         self._last_use = self._compute_last_use()
         self._fusable = self._find_fusable()
+        self._blocks = find_inverted_residuals(graph, self.ops, self._fusable)
 
     def _find_fusable(self) -> dict:
         """Nodes whose op can apply a clip as it writes its output (``fuses_clip``: Conv, Add) and
@@ -176,9 +178,31 @@ class Engine:
             if self.graph.nodes[i].outputs[0] not in wanted and not (params and any(n in params for n in names)):
                 fused[i] = (j, bounds)
         skip = {j for j, _ in fused.values()}
+        blocks = {}  # index of a block's first node -> the block, run by one kernel (nothing recorded)
+        if not record:
+            for first, blk in self._blocks.items():
+                members = [k for k in (blk.expand, blk.depthwise, blk.project, blk.add) if k is not None]
+                if (all(k in fused for k in members if k in self._fusable)
+                        and not any(name in wanted for name in blk.inner)):
+                    blocks[first] = blk
+                    skip.update(k for k in blk.nodes if k != first)
+
+        def drop(i):
+            for name in drop_after.get(i, ()):
+                values.pop(name, None)
+                relaid.pop((name, "T"), None)
+
         for i, (node, op) in enumerate(zip(self.graph.nodes, self.ops)):
-            if i in skip:  # the Conv or Add it is fused into wrote its output already
+            if i in skip:  # the Conv or Add it is fused into, or its block, wrote its output already
+                drop(i)
                 continue
+            if i in blocks:
+                if self._run_block(blocks[i], values, cnhw, relaid, fused, profile):
+                    drop(i)
+                    continue
+                # inputs the kernel does not take (dtype, shapes): the block's nodes run one by one
+                skip.difference_update(k for k in (blocks[i].depthwise, blocks[i].project, blocks[i].add)
+                                       if k is not None)
             out_names = node.outputs
             if i in fused:
                 act = self.graph.nodes[fused[i][0]]
@@ -211,13 +235,47 @@ class Engine:
                     tape.requires_grad.update(n for n in out_names[:1] if n)
                     tape.entries.append((i, ctx, [None if a is None else np.shape(a) for a in args], hows,
                                          out_names[0]))
-            for name in drop_after.get(i, ()):
-                values.pop(name, None)
-                relaid.pop((name, "T"), None)
+            drop(i)
         if record:
             tape.cnhw = cnhw
         return {name: (values[name].transpose(_SWAP) if name in cnhw else values[name])
                 for name in wanted}, tape
+
+    def _run_block(self, blk, values, cnhw, relaid, fused, profile) -> bool:
+        """Run an inverted-residual block with one kernel, storing its output; False (nothing run)
+        when its input or weights are not what the kernel takes."""
+        nodes = self.graph.nodes
+        first = nodes[blk.expand if blk.expand is not None else blk.depthwise]
+        start = time.perf_counter() if profile is not None else 0.0
+
+        def weights(k):
+            node = nodes[k]
+            bias = values[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
+            return np.asarray(values[node.inputs[1]]), bias
+
+        (x,), _, _ = self._to_op(self.ops[blk.depthwise], first.inputs[:1], [values[first.inputs[0]]], cnhw, relaid)
+        wd, bd = weights(blk.depthwise)
+        wp, bp = weights(blk.project)
+        hidden = wd.shape[0]
+        expand = None
+        if blk.expand is not None:
+            we, be = weights(blk.expand)
+            expand = (we, be, fused[blk.expand][1])
+            ok = we.shape == (hidden, x.shape[0], 1, 1) if x.ndim == 4 else False
+        else:
+            ok = x.ndim == 4 and x.shape[0] == hidden
+        if not (ok and x.dtype in (np.float32, np.float64) and wd.shape[1] == 1 and wp.shape[1:] == (hidden, 1, 1)):
+            return False
+        last = blk.add if blk.add is not None else blk.project
+        out_clip = fused[last][1] if last in fused else None
+        y = run_inverted_residual(x, expand, (self.ops[blk.depthwise], wd, bd, fused[blk.depthwise][1]),
+                                  (wp, bp), x if blk.add is not None else None, out_clip)
+        name = nodes[fused[last][0]].outputs[0] if last in fused else nodes[last].outputs[0]
+        values[name] = y
+        cnhw.add(name)
+        if profile is not None:
+            profile[first.name] = profile.get(first.name, 0.0) + time.perf_counter() - start
+        return True
 
     @staticmethod
     def _to_op(op, names, stored, cnhw, relaid):

@@ -9,8 +9,11 @@ batch 8 on 2 cores, see benchmarks/RESULTS.md):
   own worker processes are spawned, never forked. ``NUMBA_THREADING_LAYER`` overrides this.
 - **Freed memory kept for reuse** (glibc): malloc hands blocks of a few MB back to the OS when they
   are freed, so every pass page-faults on all of its activations again; on ResNet-20 that was a
-  quarter of forward+backward (626-666 ms against 450-500 ms). Resident memory stays near the peak
-  between passes; the peak itself is unchanged. ``BWACAL_MALLOC=default`` leaves malloc alone.
+  quarter of forward+backward (626-666 ms against 450-500 ms). Blocks above 32 MB (the largest mmap
+  threshold glibc takes) are still mapped and unmapped on every call unless mmap is off: the
+  MobileNetV2-style forward at batch 128 (50 MB expanded activations) ran 53-88 ms with them mapped,
+  47-55 ms without. Resident memory stays near the peak between passes. ``BWACAL_MALLOC=default``
+  leaves malloc alone.
 - **BLAS on one thread** (OpenBLAS): convolutions are numba kernels, so BLAS only sees small GEMMs
   (classifier heads), and OpenBLAS's threads keep spinning after each, taking the cores from the
   numba kernel that follows: ResNet-18 forward 270 ms, 222 ms with one BLAS thread. Setting
@@ -23,8 +26,7 @@ import ctypes
 import os
 
 M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # the largest value glibc accepts
+M_MMAP_MAX = -4
 TRIM_THRESHOLD = 1 << 30
 
 
@@ -39,8 +41,8 @@ def prefer_openmp() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap threshold to its maximum (32 MB) and its trim threshold to 1 GB. A no-op
-    off glibc or with ``BWACAL_MALLOC=default``; returns whether it was applied."""
+    """Serve every block from glibc's heap (no mmap) and trim it only above 1 GB free. A no-op off
+    glibc or with ``BWACAL_MALLOC=default``; returns whether it was applied."""
     if os.environ.get("BWACAL_MALLOC", "") == "default":
         return False
     try:
@@ -49,7 +51,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def _openblas_libraries():
