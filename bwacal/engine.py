@@ -15,7 +15,7 @@ import numpy as np
 from bwacal.errors import ModelError, UnsupportedOpError
 from bwacal.graph import Graph
 from bwacal.ops import REGISTRY, Unsupported, make_op
-from bwacal.ops.block import find_inverted_residuals, run_inverted_residual
+from bwacal.ops.block import find_blocks, run_block
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Engine:
         self.ops = build_ops(graph)
         self._last_use = self._compute_last_use()
         self._fusable = self._find_fusable()
-        self._blocks = find_inverted_residuals(graph, self.ops, self._fusable)
+        self._blocks = find_blocks(graph, self.ops, self._fusable)
 
     def _find_fusable(self) -> dict:
         """Nodes whose op can apply a clip as it writes its output (``fuses_clip``: Conv, Add) and
@@ -181,8 +181,7 @@ class Engine:
         blocks = {}  # index of a block's first node -> the block, run by one kernel (nothing recorded)
         if not record:
             for first, blk in self._blocks.items():
-                members = [k for k in (blk.expand, blk.depthwise, blk.project, blk.add) if k is not None]
-                if (all(k in fused for k in members if k in self._fusable)
+                if (all(k in fused for k in blk.members if k in self._fusable)
                         and not any(name in wanted for name in blk.inner)):
                     blocks[first] = blk
                     skip.update(k for k in blk.nodes if k != first)
@@ -201,8 +200,7 @@ class Engine:
                     drop(i)
                     continue
                 # inputs the kernel does not take (dtype, shapes): the block's nodes run one by one
-                skip.difference_update(k for k in (blocks[i].depthwise, blocks[i].project, blocks[i].add)
-                                       if k is not None)
+                skip.difference_update(blocks[i].members)
             out_names = node.outputs
             if i in fused:
                 act = self.graph.nodes[fused[i][0]]
@@ -242,34 +240,21 @@ class Engine:
                 for name in wanted}, tape
 
     def _run_block(self, blk, values, cnhw, relaid, fused, profile) -> bool:
-        """Run an inverted-residual block with one kernel, storing its output; False (nothing run)
-        when its input or weights are not what the kernel takes."""
+        """Run a block (``bwacal/ops/block.py``) with one kernel, storing its output; False (nothing
+        run) when its input or weights are not what the kernel takes."""
         nodes = self.graph.nodes
-        first = nodes[blk.expand if blk.expand is not None else blk.depthwise]
+        first = nodes[blk.convs[0]]
         start = time.perf_counter() if profile is not None else 0.0
-
-        def weights(k):
-            node = nodes[k]
-            bias = values[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
-            return np.asarray(values[node.inputs[1]]), bias
-
-        (x,), _, _ = self._to_op(self.ops[blk.depthwise], first.inputs[:1], [values[first.inputs[0]]], cnhw, relaid)
-        wd, bd = weights(blk.depthwise)
-        wp, bp = weights(blk.project)
-        hidden = wd.shape[0]
-        expand = None
-        if blk.expand is not None:
-            we, be = weights(blk.expand)
-            expand = (we, be, fused[blk.expand][1])
-            ok = we.shape == (hidden, x.shape[0], 1, 1) if x.ndim == 4 else False
-        else:
-            ok = x.ndim == 4 and x.shape[0] == hidden
-        if not (ok and x.dtype in (np.float32, np.float64) and wd.shape[1] == 1 and wp.shape[1:] == (hidden, 1, 1)):
+        (x,), _, _ = self._to_op(self.ops[blk.convs[0]], first.inputs[:1], [values[first.inputs[0]]], cnhw, relaid)
+        params = []
+        for k in blk.convs:
+            inputs = nodes[k].inputs
+            params.append((np.asarray(values[inputs[1]]), values[inputs[2]] if len(inputs) > 2 and inputs[2] else None))
+        y = run_block(blk, [self.ops[k] for k in blk.convs], x, params,
+                      [fused[k][1] if k in fused else None for k in blk.members])
+        if y is None:
             return False
-        last = blk.add if blk.add is not None else blk.project
-        out_clip = fused[last][1] if last in fused else None
-        y = run_inverted_residual(x, expand, (self.ops[blk.depthwise], wd, bd, fused[blk.depthwise][1]),
-                                  (wp, bp), x if blk.add is not None else None, out_clip)
+        last = blk.members[-1]
         name = nodes[fused[last][0]].outputs[0] if last in fused else nodes[last].outputs[0]
         values[name] = y
         cnhw.add(name)

@@ -1,11 +1,17 @@
-"""An inverted-residual block (MobileNetV2) in one kernel, for forward runs that record nothing.
+"""Residual blocks in one kernel, for forward runs that record nothing.
 
-The block is ``[pointwise Conv + clip] -> depthwise Conv + clip -> pointwise Conv [-> Add of the
-block input] [+ clip]``. Run node by node, its expanded activation (6x the block's channels) is
-written to memory whole and read back twice; run here, each job takes a few images through all
-three convs with the expanded activation and the depthwise output in buffers of a few hundred KB
-that stay in cache. A recorded run (backward needs the intermediate activations) runs the nodes one
-by one; ``Engine`` decides which.
+Two kinds of block:
+
+- **inverted residual** (MobileNetV2): ``[pointwise Conv + clip] -> depthwise Conv + clip ->
+  pointwise Conv [-> Add of the block input] [+ clip]``. Run node by node, its expanded activation
+  (6x the block's channels) is written to memory whole and read back twice.
+- **basic** (ResNet): ``Conv + clip -> Conv -> Add of the block input [+ clip]``, both convs dense
+  and stride 1 with the same window. Run node by node, the middle activation is written, copied into
+  frames, and the sum written and read again by the Add.
+
+Here each job takes a few images through the whole block, its intermediate values in buffers of a
+few hundred KB that stay in cache. A recorded run (backward needs the intermediate values) runs the
+nodes one by one; ``Engine`` decides which.
 """
 
 from __future__ import annotations
@@ -18,22 +24,54 @@ from numba import njit, prange
 from bwacal.ops import _frames as FR
 from bwacal.ops.window import window
 
-# Images per job: as many as keep the expanded activation of the job within this (an L2 cache).
+# Images per job: as many as keep the job's intermediate values within this (an L2 cache).
 JOB_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
-class InvertedResidual:
-    """Node indices of a block: ``expand`` (None when the block has no expansion), ``depthwise``,
-    ``project`` and ``add`` (None without a residual); ``nodes``: all of them, activations included;
-    ``inner``: the value names that exist only inside the block."""
+class Block:
+    """Node indices of a block: ``convs`` in order (an inverted residual's ``[expand,] depthwise,
+    project``; a basic block's two convs) and the residual ``add`` (None without one); ``nodes``:
+    all of them, activations included; ``inner``: the value names that exist only inside the block."""
 
-    expand: int | None
-    depthwise: int
-    project: int
+    kind: str  # "inverted_residual" or "basic"
+    convs: tuple
     add: int | None
     nodes: tuple
     inner: tuple
+
+    @property
+    def members(self) -> tuple:
+        """The convs and the Add: the nodes whose activations the block applies."""
+        return self.convs + (() if self.add is None else (self.add,))
+
+
+def run_block(blk, ops, x, params, clips):
+    """The output (CNHW) of ``blk`` for its CNHW input ``x``, or None when the kernel does not take
+    these inputs (the caller then runs the nodes). ``ops`` and ``params`` (weight, bias or None) are
+    per conv, ``clips`` per member (None for no activation)."""
+    if x.ndim != 4 or x.dtype not in (np.float32, np.float64):
+        return None
+    if blk.kind == "basic":
+        return _basic(x, ops, params, clips)
+    if len(blk.convs) == 3:
+        (we, be), (wd, bd), (wp, bp) = params
+        hidden = wd.shape[0]
+        if we.shape != (hidden, x.shape[0], 1, 1):
+            return None
+        expand = (we, be, clips[0])
+    else:
+        (wd, bd), (wp, bp) = params
+        hidden = wd.shape[0]
+        if x.shape[0] != hidden:
+            return None
+        expand = None
+    if wd.shape[1] != 1 or wp.shape[1:] != (hidden, 1, 1):
+        return None
+    d = len(blk.convs) - 2
+    residual = x if blk.add is not None else None
+    out_clip = clips[-1]
+    return run_inverted_residual(x, expand, (ops[d], wd, bd, clips[d]), (wp, bp), residual, out_clip)
 
 
 def run_inverted_residual(x, expand, depthwise, project, residual, out_clip):
@@ -144,6 +182,90 @@ def _inverted_residual(x, expand, ewk, ebias, elo, ehi, src, off, dwt, dbias, dl
                         dst[i] = hi_v if v > hi_v else v
 
 
+def _basic(x, ops, params, clips):
+    """A basic block's output, or None when its convs' windows do not keep the input's size and
+    frame layout (then the residual would not line up, or the middle frame would differ)."""
+    (w1, b1), (w2, b2) = params
+    c, n, h, w = x.shape
+    c1 = w1.shape[0]
+    if w1.shape[1] != c or w2.shape[:2] != (c, c1) or w1.shape[2:] != w2.shape[2:]:
+        return None
+    g1 = ops[0]._geometry(x, w1)
+    g2 = ops[1]._geometry(np.empty((c1, 0, g1.ho, g1.wo)), w2)
+    if (g1.ho, g1.wo) != (h, w) or g2 != g1:
+        return None
+    p = FR.plan(g1, h, w)
+    dtype = x.dtype
+    eph, ech1, eoff1 = FR.entry_tables(c, p)
+    _, ech2, eoff2 = FR.entry_tables(c1, p)
+    wk1 = FR.dense_weights(w1.reshape(c1, -1).astype(dtype, copy=False))
+    wk2 = FR.dense_weights(w2.reshape(c, -1).astype(dtype, copy=False))
+    lo1, hi1 = clips[0]
+    lo, hi = clips[2] if clips[2] is not None else (-np.inf, np.inf)
+    per_image = (c + c1) * p.hf * p.wf * x.itemsize
+    ipj = int(max(1, min(JOB_BYTES // per_image, -(-n // 4))))
+    y = np.empty_like(x)
+    _basic_block(np.ascontiguousarray(x), ech1, eoff1, wk1, _bias(b1, c1, dtype), lo1, hi1, ech2, eoff2, wk2,
+                 _bias(b2, c, dtype), lo, hi, g1.ph, g1.pw, p.hf, p.wf, p.tail, ipj, y)
+    return y
+
+
+@njit(**FR.FMA)
+def _basic_block(x, ech1, eoff1, wk1, b1, lo1, hi1, ech2, eoff2, wk2, b2, lo, hi, pt, pl, hf, wf, tail, ipj, y):
+    """``y = clip(conv2(clip(conv1(x), lo1, hi1)) + x, lo, hi)`` for stride-1 dense convs sharing one
+    frame layout (``plan``), ``ipj`` images per job. Entries as ``entry_tables`` gives them (one
+    phase), weights from ``dense_weights``; conv1 writes its output straight into conv2's frame."""
+    c_n, n_n, h, w = x.shape
+    c1_n = b1.size
+    fsz = hf * wf
+    shift = pt * wf + pl  # where pixel (0, 0) sits in its image's frame
+    zero1 = np.zeros(ech1.size, dtype=np.int64)
+    zero2 = np.zeros(ech2.size, dtype=np.int64)
+    for job in prange((n_n + ipj - 1) // ipj):
+        b0 = job * ipj
+        nb = min(n_n, b0 + ipj) - b0
+        n_pos = (nb - 1) * fsz + (h - 1) * wf + w
+        f1 = np.empty((1, c_n, nb * fsz + tail), dtype=x.dtype)
+        for c in range(c_n):
+            for bi in range(nb):
+                FR._fill_image(x[c, b0 + bi], 1, 1, pt, pl, hf, wf, f1[:, c, bi * fsz:(bi + 1) * fsz + tail])
+        f2 = np.zeros((1, c1_n, nb * fsz + tail), dtype=x.dtype)
+        acc = np.empty((8, n_pos), dtype=x.dtype)
+        lo1_v = x.dtype.type(lo1)
+        hi1_v = x.dtype.type(hi1)
+        for o in range(0, c1_n, 8):
+            acc[:] = 0
+            FR._accumulate(f1, zero1, ech1, eoff1, wk1, o, 0, n_pos, acc)
+            for k in range(min(8, c1_n - o)):
+                row = f2[0, o + k]
+                src = acc[k]
+                bv = b1[o + k]
+                for bi in range(nb):
+                    for oi in range(h):
+                        at = bi * fsz + oi * wf
+                        for oj in range(w):
+                            v = src[at + oj] + bv
+                            v = lo1_v if v < lo1_v else v
+                            row[at + oj + shift] = hi1_v if v > hi1_v else v
+        lo_v = x.dtype.type(lo)
+        hi_v = x.dtype.type(hi)
+        for o in range(0, c_n, 8):
+            acc[:] = 0
+            FR._accumulate(f2, zero2, ech2, eoff2, wk2, o, 0, n_pos, acc)
+            for k in range(min(8, c_n - o)):
+                src = acc[k]
+                bv = b2[o + k]
+                for bi in range(nb):
+                    for oi in range(h):
+                        dst = y[o + k, b0 + bi, oi]
+                        res = x[o + k, b0 + bi, oi]
+                        at = bi * fsz + oi * wf
+                        for oj in range(w):
+                            v = src[at + oj] + bv + res[oj]
+                            v = lo_v if v < lo_v else v
+                            dst[oj] = hi_v if v > hi_v else v
+
+
 def _is_pointwise(op, w):
     return (w is not None and w.ndim == 4 and w.shape[2:] == (1, 1) and op.group == 1
             and all(s == 1 for s in (op.strides or (1, 1))) and not any(op.pads or ())
@@ -154,12 +276,16 @@ def _is_depthwise(op, w):
     return w is not None and w.ndim == 4 and w.shape[1] == 1 and op.group == w.shape[0] > 1
 
 
-def find_inverted_residuals(graph, ops, fusable) -> dict:
-    """The blocks ``run_inverted_residual`` can run: index of the block's first node -> block.
+def _is_dense_stride_1(op, w):
+    return w is not None and w.ndim == 4 and op.group == 1 and all(s == 1 for s in (op.strides or (1, 1)))
+
+
+def find_blocks(graph, ops, fusable) -> dict:
+    """The blocks ``run_block`` can run: index of the block's first node -> ``Block``.
 
     ``fusable`` is ``Engine._find_fusable``'s map (a Conv or Add -> its activation). Every value
     inside a block must have one reader; weights must be initializers (their values, overridden or
-    not, are read at run time)."""
+    not, are read at run time); a residual must add the block's own input."""
     nodes, inits = graph.nodes, graph.initializers
     readers, producer = {}, {}
     for j, node in enumerate(nodes):
@@ -172,8 +298,8 @@ def find_inverted_residuals(graph, ops, fusable) -> dict:
     act_of = {j: i for i, (j, _, _) in fusable.items()}  # activation -> the node it is fused into
 
     def conv_weight(i):
-        node = nodes[i]
-        if node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[1] not in inits:
+        node = nodes[i] if i is not None else None
+        if node is None or node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[1] not in inits:
             return None
         if len(node.inputs) > 2 and node.inputs[2] and node.inputs[2] not in inits:
             return None
@@ -186,30 +312,39 @@ def find_inverted_residuals(graph, ops, fusable) -> dict:
         r = readers.get(name, [])
         return r[0] if len(r) == 1 else None
 
+    def residual_add(i, block_input):
+        """The Add that alone reads node i's (unfused) output and adds ``block_input`` to it."""
+        a = only_reader(nodes[i].outputs[0]) if i not in fusable else None
+        if a is not None and nodes[a].op_type == "Add" and len(nodes[a].inputs) == 2 \
+                and set(nodes[a].inputs) == {nodes[i].outputs[0], block_input} and block_input != nodes[i].outputs[0]:
+            return a
+        return None
+
+    def make(kind, convs, add):
+        members = convs + (() if add is None else (add,))
+        indices = tuple(sorted(set(members) | {fusable[k][0] for k in members if k in fusable}))
+        final = out(members[-1])
+        inner = tuple(name for k in indices for name in nodes[k].outputs if name and name != final)
+        return Block(kind, convs, add, indices, inner)
+
     blocks = {}
     for d in range(len(nodes)):
         wd = conv_weight(d)
-        if d not in fusable or not _is_depthwise(ops[d], wd):
+        if d not in fusable:
             continue
-        hidden = wd.shape[0]
-        p = only_reader(out(d))
-        wp = conv_weight(p) if p is not None else None
-        if wp is None or not _is_pointwise(ops[p], wp) or wp.shape[1] != hidden or nodes[p].inputs[0] != out(d):
+        nxt = only_reader(out(d))
+        wn = conv_weight(nxt)
+        if wn is None or nodes[nxt].inputs[0] != out(d):
             continue
-        e = act_of.get(producer.get(nodes[d].inputs[0]))
-        we = conv_weight(e) if e is not None else None
-        if not (we is not None and _is_pointwise(ops[e], we) and we.shape[0] == hidden
-                and only_reader(out(e)) == d):
-            e = None
-        block_input = nodes[e if e is not None else d].inputs[0]
-        add = only_reader(nodes[p].outputs[0]) if p not in fusable else None
-        if add is not None and not (nodes[add].op_type == "Add" and len(nodes[add].inputs) == 2
-                                    and set(nodes[add].inputs) == {nodes[p].outputs[0], block_input}
-                                    and block_input != nodes[p].outputs[0]):
-            add = None
-        members = [k for k in (e, d, p, add) if k is not None]
-        indices = sorted(set(members) | {fusable[k][0] for k in members if k in fusable})
-        final = out(members[-1])
-        inner = tuple(name for k in indices for name in nodes[k].outputs if name and name != final)
-        blocks[members[0]] = InvertedResidual(e, d, p, add, tuple(indices), inner)
+        if _is_depthwise(ops[d], wd) and _is_pointwise(ops[nxt], wn) and wn.shape[1] == wd.shape[0]:
+            e = act_of.get(producer.get(nodes[d].inputs[0]))
+            we = conv_weight(e)
+            convs = (d, nxt)
+            if we is not None and _is_pointwise(ops[e], we) and we.shape[0] == wd.shape[0] and only_reader(out(e)) == d:
+                convs = (e, d, nxt)
+            blocks[convs[0]] = make("inverted_residual", convs, residual_add(nxt, nodes[convs[0]].inputs[0]))
+        elif _is_dense_stride_1(ops[d], wd) and _is_dense_stride_1(ops[nxt], wn) and nxt not in fusable:
+            add = residual_add(nxt, nodes[d].inputs[0])
+            if add is not None:
+                blocks[d] = make("basic", (d, nxt), add)
     return blocks

@@ -213,7 +213,132 @@ def test_blocks_are_found_only_where_values_have_one_reader():
     model.graph.output.append(helper.make_tensor_value_info("extra", 0, None))
     engine = Engine(read_model(model))
     blk = engine._blocks
-    assert len(blk) == 1 and list(blk.values())[0].expand is None
+    assert len(blk) == 1 and len(list(blk.values())[0].convs) == 2
     got, ran = run_profiled(engine, {"x": x})
     assert "expand" in ran and "project" not in ran
     np.testing.assert_allclose(got["y"], reference(x, case, weights(case)), rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Basic blocks: Conv + clip -> Conv -> Add of the block input [+ clip]
+
+
+class Basic(NamedTuple):
+    c: int
+    mid: int  # the first conv's output channels
+    h: int
+    w: int
+    n: int = 3
+    kernel: int = 3
+    dilation: int = 1
+    out_clip: tuple | None = (0.0, np.inf)
+
+
+BASIC = {
+    "resnet": Basic(16, 16, 8, 8),
+    "narrow_middle": Basic(6, 3, 7, 5, n=5),
+    "odd_channels": Basic(5, 11, 6, 6),
+    "kernel_5_dilated": Basic(4, 8, 9, 7, kernel=5, dilation=2),
+    "one_pixel": Basic(8, 8, 1, 1, n=7),
+    "no_final_activation": Basic(4, 4, 5, 5, out_clip=None),
+    "relu6_output": Basic(4, 4, 5, 5, out_clip=RELU6),
+}
+
+
+def basic_weights(case, seed=0):
+    rng = np.random.default_rng(seed)
+    k = case.kernel
+    return {"w1": rng.standard_normal((case.mid, case.c, k, k)) / 3, "b1": rng.standard_normal(case.mid) / 4,
+            "w2": rng.standard_normal((case.c, case.mid, k, k)) / 3, "b2": rng.standard_normal(case.c) / 4}
+
+
+def basic_reference(x, case, p):
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in p.items()}
+    x = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    pad = case.dilation * (case.kernel - 1) // 2
+    h = torch.relu(F.conv2d(x, t["w1"], t["b1"], padding=pad, dilation=case.dilation))
+    y = F.conv2d(h, t["w2"], t["b2"], padding=pad, dilation=case.dilation) + x
+    return (y if case.out_clip is None else torch.clamp(y, *case.out_clip)).numpy()
+
+
+def basic_op(case):
+    pad = case.dilation * (case.kernel - 1) // 2
+    return Conv(kernel_shape=[case.kernel] * 2, pads=[pad] * 4, dilations=[case.dilation] * 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(BASIC))
+def test_basic_kernel_matches_torch(name, dtype):
+    case = BASIC[name]
+    p = basic_weights(case)
+    x = np.random.default_rng(1).standard_normal((case.n, case.c, case.h, case.w))
+    want = basic_reference(x, case, p)
+    blk = block.Block("basic", (0, 1), 2, (), ())
+    xc = np.ascontiguousarray(x.transpose(1, 0, 2, 3), dtype=dtype)
+    y = block.run_block(blk, [basic_op(case)] * 2, xc, [(p["w1"], p["b1"]), (p["w2"], p["b2"])],
+                        [(0.0, np.inf), None, case.out_clip])
+    assert y.dtype == dtype and y.shape == xc.shape
+    np.testing.assert_allclose(y.transpose(1, 0, 2, 3), want, rtol=0, atol=TOL[dtype] * np.abs(want).max())
+
+
+def test_basic_kernel_gives_the_same_with_one_image_or_many_per_job(monkeypatch):
+    case = Basic(8, 8, 6, 6, n=37)
+    p = basic_weights(case)
+    x = np.random.default_rng(2).standard_normal((case.n, case.c, case.h, case.w))
+    want = basic_reference(x, case, p)
+    blk = block.Block("basic", (0, 1), 2, (), ())
+    xc = np.ascontiguousarray(x.transpose(1, 0, 2, 3), dtype=np.float32)
+    for job_bytes in (1, 1 << 30):
+        monkeypatch.setattr(block, "JOB_BYTES", job_bytes)
+        y = block.run_block(blk, [basic_op(case)] * 2, xc, [(p["w1"], p["b1"]), (p["w2"], p["b2"])],
+                            [(0.0, np.inf), None, case.out_clip])
+        np.testing.assert_allclose(y.transpose(1, 0, 2, 3), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def basic_model(case, kernel2=None):
+    """x -> Conv -> Relu -> Conv -> Add(x) -> Relu as ONNX (opset 13); ``kernel2`` gives the second
+    conv another (size-keeping) window."""
+    p = basic_weights(case)
+    k2 = kernel2 or case.kernel
+    if kernel2 is not None:
+        p["w2"] = np.random.default_rng(4).standard_normal((case.c, case.mid, k2, k2)) / 3
+    pad = case.dilation * (case.kernel - 1) // 2
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", kernel_shape=[case.kernel] * 2,
+                              pads=[pad] * 4, dilations=[case.dilation] * 2),
+             helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["s"], name="conv2", kernel_shape=[k2] * 2,
+                              pads=[(k2 - 1) // 2 * case.dilation] * 4, dilations=[case.dilation] * 2),
+             helper.make_node("Add", ["x", "s"], ["t"], name="add"),
+             helper.make_node("Relu", ["t"], ["y"], name="relu2")]
+    x = np.random.default_rng(3).standard_normal((case.n, case.c, case.h, case.w))
+    return _model(nodes, {"x": x}, p, ["y"], 13), x, p
+
+
+def test_engine_runs_a_basic_block_in_one_kernel_when_nothing_is_recorded():
+    case = BASIC["resnet"]
+    model, x, p = basic_model(case)
+    engine = Engine(read_model(model))
+    assert [(b.kind, b.convs, b.add) for b in engine._blocks.values()] == [("basic", (0, 2), 3)]
+    want = basic_reference(x, case, p)
+    got, ran = run_profiled(engine, {"x": x})
+    assert ran == {"conv1"}
+    np.testing.assert_allclose(got["y"], want, rtol=0, atol=1e-12 * np.abs(want).max())
+    recorded, ran = run_profiled(engine, {"x": x}, record=True, wrt=["x"])
+    assert ran == {"conv1", "conv2", "add"}
+    np.testing.assert_allclose(recorded["y"], want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+def test_basic_block_with_different_windows_runs_node_by_node():
+    """A 3x3 then a 1x1 conv: found as a block, refused by the kernel at run time (the middle frame
+    would differ), so the nodes run one by one, right."""
+    case = BASIC["resnet"]
+    model, x, p = basic_model(case, kernel2=1)
+    engine = Engine(read_model(model))
+    assert len(engine._blocks) == 1
+    got, ran = run_profiled(engine, {"x": x})
+    assert ran == {"conv1", "conv2", "add"}
+    t = {k: torch.from_numpy(v) for k, v in p.items()}
+    xt = torch.from_numpy(x)
+    h = torch.relu(F.conv2d(xt, t["w1"], t["b1"], padding=1))
+    want = torch.relu(F.conv2d(h, t["w2"], t["b2"]) + xt).numpy()
+    np.testing.assert_allclose(got["y"], want, rtol=0, atol=1e-12 * np.abs(want).max())
