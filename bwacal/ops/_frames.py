@@ -76,21 +76,30 @@ def plan(g, h, w) -> Plan:
     return Plan(hf, wf, np.array(src, dtype=np.int64), np.array(off, dtype=np.int64), tail)
 
 
-def build_frames(x, g, p: Plan):
+def build_frames(x, g, p: Plan, y=None, lo_clip=-np.inf, hi_clip=np.inf):
     """The ``(sh*sw, C, N*hf*wf + tail)`` phase frames of the CNHW array ``x``. Phases no tap reads
-    (three of the four of a strided 1x1 conv) are left unfilled: nothing reads them."""
+    (three of the four of a strided 1x1 conv) are left unfilled: nothing reads them.
+
+    Given ``y`` (shaped like ``x``), the frames of ``x`` where ``lo_clip < y < hi_clip``, else 0: the
+    gradient through a fused Relu/Clip, masked as it is copied (NaN in ``y`` gives 0)."""
     c, n = x.shape[:2]
     f = np.empty((g.sh * g.sw, c, n * p.hf * p.wf + p.tail), dtype=x.dtype)
     used = np.zeros(g.sh * g.sw, dtype=np.bool_)
     used[p.src] = True
-    _fill_frames(x, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, used, f)
+    _fill_frames(x, y, lo_clip, hi_clip, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, used, f)
     return f
 
 
+# NOTE: the kernels take no default arguments: numba's dispatcher spends ~40 us filling them in,
+# as much as to_frame takes on a small layer. A None mask source ``y`` compiles without the mask.
+
+
 @njit(**FMA)
-def _fill_frames(x, sh, sw, pt, pl, hf, wf, used, f):
+def _fill_frames(x, y, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, used, f):
     c_n, n_n, h, w = x.shape
     fsz = hf * wf
+    lo = x.dtype.type(lo_clip)
+    hi = x.dtype.type(hi_clip)
     for job in prange(sh * sw * c_n):
         ph = job // c_n
         c = job % c_n
@@ -105,6 +114,7 @@ def _fill_frames(x, sh, sw, pt, pl, hf, wf, used, f):
         q1 = min(wf, (w - 1 + pl - b) // sw + 1) if w - 1 + pl - b >= 0 else 0
         if q0 >= q1:
             continue
+        j0 = q0 * sw + b - pl
         for bi in range(n_n):
             xb = x[c, bi]
             for r in range(hf):
@@ -112,12 +122,29 @@ def _fill_frames(x, sh, sw, pt, pl, hf, wf, used, f):
                 if i < 0 or i >= h:
                     continue
                 dst = row[bi * fsz + r * wf + q0:bi * fsz + r * wf + q1]
-                xs = xb[i, q0 * sw + b - pl:]
-                if sw == 1:
-                    dst[:] = xs[:q1 - q0]
+                xs = xb[i, j0:]
+                if y is not None:
+                    ys = y[c, bi, i, j0:]
+                    if sw == 1:
+                        _copy_masked(xs, ys, lo, hi, dst)
+                    else:
+                        for q in range(q1 - q0):
+                            t = ys[q * sw]
+                            dst[q] = xs[q * sw] if (t > lo) & (t < hi) else 0
+                elif sw == 1:
+                    for q in range(q1 - q0):  # NOTE: ``dst[:] = xs[:q1 - q0]`` took twice as long on 8-32 float rows
+                        dst[q] = xs[q]
                 else:
                     for q in range(q1 - q0):
                         dst[q] = xs[q * sw]
+
+
+@njit(inline="always")
+def _copy_masked(xs, ys, lo, hi, dst):
+    """``dst[q] = xs[q]`` where ``lo < ys[q] < hi``, else 0 (so 0 where ``ys`` is NaN)."""
+    for q in range(dst.size):
+        t = ys[q]
+        dst[q] = xs[q] if (t > lo) & (t < hi) else 0
 
 
 def dense_weights(w2):
@@ -369,10 +396,13 @@ def dense_frames(f, eph, ech, eoff, wk, fsz, n_img, ipc, yf):
 
 
 @njit(**FMA)
-def to_frame(dy, hf, wf, head, out):
-    """``out[o, head + b*hf*wf + oi*wf + oj] = dy[o, b, oi, oj]``, zero everywhere else."""
-    o_n, n_n = dy.shape[:2]
+def to_frame(dy, y, lo_clip, hi_clip, hf, wf, head, out):
+    """``out[o, head + b*hf*wf + oi*wf + oj] = dy[o, b, oi, oj]``, zero everywhere else; unless ``y``
+    is None, masked as in ``build_frames``: 0 where not ``lo_clip < y[o, b, oi, oj] < hi_clip``."""
+    o_n, n_n, ho, wo = dy.shape
     fsz = hf * wf
+    lo = dy.dtype.type(lo_clip)
+    hi = dy.dtype.type(hi_clip)
     for job in prange(o_n * n_n):
         o = job // n_n
         b = job % n_n
@@ -383,7 +413,13 @@ def to_frame(dy, hf, wf, head, out):
         if b == n_n - 1:
             for i in range(head + n_n * fsz, row.size):
                 row[i] = 0
-        _image_to_frame(dy[o, b], wf, row[head + b * fsz:head + (b + 1) * fsz])
+        frame = row[head + b * fsz:head + (b + 1) * fsz]
+        if y is None:
+            _image_to_frame(dy[o, b], wf, frame)
+        else:
+            frame[:] = 0
+            for oi in range(ho):
+                _copy_masked(dy[o, b, oi], y[o, b, oi], lo, hi, frame[oi * wf:oi * wf + wo])
 
 
 @njit(**FMA)
@@ -399,11 +435,14 @@ def from_frames(df, sh, sw, pt, pl, hf, wf, dx):
 
 
 @njit(**REDUCE)
-def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part):
-    """``part[s, o, k] = sum over positions p of split s of dyf[o, head + p] * f[eph[k], ech[k], p + eoff[k]]``.
+def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part, bias_part):
+    """``part[s, o, k] = sum over positions p of split s of dyf[o, head + p] * f[eph[k], ech[k], p + eoff[k]]``
+    and ``bias_part[s, o] = sum over the same p of dyf[o, head + p]``: dL/dW, and dL/db when ``dyf``
+    is zero outside the outputs (as the frames of dL/dy are).
 
     Blocks of 4 output channels x 4 entries (16 sums, 8 loads per 16 FMAs); each sum is float32
-    over ``SPAN`` positions and float64 across spans. ``part`` is (splits, O, K') with K' a multiple of 4.
+    over ``SPAN`` positions and float64 across spans. ``part`` is (splits, O, K') with K' a multiple
+    of 4, ``bias_part`` (splits, O).
     """
     o_n = dyf.shape[0]
     ob_n = (o_n + 3) // 4
@@ -414,6 +453,7 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part):
         o = (job // splits) * 4
         s = job % splits
         acc = np.zeros((4, kp), dtype=np.float64)
+        bsum = np.zeros(4, dtype=np.float64)
         d0 = dyf[min(o, o_n - 1)]
         d1 = dyf[min(o + 1, o_n - 1)]
         d2 = dyf[min(o + 2, o_n - 1)]
@@ -425,6 +465,16 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part):
             e1 = d1[head + lo:]
             e2 = d2[head + lo:]
             e3 = d3[head + lo:]
+            u0 = u1 = u2 = u3 = zero
+            for i in range(n):
+                u0 += e0[i]
+                u1 += e1[i]
+                u2 += e2[i]
+                u3 += e3[i]
+            bsum[0] += u0
+            bsum[1] += u1
+            bsum[2] += u2
+            bsum[3] += u3
             for k in range(0, kp, 4):
                 x0 = f[eph[k], ech[k], lo + eoff[k]:]
                 x1 = f[eph[k + 1], ech[k + 1], lo + eoff[k + 1]:]
@@ -477,6 +527,7 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part):
                 acc[3, k + 3] += t33
         for j in range(4):
             if o + j < o_n:
+                bias_part[s, o + j] = bsum[j]
                 for k in range(kp):
                     part[s, o + j, k] = acc[j, k]
 

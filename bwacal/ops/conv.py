@@ -43,11 +43,27 @@ def _cols(x, g):
     return cols
 
 
-def _frames(x, g, p):
-    """The phase frames of ``x`` for window ``g``; a pointwise conv's frame is the input itself."""
+# the (y, lo, hi) mask of a conv without a fused Relu/Clip: none
+NO_MASK = (None, -np.inf, np.inf)
+
+
+def _frames(x, g, p, mask=NO_MASK):
+    """The phase frames of ``x`` for window ``g``; a pointwise conv's frame is the input itself.
+    With ``mask=(y, lo, hi)``, the frames of ``_masked(x, mask)``."""
     if _pointwise(x.shape, g):
-        return x.reshape(1, x.shape[0], -1)
-    return FR.build_frames(x, g, p)
+        return _masked(x, mask).reshape(1, x.shape[0], -1)
+    return FR.build_frames(x, g, p, *mask)
+
+
+def _masked(dy, mask):
+    """dL/dy through a fused Relu/Clip, ``mask=(y, lo, hi)``: ``dy`` where ``lo < y < hi``, else 0
+    (0 where y is NaN); ``dy`` itself for ``NO_MASK``."""
+    y, lo, hi = mask
+    if y is None:
+        return dy
+    out = np.empty(y.shape, dtype=y.dtype)
+    FR.clip_grad(np.ascontiguousarray(dy, dtype=y.dtype), y, lo, hi, out)
+    return out
 
 
 def _mirror(g, xshape):
@@ -161,12 +177,11 @@ class Conv(Op):
 
     def backward(self, ctx, dy, need):
         clip, y = ctx[-2:]
-        if clip is not None:  # the fused Relu/Clip: gradient only where the output was not clipped
-            masked = np.empty(y.shape, dtype=y.dtype)
-            FR.clip_grad(np.ascontiguousarray(dy, dtype=y.dtype), y, clip[0], clip[1], masked)
-            dy = masked
+        # the fused Relu/Clip: gradient only where the output was not clipped
+        mask = NO_MASK if clip is None else (y, *clip)
         if ctx[0] == "frames":
-            return self._frames_backward(ctx[1:-2], dy, need)
+            return self._frames_backward(ctx[1:-2], dy, mask, need)
+        dy = _masked(dy, mask)
         if ctx[0] == "depthwise":
             return self._depthwise_backward(ctx[1:-2], dy, need)
         return self._gemm_backward(ctx[1:-2], dy, need)
@@ -189,17 +204,19 @@ class Conv(Op):
             FR.depthwise_input_grad(dy, p.src, p.off, wt, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, dx)
         return dx, dw, db
 
-    def _frames_backward(self, ctx, dy, need):
+    def _frames_backward(self, ctx, dy, mask, need):
+        """``mask`` (y, lo, hi) of a fused clip is applied as dL/dy's frames are built; dL/db is summed
+        by the dL/dW kernel from those frames (their entries outside the outputs are zeros)."""
         f, p, xshape, w, g, has_b = ctx
-        if f.ndim == 4:  # the input itself, kept instead of its (large) frames
-            f = _frames(f, g, p)
         o, n = dy.shape[0], dy.shape[1]
         dy = np.ascontiguousarray(dy, dtype=f.dtype)
-        dx = dw = db = None
-        if has_b and need[2]:
-            db = dy.reshape(o, -1).sum(axis=1)
+        want_db = has_b and need[2]
         if not (need[0] or need[1]):
-            return dx, dw, db
+            db = _masked(dy, mask).reshape(o, -1).sum(axis=1) if want_db else None
+            return None, None, db
+        if f.ndim == 4:  # the input itself, kept instead of its (large) frames
+            f = _frames(f, g, p)
+        dx = dw = db = None
         fsz = p.hf * p.wf
         # A stride-1 conv's dL/dx is a conv of dL/dy (flipped taps, mirrored padding) written
         # straight to pixels; when dL/dy's frames line up with the input's, dL/dW reads them too.
@@ -207,19 +224,24 @@ class Conv(Op):
         dyf = head = None
         if mirror is not None:
             pm = FR.plan(mirror, dy.shape[2], dy.shape[3])
-            fy = _frames(dy, mirror, pm)
+            fy = _frames(dy, mirror, pm, mask)
             if (pm.hf, pm.wf) == (p.hf, p.wf):
                 dyf, head = fy[0], mirror.ph * p.wf + mirror.pw
         if dyf is None:
             head = int(p.off.max())
             dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
-            FR.to_frame(dy, p.hf, p.wf, head, dyf)
+            FR.to_frame(dy, *mask, p.hf, p.wf, head, dyf)
         if need[1]:
             eph, ech, eoff = FR.pad_entries(*FR.entry_tables(xshape[0], p))
             splits = FR.weight_grad_splits(o, eph.size, n * fsz)
             part = np.empty((splits, o, eph.size), dtype=np.float64)
-            FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n * fsz, splits, part)
+            bias_part = np.empty((splits, o), dtype=np.float64)
+            FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n * fsz, splits, part, bias_part)
             dw = part.sum(axis=0)[:, :w.shape[1] * g.kh * g.kw].astype(w.dtype).reshape(w.shape)
+            if want_db:
+                db = bias_part.sum(axis=0).astype(dy.dtype)
+        elif want_db:
+            db = dyf[:, head:head + n * fsz].sum(axis=1)
         if need[0]:
             if mirror is not None:
                 dx = np.empty(xshape, dtype=dy.dtype)
@@ -229,11 +251,7 @@ class Conv(Op):
                 ipc = FR.images_per_job(pm.hf * pm.wf, n)
                 FR.dense_forward(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf,
                                  pm.hf, pm.wf, ipc, dx)
-            else:
-                if head != int(p.off.max()):
-                    head = int(p.off.max())
-                    dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
-                    FR.to_frame(dy, p.hf, p.wf, head, dyf)
+            else:  # dyf was built by to_frame, with the head the strided input gradient reads at
                 dx = self._frames_input_grad(dyf, head, p, xshape, w, g)
         return dx, dw, db
 

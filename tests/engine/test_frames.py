@@ -235,6 +235,43 @@ def test_backward_gives_only_what_is_needed():
     np.testing.assert_allclose(db, dy.sum(axis=(1, 2, 3)))
 
 
+def masked(dy, y, lo, hi):
+    """dy where lo < y < hi, else 0 (so 0 where y is NaN): the gradient through a Relu/Clip by its output."""
+    return np.where((y > lo) & (y < hi), dy, 0).astype(dy.dtype)
+
+
+# the paths of dense backward: dL/dy's frames built for the mirror conv, the pointwise conv's own
+# array, and to_frame (strided, a 1x1 strided, and a stride-1 conv whose padding is wider than its window)
+MASK_PATHS = ["dense_3x3_same", "dilated", "pointwise", "pointwise_strided", "strided", "strided_uneven",
+              "padded_beyond_window"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", MASK_PATHS)
+def test_fused_clip_backward_equals_masking_dy_first(name, dtype):
+    """A conv with a fused clip masks dL/dy as it builds dL/dy's frames: dx, dW and db are exactly
+    those of the unclipped conv's backward on the masked dL/dy, NaN outputs (masked to 0) included;
+    db also against a float64 sum of the masked dL/dy, with and without dW asked for."""
+    g = GEOMETRIES[name]
+    x, w, b = random_inputs(g, 3, dtype, seed=12)
+    x[0, 0, 0, 0] = np.nan  # a pixel every geometry here reads
+    op = g.op()
+    y, ctx = op.forward(x, w, b, clip=RELU6)
+    assert np.isnan(y).any() and (y == 0).any() and (y == 6).any()
+    dy = np.random.default_rng(13).standard_normal(y.shape).astype(dtype)
+    dy_masked = masked(dy, y, *RELU6)
+    unclipped_ctx = ctx[:-2] + (None, None)
+    fused = op.backward(ctx, dy, need=(True, True, True))
+    want = op.backward(unclipped_ctx, dy_masked, need=(True, True, True))
+    for got, ref, what in zip(fused, want, ("dx", "dW", "db")):
+        np.testing.assert_array_equal(got, ref, err_msg=what)
+    want_db = dy_masked.astype(np.float64).sum(axis=(1, 2, 3))
+    for need in [(True, True, True), (True, False, True), (False, True, True), (False, False, True)]:
+        db = op.backward(ctx, dy, need=need)[2]
+        assert db.dtype == dtype
+        assert_close(db, want_db, GRAD_TOL[dtype], f"db, need {need}")
+
+
 @st.composite
 def geometries(draw):
     """Any dense or depthwise 2-D conv geometry whose window fits the padded input."""
@@ -370,18 +407,90 @@ def test_from_frames_inverts_build_frames(name, n):
     np.testing.assert_array_equal(back[:, :, read], x[:, :, read])
 
 
+def mask_source(shape, lo, seed):
+    """A ``y`` for the masked frame kernels: normal values (x4) with NaN, +-inf and ``lo`` itself among them."""
+    y = np.random.default_rng(seed).standard_normal(shape) * 4
+    flat = y.reshape(-1)
+    flat[::7] = np.nan
+    flat[1::11] = np.inf
+    flat[2::13] = -np.inf
+    flat[3::17] = lo
+    return y
+
+
+BOUNDS = {"none": None, "relu": RELU, "relu6": RELU6, "unbounded": (-np.inf, np.inf)}
+
+
+@pytest.mark.parametrize("bounds", list(BOUNDS))
 @pytest.mark.parametrize("head, extra", [(0, 0), (7, 0), (3, 11)])
 @pytest.mark.parametrize("n", [1, 3])
-def test_to_frame_places_each_output_at_its_frame_position(n, head, extra):
-    """``out[o, head + i*hf*wf + oi*wf + oj] = dy[o, i, oi, oj]``; every other entry is zero."""
+def test_to_frame_places_each_output_at_its_frame_position(n, head, extra, bounds):
+    """``out[o, head + i*hf*wf + oi*wf + oj] = dy[o, i, oi, oj]`` (masked by ``y`` when bounds are given);
+    every other entry is zero."""
     o, ho, wo, hf, wf = 5, 3, 4, 5, 6
     dy = np.random.default_rng(4).standard_normal((o, n, ho, wo))
     out = np.full((o, head + n * hf * wf + extra), np.nan)
-    FR.to_frame(dy, hf, wf, head, out)
+    if BOUNDS[bounds] is None:
+        FR.to_frame(dy, None, -np.inf, np.inf, hf, wf, head, out)
+    else:
+        y = mask_source(dy.shape, BOUNDS[bounds][0], seed=5)
+        FR.to_frame(dy, y, *BOUNDS[bounds], hf, wf, head, out)
+        dy = masked(dy, y, *BOUNDS[bounds])
     want = np.zeros_like(out)
     frames = want[:, head:head + n * hf * wf].reshape(o, n, hf, wf)  # a view into want
     frames[:, :, :ho, :wo] = dy
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("bounds", ["relu", "relu6", "unbounded"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_masked_frames_are_the_frames_of_the_masked_array(name, dtype, bounds):
+    """``build_frames(x, ..., y, lo, hi)`` equals ``build_frames`` of ``where(lo < y < hi, x, 0)`` in every
+    phase some tap reads (NaN and infinite ``y`` give 0, as does y == lo)."""
+    g = GEOMETRIES[name]
+    x = np.random.default_rng(6).standard_normal((g.c, 3, g.h, g.w)).astype(dtype)
+    y = mask_source(x.shape, BOUNDS[bounds][0], seed=7).astype(dtype)
+    win = g.window()
+    p = FR.plan(win, g.h, g.w)
+    got = FR.build_frames(x, win, p, y, *BOUNDS[bounds])
+    want = FR.build_frames(masked(x, y, *BOUNDS[bounds]), win, p)
+    read = sorted(set(p.src.tolist()))
+    np.testing.assert_array_equal(got[read], want[read])
+
+
+def naive_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits):
+    """``dense_weight_grad``'s two outputs by a float64 dot product per (split, output, entry)."""
+    o_n, k_n = dyf.shape[0], eph.size
+    per = -(-n_pos // splits)
+    part, bias_part = np.zeros((splits, o_n, k_n)), np.zeros((splits, o_n))
+    for s in range(splits):
+        lo, hi = s * per, min(n_pos, (s + 1) * per)
+        d = dyf[:, head + lo:head + hi].astype(np.float64)
+        bias_part[s] = d.sum(axis=1)
+        for k in range(k_n):
+            part[s, :, k] = d @ f[eph[k], ech[k], lo + eoff[k]:hi + eoff[k]].astype(np.float64)
+    return part, bias_part
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("o, splits", [(4, 1), (6, 3), (9, 2)])
+def test_dense_weight_grad_sums_products_and_dy(o, splits, dtype):
+    """Per split of positions: ``part`` sums dyf times each entry's frame, ``bias_part`` dyf itself (the
+    positions span several SPANs, and split 1 starts mid-span)."""
+    rng = np.random.default_rng(o)
+    c, n_pos, head = 3, 2 * FR.SPAN + 1000, 5
+    eph, ech, eoff = FR.pad_entries(np.zeros(c * 2, dtype=np.int64), np.repeat(np.arange(c), 2),
+                                    np.tile(np.array([0, 7]), c))
+    f = rng.standard_normal((1, c, n_pos + 7)).astype(dtype)
+    dyf = rng.standard_normal((o, head + n_pos)).astype(dtype)
+    part = np.full((splits, o, eph.size), np.nan)
+    bias_part = np.full((splits, o), np.nan)
+    FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part, bias_part)
+    want_part, want_bias = naive_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits)
+    tol = {np.float32: 1e-5, np.float64: 1e-12}[dtype] * np.sqrt(n_pos)
+    np.testing.assert_allclose(part, want_part, rtol=0, atol=tol)
+    np.testing.assert_allclose(bias_part, want_bias, rtol=0, atol=tol)
 
 
 # ---------------------------------------------------------------------------------------------
