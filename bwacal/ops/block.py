@@ -1,17 +1,14 @@
-"""Residual blocks in one kernel, for forward runs that record nothing.
+"""Inverted-residual blocks (MobileNetV2) in one kernel, for forward runs that record nothing.
 
-Two kinds of block:
+The block is ``[pointwise Conv + clip] -> depthwise Conv + clip -> pointwise Conv [-> Add of the
+block input] [+ clip]``. Run node by node, its expanded activation (6x the block's channels) is
+written to memory whole and read back twice; here each job takes a few images through the whole
+block, its intermediate values in buffers of a few hundred KB that stay in cache. A recorded run
+(backward needs the intermediate values) runs the nodes one by one; ``Engine`` decides which.
 
-- **inverted residual** (MobileNetV2): ``[pointwise Conv + clip] -> depthwise Conv + clip ->
-  pointwise Conv [-> Add of the block input] [+ clip]``. Run node by node, its expanded activation
-  (6x the block's channels) is written to memory whole and read back twice.
-- **basic** (ResNet): ``Conv + clip -> Conv -> Add of the block input [+ clip]``, both convs dense
-  and stride 1 with the same window. Run node by node, the middle activation is written, copied into
-  frames, and the sum written and read again by the Add.
-
-Here each job takes a few images through the whole block, its intermediate values in buffers of a
-few hundred KB that stay in cache. A recorded run (backward needs the intermediate values) runs the
-nodes one by one; ``Engine`` decides which.
+The same was tried for ResNet's basic block (Conv + Relu, Conv, Add of the input, Relu): no gain on
+ResNet-20 (82.6 against 83.2 ms forward) or ResNet-18 (195 against 191 ms), since there the convs'
+own work dominates and ``dense_forward`` splits it by output channels as well as images.
 """
 
 from __future__ import annotations
@@ -30,11 +27,10 @@ JOB_BYTES = 256 << 10
 
 @dataclass(frozen=True)
 class Block:
-    """Node indices of a block: ``convs`` in order (an inverted residual's ``[expand,] depthwise,
-    project``; a basic block's two convs) and the residual ``add`` (None without one); ``nodes``:
-    all of them, activations included; ``inner``: the value names that exist only inside the block."""
+    """Node indices of a block: ``convs`` in order (``[expand,] depthwise, project``) and the
+    residual ``add`` (None without one); ``nodes``: all of them, activations included; ``inner``: the
+    value names that exist only inside the block."""
 
-    kind: str  # "inverted_residual" or "basic"
     convs: tuple
     add: int | None
     nodes: tuple
@@ -52,8 +48,6 @@ def run_block(blk, ops, x, params, clips):
     per conv, ``clips`` per member (None for no activation)."""
     if x.ndim != 4 or x.dtype not in (np.float32, np.float64):
         return None
-    if blk.kind == "basic":
-        return _basic(x, ops, params, clips)
     if len(blk.convs) == 3:
         (we, be), (wd, bd), (wp, bp) = params
         hidden = wd.shape[0]
@@ -182,90 +176,6 @@ def _inverted_residual(x, expand, ewk, ebias, elo, ehi, src, off, dwt, dbias, dl
                         dst[i] = hi_v if v > hi_v else v
 
 
-def _basic(x, ops, params, clips):
-    """A basic block's output, or None when its convs' windows do not keep the input's size and
-    frame layout (then the residual would not line up, or the middle frame would differ)."""
-    (w1, b1), (w2, b2) = params
-    c, n, h, w = x.shape
-    c1 = w1.shape[0]
-    if w1.shape[1] != c or w2.shape[:2] != (c, c1) or w1.shape[2:] != w2.shape[2:]:
-        return None
-    g1 = ops[0]._geometry(x, w1)
-    g2 = ops[1]._geometry(np.empty((c1, 0, g1.ho, g1.wo)), w2)
-    if (g1.ho, g1.wo) != (h, w) or g2 != g1:
-        return None
-    p = FR.plan(g1, h, w)
-    dtype = x.dtype
-    eph, ech1, eoff1 = FR.entry_tables(c, p)
-    _, ech2, eoff2 = FR.entry_tables(c1, p)
-    wk1 = FR.dense_weights(w1.reshape(c1, -1).astype(dtype, copy=False))
-    wk2 = FR.dense_weights(w2.reshape(c, -1).astype(dtype, copy=False))
-    lo1, hi1 = clips[0]
-    lo, hi = clips[2] if clips[2] is not None else (-np.inf, np.inf)
-    per_image = (c + c1) * p.hf * p.wf * x.itemsize
-    ipj = int(max(1, min(JOB_BYTES // per_image, -(-n // 4))))
-    y = np.empty_like(x)
-    _basic_block(np.ascontiguousarray(x), ech1, eoff1, wk1, _bias(b1, c1, dtype), lo1, hi1, ech2, eoff2, wk2,
-                 _bias(b2, c, dtype), lo, hi, g1.ph, g1.pw, p.hf, p.wf, p.tail, ipj, y)
-    return y
-
-
-@njit(**FR.FMA)
-def _basic_block(x, ech1, eoff1, wk1, b1, lo1, hi1, ech2, eoff2, wk2, b2, lo, hi, pt, pl, hf, wf, tail, ipj, y):
-    """``y = clip(conv2(clip(conv1(x), lo1, hi1)) + x, lo, hi)`` for stride-1 dense convs sharing one
-    frame layout (``plan``), ``ipj`` images per job. Entries as ``entry_tables`` gives them (one
-    phase), weights from ``dense_weights``; conv1 writes its output straight into conv2's frame."""
-    c_n, n_n, h, w = x.shape
-    c1_n = b1.size
-    fsz = hf * wf
-    shift = pt * wf + pl  # where pixel (0, 0) sits in its image's frame
-    zero1 = np.zeros(ech1.size, dtype=np.int64)
-    zero2 = np.zeros(ech2.size, dtype=np.int64)
-    for job in prange((n_n + ipj - 1) // ipj):
-        b0 = job * ipj
-        nb = min(n_n, b0 + ipj) - b0
-        n_pos = (nb - 1) * fsz + (h - 1) * wf + w
-        f1 = np.empty((1, c_n, nb * fsz + tail), dtype=x.dtype)
-        for c in range(c_n):
-            for bi in range(nb):
-                FR._fill_image(x[c, b0 + bi], 1, 1, pt, pl, hf, wf, f1[:, c, bi * fsz:(bi + 1) * fsz + tail])
-        f2 = np.zeros((1, c1_n, nb * fsz + tail), dtype=x.dtype)
-        acc = np.empty((8, n_pos), dtype=x.dtype)
-        lo1_v = x.dtype.type(lo1)
-        hi1_v = x.dtype.type(hi1)
-        for o in range(0, c1_n, 8):
-            acc[:] = 0
-            FR._accumulate(f1, zero1, ech1, eoff1, wk1, o, 0, n_pos, acc)
-            for k in range(min(8, c1_n - o)):
-                row = f2[0, o + k]
-                src = acc[k]
-                bv = b1[o + k]
-                for bi in range(nb):
-                    for oi in range(h):
-                        at = bi * fsz + oi * wf
-                        for oj in range(w):
-                            v = src[at + oj] + bv
-                            v = lo1_v if v < lo1_v else v
-                            row[at + oj + shift] = hi1_v if v > hi1_v else v
-        lo_v = x.dtype.type(lo)
-        hi_v = x.dtype.type(hi)
-        for o in range(0, c_n, 8):
-            acc[:] = 0
-            FR._accumulate(f2, zero2, ech2, eoff2, wk2, o, 0, n_pos, acc)
-            for k in range(min(8, c_n - o)):
-                src = acc[k]
-                bv = b2[o + k]
-                for bi in range(nb):
-                    for oi in range(h):
-                        dst = y[o + k, b0 + bi, oi]
-                        res = x[o + k, b0 + bi, oi]
-                        at = bi * fsz + oi * wf
-                        for oj in range(w):
-                            v = src[at + oj] + bv + res[oj]
-                            v = lo_v if v < lo_v else v
-                            dst[oj] = hi_v if v > hi_v else v
-
-
 def _is_pointwise(op, w):
     return (w is not None and w.ndim == 4 and w.shape[2:] == (1, 1) and op.group == 1
             and all(s == 1 for s in (op.strides or (1, 1))) and not any(op.pads or ())
@@ -274,10 +184,6 @@ def _is_pointwise(op, w):
 
 def _is_depthwise(op, w):
     return w is not None and w.ndim == 4 and w.shape[1] == 1 and op.group == w.shape[0] > 1
-
-
-def _is_dense_stride_1(op, w):
-    return w is not None and w.ndim == 4 and op.group == 1 and all(s == 1 for s in (op.strides or (1, 1)))
 
 
 def find_blocks(graph, ops, fusable) -> dict:
@@ -320,31 +226,26 @@ def find_blocks(graph, ops, fusable) -> dict:
             return a
         return None
 
-    def make(kind, convs, add):
+    def make(convs, add):
         members = convs + (() if add is None else (add,))
         indices = tuple(sorted(set(members) | {fusable[k][0] for k in members if k in fusable}))
         final = out(members[-1])
         inner = tuple(name for k in indices for name in nodes[k].outputs if name and name != final)
-        return Block(kind, convs, add, indices, inner)
+        return Block(convs, add, indices, inner)
 
     blocks = {}
     for d in range(len(nodes)):
         wd = conv_weight(d)
-        if d not in fusable:
+        if d not in fusable or not _is_depthwise(ops[d], wd):
             continue
-        nxt = only_reader(out(d))
-        wn = conv_weight(nxt)
-        if wn is None or nodes[nxt].inputs[0] != out(d):
+        p = only_reader(out(d))
+        wp = conv_weight(p)
+        if wp is None or not _is_pointwise(ops[p], wp) or wp.shape[1] != wd.shape[0] or nodes[p].inputs[0] != out(d):
             continue
-        if _is_depthwise(ops[d], wd) and _is_pointwise(ops[nxt], wn) and wn.shape[1] == wd.shape[0]:
-            e = act_of.get(producer.get(nodes[d].inputs[0]))
-            we = conv_weight(e)
-            convs = (d, nxt)
-            if we is not None and _is_pointwise(ops[e], we) and we.shape[0] == wd.shape[0] and only_reader(out(e)) == d:
-                convs = (e, d, nxt)
-            blocks[convs[0]] = make("inverted_residual", convs, residual_add(nxt, nodes[convs[0]].inputs[0]))
-        elif _is_dense_stride_1(ops[d], wd) and _is_dense_stride_1(ops[nxt], wn) and nxt not in fusable:
-            add = residual_add(nxt, nodes[d].inputs[0])
-            if add is not None:
-                blocks[d] = make("basic", (d, nxt), add)
+        e = act_of.get(producer.get(nodes[d].inputs[0]))
+        we = conv_weight(e)
+        convs = (d, p)
+        if we is not None and _is_pointwise(ops[e], we) and we.shape[0] == wd.shape[0] and only_reader(out(e)) == d:
+            convs = (e, d, p)
+        blocks[convs[0]] = make(convs, residual_add(p, nodes[convs[0]].inputs[0]))
     return blocks
