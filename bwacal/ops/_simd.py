@@ -10,6 +10,8 @@ this type lives in a register. Only float32 arrays may be passed to ``vload``/``
   guarantees ``i + 16 <= a.size``).
 - ``vstore(a, i, v)``: ``a[i:i+16] = v``, same contract.
 - ``vfma(a, b, c)``: ``a * b + c`` lane by lane, one rounding (``llvm.fma``).
+- ``vadd(a, b)``: ``a + b``; ``vclip(v, lo, hi)``: ``lo`` where ``v < lo``, ``hi`` where ``v > hi``,
+  else ``v`` (selects, as the scalar kernels clip: NaN passes through).
 """
 
 from __future__ import annotations
@@ -78,13 +80,18 @@ def vzero(typingctx):
     return f32x16(), codegen
 
 
+def _splat(context, builder, value, ty):
+    """The scalar ``value`` of numba type ``ty`` as float32 in every lane."""
+    value = context.cast(builder, value, ty, types.float32)
+    v = builder.insert_element(ir.Constant(_VT, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+    return builder.shuffle_vector(v, ir.Constant(_VT, ir.Undefined), mask)
+
+
 @intrinsic
 def vbcast(typingctx, x):
     def codegen(context, builder, sig, args):
-        value = context.cast(builder, args[0], sig.args[0], types.float32)
-        v = builder.insert_element(ir.Constant(_VT, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-        mask = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
-        return builder.shuffle_vector(v, ir.Constant(_VT, ir.Undefined), mask)
+        return _splat(context, builder, args[0], sig.args[0])
 
     return f32x16(x), codegen
 
@@ -96,3 +103,23 @@ def vfma(typingctx, a, b, c):
         return builder.call(fn, args)
 
     return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vclip(typingctx, v, lo, hi):
+    def codegen(context, builder, sig, args):
+        out = args[0]
+        for k, op in ((1, "<"), (2, ">")):
+            bound = _splat(context, builder, args[k], sig.args[k])
+            out = builder.select(builder.fcmp_ordered(op, out, bound), bound, out)
+        return out
+
+    return f32x16(v, lo, hi), codegen

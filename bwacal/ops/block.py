@@ -1,12 +1,14 @@
-"""Inverted-residual blocks (MobileNetV2) in one kernel, for forward runs that record nothing.
+"""Inverted-residual blocks (MobileNetV2) in one kernel, for float32 forward runs that record nothing.
 
-The block is ``[pointwise Conv + clip] -> depthwise Conv + clip -> pointwise Conv [-> Add of the
+The block is ``pointwise Conv + clip -> depthwise Conv + clip -> pointwise Conv [-> Add of the
 block input] [+ clip]``. Run node by node, its expanded activation (6x the block's channels) is
 written to memory whole and read back twice; here each job takes a few images through the whole
 block, its intermediate values in buffers of a few hundred KB that stay in cache. A recorded run
 (backward needs the intermediate values) runs the nodes one by one; ``Engine`` decides which.
 
-The same was tried for ResNet's basic block (Conv + Relu, Conv, Add of the input, Relu): no gain on
+Blocks without the expansion conv run node by node: copying the channel-major input into the
+channels-innermost image cost more than the block saved (MobileNetV2's first block: 6.4 ms in one
+kernel, about 4.5 ms node by node). The same fusion was tried for ResNet's basic block (Conv + Relu, Conv, Add of the input, Relu): no gain on
 ResNet-20 (82.6 against 83.2 ms forward) or ResNet-18 (195 against 191 ms), since there the convs'
 own work dominates and ``dense_forward`` splits it by output channels as well as images.
 """
@@ -19,15 +21,16 @@ import numpy as np
 from numba import njit, prange
 
 from bwacal.ops import _frames as FR
+from bwacal.ops._simd import vadd, vbcast, vclip, vfma, vload, vstore, vzero
 from bwacal.ops.window import window
 
-# Images per job: as many as keep the job's intermediate values within this (an L2 cache).
-JOB_BYTES = 256 << 10
+# Images per job: enough for the projection to see this many positions (within a quarter of the batch).
+PROJECT_POSITIONS = 512
 
 
 @dataclass(frozen=True)
 class Block:
-    """Node indices of a block: ``convs`` in order (``[expand,] depthwise, project``) and the
+    """Node indices of a block: ``convs`` in order (``expand, depthwise, project``) and the
     residual ``add`` (None without one); ``nodes``: all of them, activations included; ``inner``: the
     value names that exist only inside the block."""
 
@@ -46,85 +49,72 @@ def run_block(blk, ops, x, params, clips):
     """The output (CNHW) of ``blk`` for its CNHW input ``x``, or None when the kernel does not take
     these inputs (the caller then runs the nodes). ``ops`` and ``params`` (weight, bias or None) are
     per conv, ``clips`` per member (None for no activation)."""
-    if x.ndim != 4 or x.dtype not in (np.float32, np.float64):
+    if x.ndim != 4 or x.dtype != np.float32:
         return None
-    if len(blk.convs) == 3:
-        (we, be), (wd, bd), (wp, bp) = params
-        hidden = wd.shape[0]
-        if we.shape != (hidden, x.shape[0], 1, 1):
-            return None
-        expand = (we, be, clips[0])
-    else:
-        (wd, bd), (wp, bp) = params
-        hidden = wd.shape[0]
-        if x.shape[0] != hidden:
-            return None
-        expand = None
-    if wd.shape[1] != 1 or wp.shape[1:] != (hidden, 1, 1):
+    (we, be), (wd, bd), (wp, bp) = params
+    hidden = wd.shape[0]
+    if we.shape != (hidden, x.shape[0], 1, 1) or wd.shape[1] != 1 or wp.shape[1:] != (hidden, 1, 1):
         return None
-    d = len(blk.convs) - 2
     residual = x if blk.add is not None else None
-    out_clip = clips[-1]
-    return run_inverted_residual(x, expand, (ops[d], wd, bd, clips[d]), (wp, bp), residual, out_clip)
+    return run_inverted_residual(x, (we, be, clips[0]), (ops[1], wd, bd, clips[1]), (wp, bp), residual, clips[-1])
 
 
 def run_inverted_residual(x, expand, depthwise, project, residual, out_clip):
-    """The block's output (CNHW) for the CNHW input ``x``.
+    """The block's output (CNHW, float32) for the CNHW float32 input ``x``.
 
-    ``expand`` is None or ``(w, b, clip)`` of the pointwise conv, ``depthwise`` is ``(op, w, b,
-    clip)``, ``project`` ``(w, b)``; ``residual`` is None or the array added to the projection, and
+    ``expand`` is ``(w, b, clip)`` of the pointwise conv, ``depthwise`` ``(op, w, b, clip)``,
+    ``project`` ``(w, b)``; ``residual`` is None or the array added to the projection, and
     ``out_clip`` None or the bounds applied last (the Add's or the projection's activation).
     """
-    dtype = x.dtype
+    f32 = np.float32
     c, n, h, w = x.shape
-    op, dw, dbias, dclip = depthwise
+    op, dw, dbias, (dlo, dhi) = depthwise
     hidden = dw.shape[0]
     g = window(h, w, dw.shape[2:], op.strides, op.dilations, op.pads, op.auto_pad)
-    p = FR.plan(g, h, w)
+    lanes = -(-hidden // 32) * 32  # hidden channels padded for the expansion's 32-channel tiles
+    ew, eb, (elo, ehi) = expand
+    ewt = np.zeros((c, lanes), dtype=f32)
+    ewt[:, :hidden] = ew.reshape(hidden, c).T
+    ebias = np.zeros(lanes, dtype=f32)
+    ebias[:hidden] = 0 if eb is None else eb
+    dwt = np.zeros((g.kh * g.kw, lanes), dtype=f32)
+    dwt[:, :hidden] = dw.reshape(hidden, -1).T
+    db = np.zeros(lanes, dtype=f32)
+    db[:hidden] = 0 if dbias is None else dbias
+    toff = np.array([ki * g.dh * (w + g.pw + g.pad_end_w) + kj * g.dw for ki in range(g.kh) for kj in range(g.kw)],
+                    dtype=np.int64)
     pw, pbias = project
     o = pw.shape[0]
-    if expand is None:
-        ewk = np.zeros((FR.OB, 1), dtype=dtype)
-        ebias, (elo, ehi) = np.zeros(1, dtype=dtype), (-np.inf, np.inf)
-    else:
-        ew, eb, (elo, ehi) = expand
-        ewk = FR.dense_weights(ew.reshape(hidden, c).astype(dtype, copy=False))
-        ebias = _bias(eb, hidden, dtype)
-    dwt = np.ascontiguousarray(dw.reshape(hidden, -1), dtype=dtype)
-    pwk = FR.dense_weights(pw.reshape(o, hidden).astype(dtype, copy=False))
+    pwk = FR.dense_weights(pw.reshape(o, hidden).astype(f32))
     lo, hi = out_clip if out_clip is not None else (-np.inf, np.inf)
-    y = np.empty((o, n, g.ho, g.wo), dtype=dtype)
-    res = np.ascontiguousarray(residual, dtype=dtype) if residual is not None else np.empty((0, 0, 0, 0), dtype=dtype)
-    per_image = (hidden * h * w + hidden * g.ho * g.wo) * x.itemsize
-    ipj = int(max(1, min(JOB_BYTES // per_image, -(-n // 4))))
-    _inverted_residual(np.ascontiguousarray(x), expand is not None, ewk, ebias, elo, ehi,
-                       p.src, p.off, dwt, _bias(dbias, hidden, dtype), dclip[0], dclip[1],
-                       g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail,
-                       pwk, _bias(pbias, o, dtype), residual is not None, res, lo, hi, ipj, y)
+    y = np.empty((o, n, g.ho, g.wo), dtype=f32)
+    res = np.ascontiguousarray(residual, dtype=f32) if residual is not None else np.empty((0, 0, 0, 0), dtype=f32)
+    ipj = int(max(1, min(-(-PROJECT_POSITIONS // (g.ho * g.wo)), -(-n // 4))))
+    pb = np.zeros(o, dtype=f32) if pbias is None else np.ascontiguousarray(pbias, dtype=f32)
+    _inverted_residual(np.ascontiguousarray(x, dtype=f32), ewt, ebias, elo, ehi,
+                       toff, dwt, db, dlo, dhi, g.sh, g.sw, g.ph, g.pw, h + g.ph + g.pad_end_h,
+                       w + g.pw + g.pad_end_w, hidden, pwk, pb, residual is not None, res, lo, hi, ipj, y)
     return y
 
 
-def _bias(b, size, dtype):
-    return np.zeros(size, dtype=dtype) if b is None else np.ascontiguousarray(b, dtype=dtype)
-
-
 @njit(**FR.FMA)
-def _inverted_residual(x, expand, ewk, ebias, elo, ehi, src, off, dwt, dbias, dlo, dhi,
-                       sh, sw, pt, pl, hf, wf, tail, pwk, pbias, has_res, res, lo, hi, ipj, y):
+def _inverted_residual(x, ewt, ebias, elo, ehi, toff, dwt, dbias, dlo, dhi, sh, sw, pt, pl, hp, wp,
+                       hid_n, pwk, pbias, has_res, res, lo, hi, ipj, y):
     """``y = clip(project(clip(depthwise(clip(expand(x))))) [+ res])``, ``ipj`` images per job.
 
-    ``x`` (C, N, H, W); ``ewk`` (hidden', C) and ``pwk`` (O', hidden) from ``dense_weights``; ``dwt``
-    (hidden, taps) with the depthwise window's phase-frame taps ``src``/``off`` (``plan``); without
-    ``expand`` the depthwise reads ``x`` itself (hidden == C). ``res`` (O, N, ho, wo) when ``has_res``.
+    ``x`` (C, N, H, W). The expanded activation of one image at a time lives in a zero-padded
+    (hp, wp) image with its channels innermost (``ewt`` (C, lanes), the expansion's weights
+    transposed, hidden channels padded to ``lanes``), so the depthwise conv runs on 16 channels per
+    vector whatever its stride (``dwt`` (taps, lanes), ``toff`` the taps' pixel offsets). Its output
+    goes channel-major to a buffer of the job's images, which the projection (``pwk`` (O', hidden)
+    from ``dense_weights``) reads as ``dense_forward`` reads a frame. ``res`` (O, N, ho, wo) when
+    ``has_res``.
     """
     c_n, n_n, h, w = x.shape
-    hid_n = dwt.shape[0]
+    lanes = ewt.shape[1]
     o_n, _, ho, wo = y.shape
-    hw, ohw = h * w, ho * wo
-    n_pos = (ho - 1) * wf + wo  # depthwise frame positions of the last image
-    x3 = x.reshape(1, c_n, n_n * hw)
-    c_ent = np.arange(c_n)
-    c_zero = np.zeros(c_n, dtype=np.int64)
+    ohw = ho * wo
+    xf = x.reshape(-1)
     h_ent = np.arange(hid_n)
     h_zero = np.zeros(hid_n, dtype=np.int64)
     y2 = y.reshape(o_n, n_n * ohw)
@@ -132,33 +122,22 @@ def _inverted_residual(x, expand, ewk, ebias, elo, ehi, src, off, dwt, dbias, dl
     for job in prange((n_n + ipj - 1) // ipj):
         b0 = job * ipj
         nb = min(n_n, b0 + ipj) - b0
-        hid = np.empty((hid_n if expand else 0, nb, h, w), dtype=x.dtype)
-        if expand:
-            acc = np.empty((8, nb * hw), dtype=x.dtype)
-            for o in range(0, hid_n, 8):
-                acc[:] = 0
-                FR._accumulate(x3, c_zero, c_ent, c_zero, ewk, o, b0 * hw, nb * hw, acc)
-                FR._write_image(acc, o, 0, nb, hw, w, ebias, elo, ehi, hid)
-        # the depthwise conv on the job's images at once: their frames back to back, as build_frames lays
-        # out a batch (an image's bottom padding is the next one's top)
-        fsz = hf * wf
-        dwo = np.empty((hid_n, nb, ho, wo), dtype=x.dtype)
-        buf = np.empty((sh * sw, nb * fsz + tail), dtype=x.dtype)
-        dacc = np.empty((1, (nb - 1) * fsz + n_pos), dtype=x.dtype)
-        for ch in range(hid_n):
-            for bi in range(nb):
-                image = hid[ch, bi] if expand else x[ch, b0 + bi]
-                FR._fill_image(image, sh, sw, pt, pl, hf, wf, buf[:, bi * fsz:(bi + 1) * fsz + tail])
-            dacc[:] = 0
-            FR._accumulate_taps(buf.reshape(sh * sw, 1, buf.shape[1]), src, off, dwt, ch, 0, 0, dacc.shape[1], dacc[0])
-            FR._write_image(dacc, ch, 0, nb, fsz, wf, dbias, dlo, dhi, dwo)
-        d3 = dwo.reshape(1, hid_n, nb * ohw)
-        pacc = np.empty((8, nb * ohw), dtype=x.dtype)
-        lo_v = y.dtype.type(lo)
-        hi_v = y.dtype.type(hi)
+        img = np.empty(hp * wp * lanes, dtype=np.float32)
+        _zero_border(img, h, w, pt, pl, hp, wp)
+        # rows 16 floats longer than the job's positions: at a power-of-two row length the 16
+        # channels of a vector, stored lane by lane, fall in one or two L1 sets (the depthwise stage
+        # of the 144-channel 16x16 block took 4.7 ms at batch 128, 2.3 ms with the longer rows)
+        dwo = np.empty((hid_n, nb * ohw + 16), dtype=np.float32)
+        lane_buf = np.empty(16, dtype=np.float32)
+        for bi in range(nb):
+            _expand_image(xf, (b0 + bi) * h * w, n_n * h * w, h, w, ewt, ebias, elo, ehi, pt, pl, wp, img)
+            _depthwise_image(img, toff, dwt, dbias, dlo, dhi, sh, sw, wp, ho, wo, bi * ohw, lane_buf, dwo)
+        pacc = np.empty((8, nb * ohw), dtype=np.float32)
+        lo_v = np.float32(lo)
+        hi_v = np.float32(hi)
         for o in range(0, o_n, 8):
             pacc[:] = 0
-            FR._accumulate(d3, h_zero, h_ent, h_zero, pwk, o, 0, nb * ohw, pacc)
+            FR._accumulate(dwo.reshape(1, hid_n, dwo.shape[1]), h_zero, h_ent, h_zero, pwk, o, 0, nb * ohw, pacc)
             for k in range(min(8, o_n - o)):
                 dst = y2[o + k, b0 * ohw:(b0 + nb) * ohw]
                 row = pacc[k]
@@ -174,6 +153,98 @@ def _inverted_residual(x, expand, ewk, ebias, elo, ehi, src, off, dwt, dbias, dl
                         v = row[i] + bv
                         v = lo_v if v < lo_v else v
                         dst[i] = hi_v if v > hi_v else v
+
+
+@njit(inline="always")
+def _zero_border(img, h, w, pt, pl, hp, wp):
+    """Zero the pixels of the (hp, wp, lanes) image ``img`` outside its h x w interior at (pt, pl)."""
+    lanes = img.size // (hp * wp)
+    for r in range(hp):
+        for cc in range(wp):
+            if not (pt <= r < pt + h and pl <= cc < pl + w):
+                img[(r * wp + cc) * lanes:(r * wp + cc + 1) * lanes] = 0
+
+
+@njit(inline="always")
+def _expand_image(xf, start, stride, h, w, ewt, ebias, lo, hi, pt, pl, wp, img):
+    """The expansion of one image into ``img``: for each pixel q (of h*w, at ``xf[start + c*stride
+    + q]`` for channel c), ``img[((i + pt)*wp + j + pl)*lanes + o] = clip(bias[o] + sum_c ewt[c, o] *
+    x[c, q])``. Tiles of 8 pixels x 32 channels: 16 vector sums in registers, 2 weight loads and 8
+    broadcasts per 16 FMAs (the layout of ``_accumulate_tiles``, turned round)."""
+    c_n, lanes = ewt.shape
+    hw = h * w
+    wf = ewt.reshape(-1)
+    full = hw - hw % 8
+    for o in range(0, lanes, 32):
+        bias0 = vload(ebias, o)
+        bias1 = vload(ebias, o + 16)
+        for q in range(0, full, 8):
+            a00, a01, a10, a11 = vzero(), vzero(), vzero(), vzero()
+            a20, a21, a30, a31 = vzero(), vzero(), vzero(), vzero()
+            a40, a41, a50, a51 = vzero(), vzero(), vzero(), vzero()
+            a60, a61, a70, a71 = vzero(), vzero(), vzero(), vzero()
+            for c in range(c_n):
+                w0 = vload(wf, c * lanes + o)
+                w1 = vload(wf, c * lanes + o + 16)
+                at = start + c * stride + q
+                u = vbcast(xf[at])
+                a00, a01 = vfma(u, w0, a00), vfma(u, w1, a01)
+                u = vbcast(xf[at + 1])
+                a10, a11 = vfma(u, w0, a10), vfma(u, w1, a11)
+                u = vbcast(xf[at + 2])
+                a20, a21 = vfma(u, w0, a20), vfma(u, w1, a21)
+                u = vbcast(xf[at + 3])
+                a30, a31 = vfma(u, w0, a30), vfma(u, w1, a31)
+                u = vbcast(xf[at + 4])
+                a40, a41 = vfma(u, w0, a40), vfma(u, w1, a41)
+                u = vbcast(xf[at + 5])
+                a50, a51 = vfma(u, w0, a50), vfma(u, w1, a51)
+                u = vbcast(xf[at + 6])
+                a60, a61 = vfma(u, w0, a60), vfma(u, w1, a61)
+                u = vbcast(xf[at + 7])
+                a70, a71 = vfma(u, w0, a70), vfma(u, w1, a71)
+            _store_pixel(img, q, w, pt, pl, wp, lanes, o, a00, a01, bias0, bias1, lo, hi)
+            _store_pixel(img, q + 1, w, pt, pl, wp, lanes, o, a10, a11, bias0, bias1, lo, hi)
+            _store_pixel(img, q + 2, w, pt, pl, wp, lanes, o, a20, a21, bias0, bias1, lo, hi)
+            _store_pixel(img, q + 3, w, pt, pl, wp, lanes, o, a30, a31, bias0, bias1, lo, hi)
+            _store_pixel(img, q + 4, w, pt, pl, wp, lanes, o, a40, a41, bias0, bias1, lo, hi)
+            _store_pixel(img, q + 5, w, pt, pl, wp, lanes, o, a50, a51, bias0, bias1, lo, hi)
+            _store_pixel(img, q + 6, w, pt, pl, wp, lanes, o, a60, a61, bias0, bias1, lo, hi)
+            _store_pixel(img, q + 7, w, pt, pl, wp, lanes, o, a70, a71, bias0, bias1, lo, hi)
+        for q in range(full, hw):
+            a0, a1 = vzero(), vzero()
+            for c in range(c_n):
+                u = vbcast(xf[start + c * stride + q])
+                a0 = vfma(u, vload(wf, c * lanes + o), a0)
+                a1 = vfma(u, vload(wf, c * lanes + o + 16), a1)
+            _store_pixel(img, q, w, pt, pl, wp, lanes, o, a0, a1, bias0, bias1, lo, hi)
+
+
+@njit(inline="always")
+def _store_pixel(img, q, w, pt, pl, wp, lanes, o, a0, a1, bias0, bias1, lo, hi):
+    at = ((q // w + pt) * wp + q % w + pl) * lanes + o
+    vstore(img, at, vclip(vadd(a0, bias0), lo, hi))
+    vstore(img, at + 16, vclip(vadd(a1, bias1), lo, hi))
+
+
+@njit(inline="always")
+def _depthwise_image(img, toff, dwt, dbias, lo, hi, sh, sw, wp, ho, wo, col0, lane_buf, dwo):
+    """``dwo[ch, col0 + oi*wo + oj] = clip(dbias[ch] + sum_t dwt[t, ch] * img at pixel (oi*sh*wp +
+    oj*sw + toff[t]), channel ch)``: 16 channels per vector, stored channel-major lane by lane."""
+    hid_n = dwo.shape[0]
+    lanes = dwt.shape[1]
+    wt = dwt.reshape(-1)
+    for oi in range(ho):
+        for oj in range(wo):
+            pix = oi * sh * wp + oj * sw
+            col = col0 + oi * wo + oj
+            for g in range(0, hid_n, 16):
+                acc = vload(dbias, g)
+                for t in range(toff.size):
+                    acc = vfma(vload(wt, t * lanes + g), vload(img, (pix + toff[t]) * lanes + g), acc)
+                vstore(lane_buf, 0, vclip(acc, lo, hi))
+                for k in range(min(16, hid_n - g)):
+                    dwo[g + k, col] = lane_buf[k]
 
 
 def _is_pointwise(op, w):
@@ -244,8 +315,6 @@ def find_blocks(graph, ops, fusable) -> dict:
             continue
         e = act_of.get(producer.get(nodes[d].inputs[0]))
         we = conv_weight(e)
-        convs = (d, p)
         if we is not None and _is_pointwise(ops[e], we) and we.shape[0] == wd.shape[0] and only_reader(out(e)) == d:
-            convs = (e, d, p)
-        blocks[convs[0]] = make(convs, residual_add(p, nodes[convs[0]].inputs[0]))
+            blocks[e] = make((e, d, p), residual_add(p, nodes[e].inputs[0]))
     return blocks

@@ -23,7 +23,7 @@ from bwacal.ops.conv import Conv
 from tests.engine.test_gradients import _model
 
 RELU6 = (0.0, 6.0)
-TOL = {np.float32: 1e-5, np.float64: 1e-12}  # of max |y|
+TOL = 1e-5  # of max |y|, float32 against float64
 
 
 class Case(NamedTuple):
@@ -33,7 +33,6 @@ class Case(NamedTuple):
     h: int
     w: int
     n: int = 3
-    expand: bool = True
     kernel: int = 3
     stride: int = 1
     dilation: int = 1
@@ -44,8 +43,6 @@ class Case(NamedTuple):
 CASES = {
     "mobilenet_stride_1_residual": Case(8, 48, 8, 8, 8, residual=True),
     "mobilenet_stride_2": Case(6, 36, 10, 9, 7, stride=2),
-    "no_expansion": Case(12, 12, 7, 6, 6, expand=False),
-    "no_expansion_residual": Case(5, 5, 5, 5, 6, expand=False, residual=True),
     "odd_channels": Case(3, 13, 11, 5, 5, n=5),
     "kernel_5_dilated": Case(4, 20, 6, 9, 9, kernel=5, dilation=2),
     "one_pixel": Case(4, 8, 8, 1, 1, residual=False, n=9),
@@ -68,9 +65,7 @@ def reference(x, case, p):
     """The block in torch float64, NCHW."""
     t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in p.items()}
     x = torch.from_numpy(np.asarray(x, dtype=np.float64))
-    h = x
-    if case.expand:
-        h = torch.clamp(F.conv2d(h, t["we"], t["be"]), *RELU6)
+    h = torch.clamp(F.conv2d(x, t["we"], t["be"]), *RELU6)
     pad = case.dilation * (case.kernel - 1) // 2
     h = torch.clamp(F.conv2d(h, t["wd"], t["bd"], stride=case.stride, padding=pad, dilation=case.dilation,
                              groups=case.hidden), *RELU6)
@@ -88,20 +83,17 @@ def depthwise_op(case):
                 dilations=[case.dilation] * 2, group=case.hidden)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_torch(name, dtype):
+def test_kernel_matches_torch(name):
     case = CASES[name]
     p = weights(case)
     x = np.random.default_rng(1).standard_normal((case.n, case.c, case.h, case.w)) * 2
     want = reference(x, case, p)
-    xc = np.ascontiguousarray(x.transpose(1, 0, 2, 3), dtype=dtype)
-    expand = (p["we"], p["be"], RELU6) if case.expand else None
-    y = block.run_inverted_residual(xc, expand, (depthwise_op(case), p["wd"], p["bd"], RELU6), (p["wp"], p["bp"]),
+    xc = np.ascontiguousarray(x.transpose(1, 0, 2, 3), dtype=np.float32)
+    y = block.run_inverted_residual(xc, (p["we"], p["be"], RELU6), (depthwise_op(case), p["wd"], p["bd"], RELU6), (p["wp"], p["bp"]),
                                     xc if case.residual else None, case.out_clip)
-    assert y.dtype == dtype and y.shape == (case.o, case.n, *want.shape[2:])
-    scale = np.abs(want).max()
-    np.testing.assert_allclose(y.transpose(1, 0, 2, 3), want, rtol=0, atol=TOL[dtype] * scale)
+    assert y.dtype == np.float32 and y.shape == (case.o, case.n, *want.shape[2:])
+    np.testing.assert_allclose(y.transpose(1, 0, 2, 3), want, rtol=0, atol=TOL * np.abs(want).max())
 
 
 def test_kernel_gives_the_same_with_one_image_or_many_per_job(monkeypatch):
@@ -111,18 +103,18 @@ def test_kernel_gives_the_same_with_one_image_or_many_per_job(monkeypatch):
     want = reference(x, case, p)
     xc = np.ascontiguousarray(x.transpose(1, 0, 2, 3), dtype=np.float32)
     args = (xc, (p["we"], p["be"], RELU6), (depthwise_op(case), p["wd"], p["bd"], RELU6), (p["wp"], p["bp"]), xc, None)
-    for job_bytes in (1, 1 << 30):  # one image per job; a quarter of the batch per job
-        monkeypatch.setattr(block, "JOB_BYTES", job_bytes)
+    for positions in (1, 1 << 30):  # one image per job; a quarter of the batch per job
+        monkeypatch.setattr(block, "PROJECT_POSITIONS", positions)
         y = block.run_inverted_residual(*args)
         np.testing.assert_allclose(y.transpose(1, 0, 2, 3), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-def block_model(case, clip_form="initializer"):
+def block_model(case, dtype=np.float32, expand=True):
     """x -> [Conv 1x1 -> Clip] -> Conv depthwise -> Clip -> Conv 1x1 [-> Add x] as ONNX (opset 13)."""
-    nodes, consts = [], {k: v for k, v in weights(case).items()}
-    consts.update(lo=np.array(0.0), hi=np.array(6.0))
+    nodes, consts = [], {k: v.astype(dtype) for k, v in weights(case).items()}
+    consts.update(lo=np.array(0.0, dtype=dtype), hi=np.array(6.0, dtype=dtype))
     h = "x"
-    if case.expand:
+    if expand:
         nodes += [helper.make_node("Conv", [h, "we", "be"], ["e"], name="expand", kernel_shape=[1, 1]),
                   helper.make_node("Clip", ["e", "lo", "hi"], ["ea"], name="expand_act")]
         h = "ea"
@@ -137,8 +129,12 @@ def block_model(case, clip_form="initializer"):
                                kernel_shape=[1, 1])]
     if case.residual:
         nodes.append(helper.make_node("Add", ["p", "x"], ["y"], name="add"))
-    x = np.random.default_rng(3).standard_normal((case.n, case.c, case.h, case.w))
+    x = np.random.default_rng(3).standard_normal((case.n, case.c, case.h, case.w)).astype(dtype)
     return _model(nodes, {"x": x}, consts, ["y"], 13), x
+
+
+def close(got, want):
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())
 
 
 def run_profiled(engine, feeds, **kwargs):
@@ -147,7 +143,7 @@ def run_profiled(engine, feeds, **kwargs):
     return values, set(profile)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_stride_1_residual", "mobilenet_stride_2", "no_expansion"])
+@pytest.mark.parametrize("name", ["mobilenet_stride_1_residual", "mobilenet_stride_2", "odd_channels"])
 def test_engine_runs_the_block_in_one_kernel_when_nothing_is_recorded(name):
     case = CASES[name]
     model, x = block_model(case)
@@ -156,11 +152,22 @@ def test_engine_runs_the_block_in_one_kernel_when_nothing_is_recorded(name):
     assert list(engine._blocks) == [first]
     want = reference(x, case, weights(case))
     got, ran = run_profiled(engine, {"x": x})
-    assert ran == {"expand" if case.expand else "depthwise"}
-    np.testing.assert_allclose(got["y"], want, rtol=0, atol=1e-12 * np.abs(want).max())
+    assert ran == {"expand"}
+    close(got["y"], want)
     recorded, ran = run_profiled(engine, {"x": x}, record=True, wrt=["x"])
     assert "project" in ran
-    np.testing.assert_allclose(recorded["y"], got["y"], rtol=0, atol=1e-12 * np.abs(want).max())
+    close(recorded["y"], want)
+
+
+def test_float64_models_run_node_by_node():
+    """The kernel is float32 only; a float64 model gets the node-by-node float64 result."""
+    case = CASES["mobilenet_stride_1_residual"]
+    model, x = block_model(case, np.float64)
+    engine = Engine(read_model(model))
+    got, ran = run_profiled(engine, {"x": x})
+    assert {"expand", "depthwise", "project", "add"} <= ran
+    want = reference(x, case, weights(case))
+    np.testing.assert_allclose(got["y"], want, rtol=0, atol=1e-12 * np.abs(want).max())
 
 
 def test_asking_for_an_inner_value_runs_the_nodes_one_by_one():
@@ -169,7 +176,7 @@ def test_asking_for_an_inner_value_runs_the_nodes_one_by_one():
     engine = Engine(read_model(model))
     got, ran = run_profiled(engine, {"x": x}, outputs=["ea", "y"])
     assert {"expand", "depthwise", "project", "add"} <= ran
-    np.testing.assert_allclose(got["y"], reference(x, case, weights(case)), rtol=0, atol=1e-10)
+    close(got["y"], reference(x, case, weights(case)))
 
 
 def test_overridden_weights_reach_the_block():
@@ -178,22 +185,34 @@ def test_overridden_weights_reach_the_block():
     model, x = block_model(case)
     engine = Engine(read_model(model))
     other = weights(case, seed=9)
-    params = {k: other[k] for k in ("we", "wd", "bp")}
+    params = {k: other[k].astype(np.float32) for k in ("we", "wd", "bp")}
     got, ran = run_profiled(engine, {"x": x}, params=params)
     assert ran == {"expand"}
-    want = reference(x, case, {**weights(case), **params})
-    np.testing.assert_allclose(got["y"], want, rtol=0, atol=1e-12 * np.abs(want).max())
+    close(got["y"], reference(x, case, {**weights(case), **params}))
 
 
 def test_overridden_clip_bound_turns_the_block_off():
-    case = CASES["no_expansion"]
+    case = CASES["mobilenet_stride_2"]
     model, x = block_model(case)
     engine = Engine(read_model(model))
-    got, ran = run_profiled(engine, {"x": x}, params={"hi": np.array(0.5)})
+    got, ran = run_profiled(engine, {"x": x}, params={"hi": np.array(0.5, dtype=np.float32)})
     assert "depthwise_act" in ran and "project" in ran
-    t = {k: torch.from_numpy(v) for k, v in weights(case).items()}
-    d = torch.clamp(F.conv2d(torch.from_numpy(x), t["wd"], t["bd"], padding=1, groups=case.hidden), 0.0, 0.5)
-    np.testing.assert_allclose(got["y"], F.conv2d(d, t["wp"], t["bp"]).numpy(), rtol=0, atol=1e-10)
+    t = {k: torch.from_numpy(v.astype(np.float32)) for k, v in weights(case).items()}
+    e = torch.clamp(F.conv2d(torch.from_numpy(x), t["we"], t["be"]), 0.0, 0.5)
+    d = torch.clamp(F.conv2d(e, t["wd"], t["bd"], stride=2, padding=1, groups=case.hidden), 0.0, 0.5)
+    close(got["y"], F.conv2d(d, t["wp"], t["bp"]).numpy())
+
+
+def test_a_block_without_expansion_runs_node_by_node():
+    case = Case(6, 6, 4, 5, 5)
+    model, x = block_model(case, expand=False)
+    engine = Engine(read_model(model))
+    assert engine._blocks == {}
+    got, ran = run_profiled(engine, {"x": x})
+    assert ran == {"depthwise", "project"}
+    t = {k: torch.from_numpy(v.astype(np.float32)) for k, v in weights(case).items()}
+    d = torch.clamp(F.conv2d(torch.from_numpy(x), t["wd"], t["bd"], padding=1, groups=case.hidden), *RELU6)
+    close(got["y"], F.conv2d(d, t["wp"], t["bp"]).numpy())
 
 
 def test_wrong_channel_count_fails_as_the_node_by_node_run_does():
@@ -206,14 +225,13 @@ def test_wrong_channel_count_fails_as_the_node_by_node_run_does():
 
 
 def test_blocks_are_found_only_where_values_have_one_reader():
-    """The expansion's activation read by a second node: the block starts at the depthwise conv."""
+    """The expansion's activation read by a second node: no block; the nodes run one by one."""
     case = CASES["mobilenet_stride_1_residual"]
     model, x = block_model(case)
     model.graph.node.append(helper.make_node("Relu", ["ea"], ["extra"], name="extra"))
     model.graph.output.append(helper.make_tensor_value_info("extra", 0, None))
     engine = Engine(read_model(model))
-    blk = engine._blocks
-    assert len(blk) == 1 and len(list(blk.values())[0].convs) == 2
+    assert engine._blocks == {}
     got, ran = run_profiled(engine, {"x": x})
-    assert "expand" in ran and "project" not in ran
-    np.testing.assert_allclose(got["y"], reference(x, case, weights(case)), rtol=0, atol=1e-10)
+    assert {"expand", "depthwise", "project", "add", "extra"} <= ran
+    close(got["y"], reference(x, case, weights(case)))

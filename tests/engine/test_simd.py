@@ -5,7 +5,7 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from bwacal.ops._simd import LANES, vbcast, vfma, vload, vstore, vzero
+from bwacal.ops._simd import LANES, vadd, vbcast, vclip, vfma, vload, vstore, vzero
 
 
 @njit
@@ -52,3 +52,24 @@ def test_non_float32_arrays_are_refused_at_compile_time():
 
     with pytest.raises(TypingError, match="float32"):
         load64(np.zeros(16))
+
+
+@njit
+def _add_clip_tiles(a, b, lo, hi, out):
+    for i in range(0, a.size - a.size % 16, 16):
+        vstore(out, i, vclip(vadd(vload(a, i), vload(b, i)), lo, hi))
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 6.0), (-0.5, 0.5), (-np.inf, np.inf), (0.0, np.inf)])
+def test_add_and_clip_match_numpy_selects_nan_included(lo, hi):
+    rng = np.random.default_rng(1)
+    a = (rng.standard_normal(64) * 5).astype(np.float32)
+    a[[3, 17, 40]] = [np.nan, np.inf, -np.inf]
+    b = rng.standard_normal(64).astype(np.float32)
+    out = np.empty_like(a)
+    _add_clip_tiles(a, b, lo, hi, out)
+    s = a + b
+    want = np.where(s < np.float32(lo), np.float32(lo), s)
+    want = np.where(want > np.float32(hi), np.float32(hi), want)  # NaN fails both tests: passes through
+    np.testing.assert_array_equal(out, want)
+    assert np.isnan(out[3])
