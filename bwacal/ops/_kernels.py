@@ -60,45 +60,86 @@ def col2im(cols, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, dx):
 
 
 @njit(**JIT)
-def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y, arg):
-    """Max over each window; ``arg`` keeps the flat input index of the winner (-1: all padding)."""
+def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y):
+    """Max over each window (padding never wins; a window wholly in the padding gives -inf): over
+    each input row's column windows first, then over the rows of each window. Each comparison is
+    ``v > best`` from the window's first real element, so a NaN counts only when it comes first,
+    as in a row-major scan of the window (``maxpool_backward`` finds the winner by that scan)."""
     c, n, h, w = x.shape
     ho, wo = y.shape[2], y.shape[3]
-    for t in prange(n * c):
-        b = t // c
-        ch = t % c
-        for oi in range(ho):
+    for t in prange(c * n):
+        ch = t // n
+        b = t % n
+        rows = np.empty((h, wo), dtype=x.dtype)  # per input row, the max of each output's columns
+        valid = np.zeros(wo, dtype=np.bool_)
+        for oj in range(wo):
+            for kj in range(kw):
+                jj = oj * sw + kj * dw - pw
+                if 0 <= jj < w:
+                    valid[oj] = True
+        for ii in range(h):
+            src = x[ch, b, ii]
+            dst = rows[ii]
             for oj in range(wo):
                 best = -np.inf
-                where = -1
+                first = True
+                for kj in range(kw):
+                    jj = oj * sw + kj * dw - pw
+                    if 0 <= jj < w:
+                        v = src[jj]
+                        if first or v > best:
+                            best = v
+                            first = False
+                dst[oj] = best
+        for oi in range(ho):
+            out = y[ch, b, oi]
+            for oj in range(wo):
+                out[oj] = -np.inf
+            first = True
+            for ki in range(kh):
+                ii = oi * sh + ki * dh - ph
+                if ii < 0 or ii >= h:
+                    continue
+                r = rows[ii]
+                if first:
+                    for oj in range(wo):
+                        out[oj] = r[oj] if valid[oj] else out[oj]
+                    first = False
+                else:
+                    for oj in range(wo):
+                        v = r[oj]
+                        out[oj] = v if v > out[oj] else out[oj]
+
+
+@njit(**JIT)
+def maxpool_backward(x, y, dy, kh, kw, sh, sw, dh, dw, ph, pw, dx):
+    """Route each output gradient to the input element that won its max: the first real element of
+    the window, in row-major order, equal to the output (the first one when the output is NaN)."""
+    c, n, h, w = dx.shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    for t in prange(c * n):
+        ch = t // n
+        b = t % n
+        xs = x[ch, b]
+        for oi in range(ho):
+            for oj in range(wo):
+                target = y[ch, b, oi, oj]
+                wi = -1
+                wj = -1
                 for ki in range(kh):
                     ii = oi * sh + ki * dh - ph
                     if ii < 0 or ii >= h:
                         continue
                     for kj in range(kw):
                         jj = oj * sw + kj * dw - pw
-                        if jj >= 0 and jj < w:
-                            v = x[ch, b, ii, jj]
-                            if v > best or where < 0:
-                                best = v
-                                where = ii * w + jj
-                y[ch, b, oi, oj] = best
-                arg[ch, b, oi, oj] = where
-
-
-@njit(**JIT)
-def maxpool_backward(dy, arg, dx):
-    """Route each output gradient to the input element that won the max."""
-    c, n, h, w = dx.shape
-    ho, wo = dy.shape[2], dy.shape[3]
-    for t in prange(n * c):
-        b = t // c
-        ch = t % c
-        for oi in range(ho):
-            for oj in range(wo):
-                k = arg[ch, b, oi, oj]
-                if k >= 0:
-                    dx[ch, b, k // w, k % w] += dy[ch, b, oi, oj]
+                        if 0 <= jj < w and (xs[ii, jj] == target or target != target):
+                            wi = ii
+                            wj = jj
+                            break
+                    if wi >= 0:
+                        break
+                if wi >= 0:
+                    dx[ch, b, wi, wj] += dy[ch, b, oi, oj]
 
 
 @njit(**JIT)
