@@ -235,3 +235,23 @@ def test_blocks_are_found_only_where_values_have_one_reader():
     got, ran = run_profiled(engine, {"x": x})
     assert {"expand", "depthwise", "project", "add", "extra"} <= ran
     close(got["y"], reference(x, case, weights(case)))
+
+
+def test_nan_and_infinity_reach_the_same_outputs_as_node_by_node():
+    """A NaN or infinite input pixel spreads through the block exactly as through the nodes run one
+    by one (clips are selects: NaN passes them)."""
+    case = CASES["mobilenet_stride_1_residual"]
+    model, x = block_model(case)
+    x[0, 1, 2, 3] = np.nan
+    x[1, 0, 4, 4] = np.inf
+    x[2, 3, 0, 0] = -np.inf
+    engine = Engine(read_model(model))
+    got, ran = run_profiled(engine, {"x": x})
+    assert ran == {"expand"}
+    want, _ = engine.run({"x": x}, record=True, wrt=["x"])
+    np.testing.assert_array_equal(np.isnan(got["y"]), np.isnan(want["y"]))
+    assert np.isnan(got["y"]).any()
+    finite = np.isfinite(want["y"])
+    np.testing.assert_array_equal(np.isfinite(got["y"]), finite)
+    np.testing.assert_array_equal(got["y"][~finite & ~np.isnan(want["y"])], want["y"][~finite & ~np.isnan(want["y"])])
+    close(got["y"][finite], want["y"][finite])
