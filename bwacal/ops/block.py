@@ -133,6 +133,7 @@ def _inverted_residual(x, ewt, ebias, elo, ehi, toff, dwt, dbias, dlo, dhi, sh, 
             _expand_image(xf, (b0 + bi) * h * w, n_n * h * w, h, w, ewt, ebias, elo, ehi, pt, pl, wp, img)
             _depthwise_image(img, toff, dwt, dbias, dlo, dhi, sh, sw, wp, ho, wo, bi * ohw, lane_buf, dwo)
         pacc = np.empty((8, nb * ohw), dtype=np.float32)
+        no_res = np.zeros(0 if has_res else nb * ohw, dtype=np.float32)
         lo_v = np.float32(lo)
         hi_v = np.float32(hi)
         for o in range(0, o_n, 8):
@@ -142,17 +143,11 @@ def _inverted_residual(x, ewt, ebias, elo, ehi, toff, dwt, dbias, dlo, dhi, sh, 
                 dst = y2[o + k, b0 * ohw:(b0 + nb) * ohw]
                 row = pacc[k]
                 bv = pbias[o + k]
-                if has_res:
-                    r = res2[o + k, b0 * ohw:(b0 + nb) * ohw]
-                    for i in range(nb * ohw):
-                        v = row[i] + bv + r[i]
-                        v = lo_v if v < lo_v else v
-                        dst[i] = hi_v if v > hi_v else v
-                else:
-                    for i in range(nb * ohw):
-                        v = row[i] + bv
-                        v = lo_v if v < lo_v else v
-                        dst[i] = hi_v if v > hi_v else v
+                r = res2[o + k, b0 * ohw:(b0 + nb) * ohw] if has_res else no_res
+                for i in range(nb * ohw):
+                    v = row[i] + bv + r[i]
+                    v = lo_v if v < lo_v else v
+                    dst[i] = hi_v if v > hi_v else v
 
 
 @njit(inline="always")
