@@ -71,12 +71,6 @@ def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y):
         ch = t // n
         b = t % n
         rows = np.empty((h, wo), dtype=x.dtype)  # per input row, the max of each output's columns
-        valid = np.zeros(wo, dtype=np.bool_)
-        for oj in range(wo):
-            for kj in range(kw):
-                jj = oj * sw + kj * dw - pw
-                if 0 <= jj < w:
-                    valid[oj] = True
         for ii in range(h):
             src = x[ch, b, ii]
             dst = rows[ii]
@@ -93,22 +87,17 @@ def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y):
                 dst[oj] = best
         for oi in range(ho):
             out = y[ch, b, oi]
-            for oj in range(wo):
-                out[oj] = -np.inf
+            out[:] = -np.inf  # kept when every row of the window is padding
             first = True
             for ki in range(kh):
                 ii = oi * sh + ki * dh - ph
                 if ii < 0 or ii >= h:
                     continue
                 r = rows[ii]
-                if first:
-                    for oj in range(wo):
-                        out[oj] = r[oj] if valid[oj] else out[oj]
-                    first = False
-                else:
-                    for oj in range(wo):
-                        v = r[oj]
-                        out[oj] = v if v > out[oj] else out[oj]
+                for oj in range(wo):
+                    v = r[oj]
+                    out[oj] = v if first or v > out[oj] else out[oj]
+                first = False
 
 
 @njit(**JIT)

@@ -221,13 +221,13 @@ class Conv(Op):
         # A stride-1 conv's dL/dx is a conv of dL/dy (flipped taps, mirrored padding) written
         # straight to pixels; when dL/dy's frames line up with the input's, dL/dW reads them too.
         mirror = _mirror(g, xshape)
-        dyf = head = None
         if mirror is not None:
             pm = FR.plan(mirror, dy.shape[2], dy.shape[3])
             fy = _frames(dy, mirror, pm, mask)
-            if (pm.hf, pm.wf) == (p.hf, p.wf):
-                dyf, head = fy[0], mirror.ph * p.wf + mirror.pw
-        if dyf is None:
+            # the mirror's frame has the input frame's size (both store h + max(top, bottom) padded
+            # rows and w + max(left, right) columns), so dL/dW reads dL/dy's frames at an offset
+            dyf, head = fy[0], mirror.ph * p.wf + mirror.pw
+        else:
             head = int(p.off.max())
             dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
             FR.to_frame(dy, *mask, p.hf, p.wf, head, dyf)
