@@ -11,9 +11,9 @@ batch 8 on 2 cores, see benchmarks/RESULTS.md):
   are freed, so every pass page-faults on all of its activations again; on ResNet-20 that was a
   quarter of forward+backward (626-666 ms against 450-500 ms). Blocks above 32 MB (the largest mmap
   threshold glibc takes) are still mapped and unmapped on every call unless mmap is off: the
-  MobileNetV2-style forward at batch 128 (50 MB expanded activations) ran 53-88 ms with them mapped,
-  47-55 ms without. Resident memory stays near the peak between passes. ``BWACAL_MALLOC=default``
-  leaves malloc alone.
+  MobileNetV2-style forward at batch 128 (50 MB expanded activations) ran 52-133 ms (medians
+  53-60) with them mapped, 47-55 ms (medians 48-50) without. Resident memory stays near the peak
+  between passes. ``BWACAL_MALLOC=default`` leaves malloc alone.
 - **BLAS on one thread** (OpenBLAS): convolutions are numba kernels, so BLAS only sees small GEMMs
   (classifier heads), and OpenBLAS's threads keep spinning after each, taking the cores from the
   numba kernel that follows: ResNet-18 forward 270 ms, 222 ms with one BLAS thread. Setting

@@ -8,9 +8,10 @@ block, its intermediate values in buffers of a few hundred KB that stay in cache
 
 Blocks without the expansion conv run node by node: copying the channel-major input into the
 channels-innermost image cost more than the block saved (MobileNetV2's first block: 6.4 ms in one
-kernel, about 4.5 ms node by node). The same fusion was tried for ResNet's basic block (Conv + Relu, Conv, Add of the input, Relu): no gain on
-ResNet-20 (82.6 against 83.2 ms forward) or ResNet-18 (195 against 191 ms), since there the convs'
-own work dominates and ``dense_forward`` splits it by output channels as well as images.
+kernel, 4.7-5.4 ms node by node in two profiling runs). The same fusion was tried for ResNet's
+basic block (Conv + Relu, Conv, Add of the input, Relu): no gain on ResNet-20 (82.6 against 83.2 ms
+forward) or ResNet-18 (195 against 191 ms), since there the convs' own work dominates and
+``dense_forward`` splits it by output channels as well as images.
 """
 
 from __future__ import annotations
