@@ -71,8 +71,9 @@ def plan(g, h, w) -> Plan:
             src.append(((ki * g.dh) % g.sh) * g.sw + (kj * g.dw) % g.sw)
             off.append(((ki * g.dh) // g.sh) * wf + (kj * g.dw) // g.sw)
     # a phase the taps never read is still built (strided 1x1 convs read only phase 0); the tail
-    # covers the bottom padding of the last image and the reads past it
-    tail = max(off) + wf * (1 + g.pad_end_h)
+    # covers the bottom padding of the last image and the reads past it, with room for the
+    # positions a last whole register tile computes past the end (``_accumulate_tiles``)
+    tail = max(off) + wf * (1 + g.pad_end_h) + 32
     return Plan(hf, wf, np.array(src, dtype=np.int64), np.array(off, dtype=np.int64), tail)
 
 
@@ -155,6 +156,43 @@ def dense_weights(w2):
     return out
 
 
+def mirror_weights(w, dtype):
+    """The ``dense_weights`` of the conv that takes dL/dy to dL/dx of a stride-1 conv with weights
+    ``w`` (O, C, kh, kw): row c, entry o*taps + t holds ``w[o, c]`` with its taps flipped."""
+    o, c, kh, kw = w.shape
+    out = np.empty((-(-c // OB) * OB, o * kh * kw), dtype=dtype)
+    out[c:] = 0
+    _mirror_weights(np.ascontiguousarray(w, dtype=dtype), out)
+    return out
+
+
+@njit(**FMA)
+def _mirror_weights(w, out):
+    o_n, c_n, kh, kw = w.shape
+    for cb in prange((c_n + 15) // 16):  # 16 channels at a time: w[o, c0:c0 + 16] is contiguous
+        for o in range(o_n):
+            for c in range(cb * 16, min(c_n, cb * 16 + 16)):
+                row = out[c]
+                for i in range(kh):
+                    for j in range(kw):
+                        row[(o * kh + i) * kw + j] = w[o, c, kh - 1 - i, kw - 1 - j]
+
+
+@njit(**FMA)
+def sum_splits(part, k, out):
+    """``out[o, j] = sum over s of part[s, o, j]`` for j < k: dL/dW from ``dense_weight_grad``'s
+    float64 partial sums, summed in float64 and rounded once to ``out``'s type."""
+    for o in prange(part.shape[1]):
+        tot = part[0, o, :k].copy()
+        for s in range(1, part.shape[0]):
+            src = part[s, o]
+            for j in range(k):
+                tot[j] += src[j]
+        dst = out[o]
+        for j in range(k):
+            dst[j] = tot[j]
+
+
 def pad_entries(eph, ech, eoff):
     """Entry tables padded to a multiple of GROUP by repeating the last entry, for
     ``dense_weight_grad``, whose sums for the extra entries are dropped."""
@@ -205,7 +243,10 @@ def _accumulate_tiles(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
     ent = (eph * c_n + ech) * length + eoff + lo
     w0, w1, w2, w3, w4, w5, w6, w7 = wk[o], wk[o + 1], wk[o + 2], wk[o + 3], wk[o + 4], wk[o + 5], wk[o + 6], wk[o + 7]
     a0, a1, a2, a3, a4, a5, a6, a7 = acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]
-    full = n_pos - n_pos % 32
+    # The last partial tile is a whole tile too, computing up to 31 positions past n_pos, where the
+    # frame and ``acc`` have room for them (the loops took as long for 23 positions as tiles for 64)
+    room = min(acc.shape[1], length - lo - eoff.max())
+    full = min(n_pos + 31, room) // 32 * 32
     for p in range(0, full, 32):
         c00, c01, c10, c11 = vload(a0, p), vload(a0, p + 16), vload(a1, p), vload(a1, p + 16)
         c20, c21, c30, c31 = vload(a2, p), vload(a2, p + 16), vload(a3, p), vload(a3, p + 16)
@@ -368,7 +409,7 @@ def dense_forward(f, eph, ech, eoff, wk, bias, lo_clip, hi_clip, hf, wf, ipc, y)
         b0 = ci * ipc
         b1 = min(n_n, b0 + ipc)
         n_pos = (b1 - 1 - b0) * fsz + (ho - 1) * wf + wo
-        acc = np.zeros((8, n_pos), dtype=y.dtype)
+        acc = np.zeros((8, -(-n_pos // 32) * 32), dtype=y.dtype)  # room for a whole last tile
         _accumulate(f, eph, ech, eoff, wk, o, b0 * fsz, n_pos, acc)
         _write_image(acc, o, b0, b1, fsz, wf, bias, lo_clip, hi_clip, y)
 
@@ -385,7 +426,7 @@ def dense_frames(f, eph, ech, eoff, wk, fsz, n_img, ipc, yf):
         o = (job % ob_n) * 8
         lo = ci * ipc * fsz
         n_pos = min(n_img, (ci + 1) * ipc) * fsz - lo
-        acc = np.zeros((8, n_pos), dtype=yf.dtype)
+        acc = np.zeros((8, -(-n_pos // 32) * 32), dtype=yf.dtype)
         _accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
         for k in range(8):
             if o + k < o_n:
@@ -442,7 +483,8 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part, bias_pa
 
     Blocks of 4 output channels x 4 entries (16 sums, 8 loads per 16 FMAs); each sum is float32
     over ``SPAN`` positions and float64 across spans. ``part`` is (splits, O, K') with K' a multiple
-    of 4, ``bias_part`` (splits, O).
+    of 4 (float64; with one split, the weights' type: the float64 job sums are rounded into it
+    directly), ``bias_part`` (splits, O).
     """
     o_n = dyf.shape[0]
     ob_n = (o_n + 3) // 4

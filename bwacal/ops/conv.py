@@ -229,15 +229,21 @@ class Conv(Op):
             dyf, head = fy[0], mirror.ph * p.wf + mirror.pw
         else:
             head = int(p.off.max())
-            dyf = np.empty((o, head + n * fsz), dtype=dy.dtype)
+            dyf = np.empty((o, head + n * fsz + 32), dtype=dy.dtype)  # 32: a last whole register tile's reads
             FR.to_frame(dy, *mask, p.hf, p.wf, head, dyf)
         if need[1]:
             eph, ech, eoff = FR.pad_entries(*FR.entry_tables(xshape[0], p))
             splits = FR.weight_grad_splits(o, eph.size, n * fsz)
-            part = np.empty((splits, o, eph.size), dtype=np.float64)
+            k = w[0].size
+            # one split: the kernel's float64 sums are rounded straight into dL/dW
+            part = np.empty((splits, o, eph.size), dtype=w.dtype if splits == 1 else np.float64)
             bias_part = np.empty((splits, o), dtype=np.float64)
             FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n * fsz, splits, part, bias_part)
-            dw = part.sum(axis=0)[:, :w.shape[1] * g.kh * g.kw].astype(w.dtype).reshape(w.shape)
+            if splits == 1:
+                dw = np.ascontiguousarray(part[0, :, :k]).reshape(w.shape)
+            else:
+                dw = np.empty(w.shape, dtype=w.dtype)
+                FR.sum_splits(part, k, dw.reshape(o, -1))
             if want_db:
                 db = bias_part.sum(axis=0).astype(dy.dtype)
         elif want_db:
@@ -245,8 +251,7 @@ class Conv(Op):
         if need[0]:
             if mirror is not None:
                 dx = np.empty(xshape, dtype=dy.dtype)
-                flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=dy.dtype)
-                wk = FR.dense_weights(flipped.reshape(xshape[0], -1))
+                wk = FR.mirror_weights(w, dy.dtype)
                 eph, ech, eoff = FR.entry_tables(o, pm)
                 ipc = FR.images_per_job(pm.hf * pm.wf, n)
                 FR.dense_forward(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 from onnx import helper
 
 from bwacal.engine import Engine
@@ -491,6 +492,52 @@ def test_dense_weight_grad_sums_products_and_dy(o, splits, dtype):
     tol = {np.float32: 1e-5, np.float64: 1e-12}[dtype] * np.sqrt(n_pos)
     np.testing.assert_allclose(part, want_part, rtol=0, atol=tol)
     np.testing.assert_allclose(bias_part, want_bias, rtol=0, atol=tol)
+
+
+@njit
+def _accumulate_into(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
+    FR._accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
+
+
+@pytest.mark.parametrize("n_pos, acc_cols, frame_room", [
+    (71, 96, 200),  # the last tile (positions 64-95) whole: acc and frame have room
+    (71, 71, 200),  # acc ends at n_pos: positions 64-70 by the loops
+    (71, 96, 75),  # the frame ends 4 positions past n_pos (plus the largest offset)
+    (96, 96, 96), (5, 5, 5), (5, 32, 40)])
+def test_accumulate_computes_the_last_partial_tile_within_bounds(n_pos, acc_cols, frame_room):
+    """float32 register tiles run a whole last tile only where ``acc`` and the frame hold it: ``acc``
+    is a view into a sentinel-filled buffer, and every position up to n_pos is the float64 sum."""
+    rng = np.random.default_rng(n_pos + acc_cols)
+    c, lo, o = 3, 2, 8
+    eoff = np.tile(np.array([0, 1, 9]), c)
+    eph, ech = np.zeros(eoff.size, dtype=np.int64), np.repeat(np.arange(c, dtype=np.int64), 3)
+    f = rng.standard_normal((1, c, lo + eoff.max() + frame_room)).astype(np.float32)
+    wk = rng.standard_normal((16, eoff.size)).astype(np.float32)
+    buf = np.full((8, acc_cols + 40), 7.0, dtype=np.float32)
+    acc = buf[:, :acc_cols]
+    acc[:] = 0
+    _accumulate_into(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
+    want = sum(wk[o:o + 8, k, None].astype(np.float64) * f[0, ech[k], lo + eoff[k]:lo + eoff[k] + n_pos]
+               for k in range(eoff.size))
+    np.testing.assert_allclose(acc[:, :n_pos], want, rtol=0, atol=1e-5)
+    assert (buf[:, acc_cols:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mirror_weights_flip_the_taps_and_swap_the_channels(dtype):
+    w = np.random.default_rng(0).standard_normal((5, 11, 3, 2))
+    got = FR.mirror_weights(w, dtype)
+    want = FR.dense_weights(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(11, -1).astype(dtype))
+    assert got.dtype == dtype and got.shape == (16, 5 * 6)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sum_splits_adds_the_partial_sums_in_float64():
+    part = np.random.default_rng(1).standard_normal((3, 5, 12)) * 1e8
+    part[1] += 1.0  # lost in float32 sums of the float32-rounded parts
+    out = np.empty((5, 10), dtype=np.float32)
+    FR.sum_splits(part, 10, out)
+    np.testing.assert_array_equal(out, part.sum(axis=0)[:, :10].astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
