@@ -55,6 +55,15 @@ def _frames(x, g, p, mask=NO_MASK):
     return FR.build_frames(x, g, p, *mask)
 
 
+def _plan(g, shape):
+    """The frame plan of a dense conv's input of ``shape``: groups of images whose rows interleave
+    where dL/dx is a mirror conv (stride 1, padding within the window), except for a pointwise conv,
+    whose frame is the input itself; images one after another otherwise (what the strided dL/dx,
+    and ``to_frame`` for it, read)."""
+    interleave = not _pointwise(shape, g) and _mirror(g, shape) is not None
+    return FR.plan(g, shape[2], shape[3], shape[1] if interleave else None)
+
+
 def _masked(dy, mask):
     """dL/dy through a fused Relu/Clip, ``mask=(y, lo, hi)``: ``dy`` where ``lo < y < hi``, else 0
     (0 where y is NaN); ``dy`` itself for ``NO_MASK``."""
@@ -140,7 +149,7 @@ class Conv(Op):
 
     def _frames_forward(self, x, w, b, g, clip):
         o, n = w.shape[0], x.shape[1]
-        p = FR.plan(g, x.shape[2], x.shape[3])
+        p = FR.plan(g, x.shape[2], x.shape[3]) if self._depthwise(x, w) else _plan(g, x.shape)
         taps = g.kh * g.kw
         y = np.empty((o, n, g.ho, g.wo), dtype=x.dtype)
         bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
@@ -152,7 +161,7 @@ class Conv(Op):
         wk = FR.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
         eph, ech, eoff = FR.entry_tables(x.shape[0], p)
         f = _frames(x, g, p)
-        FR.dense_forward(f, eph, ech, eoff, wk, bias, lo, hi, p.hf, p.wf, FR.images_per_job(p.hf * p.wf, n), y)
+        FR.dense_forward(f, eph, ech, eoff, wk, bias, lo, hi, p.group, p.gstr, p.rstr, p.wf, *p.jobs(n, g.ho), y)
         keep = f if f.nbytes <= KEEP_FRAMES_BYTES or _pointwise(x.shape, g) else x  # else rebuilt in backward
         return y, ("frames", keep, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
 
@@ -217,28 +226,30 @@ class Conv(Op):
         if f.ndim == 4:  # the input itself, kept instead of its (large) frames
             f = _frames(f, g, p)
         dx = dw = db = None
-        fsz = p.hf * p.wf
+        span = p.span(n, dy.shape[2], dy.shape[3])  # the positions dL/dW sums over
         # A stride-1 conv's dL/dx is a conv of dL/dy (flipped taps, mirrored padding) written
         # straight to pixels; when dL/dy's frames line up with the input's, dL/dW reads them too.
         mirror = _mirror(g, xshape)
+        fy = None
         if mirror is not None:
-            pm = FR.plan(mirror, dy.shape[2], dy.shape[3])
+            pm = _plan(mirror, dy.shape)
             fy = _frames(dy, mirror, pm, mask)
-            # the mirror's frame has the input frame's size (both store h + max(top, bottom) padded
-            # rows and w + max(left, right) columns), so dL/dW reads dL/dy's frames at an offset
-            dyf, head = fy[0], mirror.ph * p.wf + mirror.pw
+        if fy is not None and (pm.hf, pm.wf, pm.group) == (p.hf, p.wf, p.group):
+            # the same frame geometry (a "same" conv: both pad to h + kh - 1 rows), so dL/dy sits
+            # in its mirror frame at the offset of its padding
+            dyf, head = fy[0], mirror.ph * p.rstr + mirror.pw
         else:
             head = int(p.off.max())
-            dyf = np.empty((o, head + n * fsz + 32), dtype=dy.dtype)  # 32: a last whole register tile's reads
-            FR.to_frame(dy, *mask, p.hf, p.wf, head, dyf)
+            dyf = np.empty((o, head + p.length(n)), dtype=dy.dtype)
+            FR.to_frame(dy, *mask, p.group, p.gstr, p.rstr, p.wf, head, dyf)
         if need[1]:
             eph, ech, eoff = FR.pad_entries(*FR.entry_tables(xshape[0], p))
-            splits = FR.weight_grad_splits(o, eph.size, n * fsz)
+            splits = FR.weight_grad_splits(o, eph.size, span)
             k = w[0].size
             # one split: the kernel's float64 sums are rounded straight into dL/dW
             part = np.empty((splits, o, eph.size), dtype=w.dtype if splits == 1 else np.float64)
             bias_part = np.empty((splits, o), dtype=np.float64)
-            FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n * fsz, splits, part, bias_part)
+            FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, span, splits, part, bias_part)
             if splits == 1:
                 dw = np.ascontiguousarray(part[0, :, :k]).reshape(w.shape)
             else:
@@ -247,15 +258,14 @@ class Conv(Op):
             if want_db:
                 db = bias_part.sum(axis=0).astype(dy.dtype)
         elif want_db:
-            db = dyf[:, head:head + n * fsz].sum(axis=1)
+            db = dyf[:, head:head + span].sum(axis=1)
         if need[0]:
             if mirror is not None:
                 dx = np.empty(xshape, dtype=dy.dtype)
                 wk = FR.mirror_weights(w, dy.dtype)
                 eph, ech, eoff = FR.entry_tables(o, pm)
-                ipc = FR.images_per_job(pm.hf * pm.wf, n)
                 FR.dense_forward(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf,
-                                 pm.hf, pm.wf, ipc, dx)
+                                 pm.group, pm.gstr, pm.rstr, pm.wf, *pm.jobs(n, xshape[2]), dx)
             else:  # dyf was built by to_frame, with the head the strided input gradient reads at
                 dx = self._frames_input_grad(dyf, head, p, xshape, w, g)
         return dx, dw, db

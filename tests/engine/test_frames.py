@@ -184,13 +184,32 @@ def test_conv(name, head, n, dtype):
     check_conv(GEOMETRIES[name], n, dtype, *HEADS[head], seed=case_seed(name, n))
 
 
-# frames of 32 x 32 (30 x 30 padded): 4 images per job, the last job with fewer; dL/dW over 2 splits
+# frames of 32 x 32 (30 x 30 padded): 4 images per job, the last job with fewer (3 groups of 3 images
+# for the stride-1 dense conv); dL/dW over 2 splits
 @pytest.mark.parametrize("g", [Geometry(3, 4, 30, 30, pads=(1, 1, 1, 1)), Geometry(3, 4, 32, 32, kernel=(1, 1)),
                                Geometry(3, 4, 61, 61, pads=(1, 1, 1, 1), strides=(2, 2)),
                                Geometry(4, 4, 30, 30, pads=(1, 1, 1, 1), group=4)],
                          ids=["dense", "pointwise", "strided", "depthwise"])
 def test_conv_many_images_per_job(g):
     check_conv(g, 9, np.float64, True, RELU6, seed=11)
+
+
+GROUPED = ["dense_3x3_same", "dense_valid", "dilated", "padded_asymmetric", "odd_sized_nonsquare_kernel",
+           "row_kernel", "out_channels_17", "pointwise_padded", "large_image"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", GROUPED)
+def test_conv_on_groups_of_interleaved_images(name, dtype, monkeypatch):
+    """Stride-1 convs on frames whose rows interleave groups of images: 7 images in groups of 2 (the
+    last of one), with jobs of a few rows, forward and backward as in ``test_conv``."""
+    g = GEOMETRIES[name]
+    wf = g.w + g.pads[1] + g.pads[3]
+    monkeypatch.setattr(FR, "GROUP_ROW", 2 * wf + 1)
+    monkeypatch.setattr(FR, "CHUNK", 5 * wf)
+    p = FR.plan(g.window(), g.h, g.w, 7)
+    assert p.group == 2 and p.rstr == 2 * p.wf
+    check_conv(g, 7, dtype, True, RELU6, seed=case_seed(name, 7))
 
 
 def test_clip_cases_cross_their_bounds():
@@ -368,27 +387,35 @@ def test_build_frames_holds_the_phases_of_the_padded_input(name, n):
     assert not f[read, :, n * p.hf * p.wf:].any()
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("n", [1, 3, 7])
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_taps_read_the_pixel_their_window_covers(name, n):
-    """For every valid output (i, oi, oj) and tap (ki, kj): frame ``src[t]`` at ``i*hf*wf + oi*wf + oj +
-    off[t]`` is padded pixel (oi*sh + ki*dh, oj*sw + kj*dw) of image i, and no read (including the
-    discarded padding-band positions the kernels compute) goes past the frame's end."""
+def test_taps_read_the_pixel_their_window_covers(name, n, grouped, monkeypatch):
+    """For every valid output (i, oi, oj) and tap (ki, kj): frame ``src[t]`` at the output's position
+    plus ``off[t]`` is padded pixel (oi*sh + ki*dh, oj*sw + kj*dw) of image i, and no read (including
+    the discarded padding-band positions the kernels compute, and a last whole register tile) goes
+    past the frame's end. Grouped: stride-1 plans get groups of 2 images with interleaved rows; every
+    image pixel is then in the frame once and every other entry is zero."""
     g = GEOMETRIES[name]
+    monkeypatch.setattr(FR, "GROUP_ROW", 2 * (g.w + g.pads[1] + g.pads[3]) + 1)
     x = np.random.default_rng(2).standard_normal((g.c, n, g.h, g.w)) + 5  # no data pixel is 0
     win = g.window()
-    p = FR.plan(win, g.h, g.w)
+    p = FR.plan(win, g.h, g.w, n if grouped else None)
+    assert p.group == (min(n, 2) if grouped and g.strides == (1, 1) else 1)
     f = FR.build_frames(x, win, p)
     (sh, sw), (dh, dw) = g.strides, g.dilations
     xp = np.pad(x, [(0, 0), (0, 0), (g.pads[0], g.pads[2]), (g.pads[1], g.pads[3])])
-    fsz = p.hf * p.wf
     i, oi, oj = np.meshgrid(np.arange(n), np.arange(win.ho), np.arange(win.wo), indexing="ij")
+    pos = (i // p.group) * p.gstr + (i % p.group) * p.wf + oi * p.rstr + oj
     for t, (ki, kj) in enumerate(np.ndindex(*g.kernel)):
-        got = f[p.src[t]][:, i * fsz + oi * p.wf + oj + p.off[t]]
+        got = f[p.src[t]][:, pos + p.off[t]]
         want = xp[:, i, oi * sh + ki * dh, oj * sw + kj * dw]
         np.testing.assert_array_equal(got, want, err_msg=f"tap {(ki, kj)}")
-    last_read = (n - 1) * fsz + (win.ho - 1) * p.wf + win.wo - 1 + p.off.max()
-    assert last_read < f.shape[2]
+    assert pos.max() == p.span(n, win.ho, win.wo) - 1
+    assert p.span(n, win.ho, win.wo) + 31 + p.off.max() <= f.shape[2] == p.length(n)
+    if grouped and g.strides == (1, 1):
+        for c in range(g.c):
+            np.testing.assert_array_equal(np.sort(f[0, c][f[0, c] != 0]), np.sort(x[c], axis=None))
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -425,20 +452,25 @@ BOUNDS = {"none": None, "relu": RELU, "relu6": RELU6, "unbounded": (-np.inf, np.
 @pytest.mark.parametrize("bounds", list(BOUNDS))
 @pytest.mark.parametrize("head, extra", [(0, 0), (7, 0), (3, 11)])
 @pytest.mark.parametrize("n", [1, 3])
-def test_to_frame_places_each_output_at_its_frame_position(n, head, extra, bounds):
-    """``out[o, head + i*hf*wf + oi*wf + oj] = dy[o, i, oi, oj]`` (masked by ``y`` when bounds are given);
-    every other entry is zero."""
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_to_frame_places_each_output_at_its_frame_position(interleaved, n, head, extra, bounds):
+    """``out[o, head + p] = dy[o, i, oi, oj]`` (masked by ``y`` when bounds are given) at the position
+    p of pixel (i, oi, oj): ``i*hf*wf + oi*wf + oj`` with images one after another, ``oi*n*wf + i*wf
+    + oj`` with one group of n images whose rows interleave; every other entry is zero."""
     o, ho, wo, hf, wf = 5, 3, 4, 5, 6
+    group = n if interleaved else 1
+    layout = (group, hf * group * wf, group * wf, wf)  # group, gstr, rstr, wf
     dy = np.random.default_rng(4).standard_normal((o, n, ho, wo))
     out = np.full((o, head + n * hf * wf + extra), np.nan)
     if BOUNDS[bounds] is None:
-        FR.to_frame(dy, None, -np.inf, np.inf, hf, wf, head, out)
+        FR.to_frame(dy, None, -np.inf, np.inf, *layout, head, out)
     else:
         y = mask_source(dy.shape, BOUNDS[bounds][0], seed=5)
-        FR.to_frame(dy, y, *BOUNDS[bounds], hf, wf, head, out)
+        FR.to_frame(dy, y, *BOUNDS[bounds], *layout, head, out)
         dy = masked(dy, y, *BOUNDS[bounds])
     want = np.zeros_like(out)
-    frames = want[:, head:head + n * hf * wf].reshape(o, n, hf, wf)  # a view into want
+    frames = want[:, head:head + n * hf * wf]  # a view into want
+    frames = frames.reshape(o, hf, n, wf).transpose(0, 2, 1, 3) if interleaved else frames.reshape(o, n, hf, wf)
     frames[:, :, :ho, :wo] = dy
     np.testing.assert_array_equal(out, want)
 
