@@ -201,29 +201,31 @@ def dense_weights(w2):
     return out
 
 
-def mirror_weights(w, dtype):
-    """The ``dense_weights`` of the conv that takes dL/dy to dL/dx of a stride-1 conv with weights
-    ``w`` (O, C, kh, kw): row c, entry o*taps + t holds ``w[o, c]`` with its taps flipped."""
-    o, c, kh, kw = w.shape
-    out = np.empty((-(-c // OB) * OB, o * kh * kw), dtype=dtype)
+def transposed_weights(w, taps, dtype):
+    """``dense_weights`` for a conv from the O channels of dL/dy to the C of dL/dx, given the
+    weights ``w`` (O, C, kh, kw): row c, entry o*len(taps) + i holds ``w[o, c]``'s tap
+    ``taps[i]`` (flattened). A stride-1 conv's dL/dx takes all taps, reversed (both axes
+    flipped); each phase of a strided conv's the taps that read it."""
+    o, c = w.shape[:2]
+    taps = np.ascontiguousarray(taps, dtype=np.int64)
+    out = np.empty((-(-c // OB) * OB, o * taps.size), dtype=dtype)
     out[c:] = 0
-    _mirror_weights(np.ascontiguousarray(w, dtype=dtype), out)
+    _transposed_weights(np.ascontiguousarray(w, dtype=dtype).reshape(o, c, -1), taps, out)
     return out
 
 
 @njit(**FMA)
-def _mirror_weights(w, out):
-    o_n, c_n, kh, kw = w.shape
-    taps = kh * kw
-    w3 = w.reshape(o_n, c_n, taps)  # flipping both axes reverses the taps
+def _transposed_weights(w3, taps, out):
+    o_n, c_n = w3.shape[:2]
+    t_n = taps.size
     for cb in prange((c_n + 15) // 16):  # 16 rows at a time, so the reads w[o, c0:c0 + 16] stay near
         for c in range(cb * 16, min(c_n, cb * 16 + 16)):
             row = out[c]
             for o in range(o_n):
                 src = w3[o, c]
-                dst = row[o * taps:(o + 1) * taps]
-                for t in range(taps):
-                    dst[t] = src[taps - 1 - t]
+                dst = row[o * t_n:(o + 1) * t_n]
+                for i in range(t_n):
+                    dst[i] = src[taps[i]]
 
 
 @njit(**FMA)

@@ -262,7 +262,7 @@ class Conv(Op):
         if need[0]:
             if mirror is not None:
                 dx = np.empty(xshape, dtype=dy.dtype)
-                wk = FR.mirror_weights(w, dy.dtype)
+                wk = FR.transposed_weights(w, np.arange(g.kh * g.kw)[::-1], dy.dtype)
                 eph, ech, eoff = FR.entry_tables(o, pm)
                 FR.dense_forward(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf,
                                  pm.group, pm.gstr, pm.rstr, pm.wf, *pm.jobs(n, xshape[2]), dx)
@@ -279,7 +279,6 @@ class Conv(Op):
         o = dyf.shape[0]
         dyf3 = dyf.reshape(1, o, -1)
         ipc = FR.images_per_job(fsz, n)
-        w3 = w.reshape(o, w.shape[1], -1).astype(dyf.dtype, copy=False)
         df = np.empty((g.sh * g.sw, c, n * fsz), dtype=dyf.dtype)
         for ph in range(g.sh * g.sw):
             taps = np.flatnonzero(p.src == ph)
@@ -287,7 +286,7 @@ class Conv(Op):
                 df[ph] = 0
                 continue
             # entries (o, t): weight w[o, c, t] for output row c, reading dL/dy at head - off[t]
-            wk = FR.dense_weights(np.ascontiguousarray(w3[:, :, taps].transpose(1, 0, 2)).reshape(c, -1))
+            wk = FR.transposed_weights(w, taps, dyf.dtype)
             eph = np.zeros(o * taps.size, dtype=np.int64)
             ech = np.repeat(np.arange(o, dtype=np.int64), taps.size)
             eoff = np.tile(head - p.off[taps], o)

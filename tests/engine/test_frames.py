@@ -556,11 +556,15 @@ def test_accumulate_computes_the_last_partial_tile_within_bounds(n_pos, acc_cols
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_mirror_weights_flip_the_taps_and_swap_the_channels(dtype):
+def test_transposed_weights_swap_the_channels_and_take_the_taps(dtype):
+    """All taps reversed: the weights with both kernel axes flipped; some taps: those, in order."""
     w = np.random.default_rng(0).standard_normal((5, 11, 3, 2))
-    got = FR.mirror_weights(w, dtype)
+    got = FR.transposed_weights(w, np.arange(6)[::-1], dtype)
     want = FR.dense_weights(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(11, -1).astype(dtype))
     assert got.dtype == dtype and got.shape == (16, 5 * 6)
+    np.testing.assert_array_equal(got, want)
+    got = FR.transposed_weights(w, [4, 1, 3], dtype)
+    want = FR.dense_weights(w.reshape(5, 11, 6)[:, :, [4, 1, 3]].transpose(1, 0, 2).reshape(11, -1).astype(dtype))
     np.testing.assert_array_equal(got, want)
 
 
