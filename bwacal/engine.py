@@ -15,6 +15,7 @@ import numpy as np
 from bwacal.errors import ModelError, UnsupportedOpError
 from bwacal.graph import Graph
 from bwacal.ops import REGISTRY, Unsupported, make_op
+from bwacal.ops._frames import add_clip
 from bwacal.ops.block import find_blocks, run_block
 
 
@@ -61,6 +62,18 @@ def _to_cnhw(a):
     if a.ndim < 4:
         return a.reshape((1,) * (4 - a.ndim) + a.shape).transpose(_SWAP), ("E", a.shape)
     raise ValueError(f"cannot broadcast a rank-{a.ndim} operand against a 4-D activation")
+
+
+def _sum(a, b):
+    """``a + b``: gradients from two readers of a value (a residual). Same-shape float arrays of 64K
+    elements or more are added by a parallel kernel (ResNet-20's backward spent 14 ms per step in
+    NumPy's single-threaded adds)."""
+    if (a.shape == b.shape and a.dtype == b.dtype and a.dtype.kind == "f" and a.size >= 1 << 16
+            and a.flags.c_contiguous and b.flags.c_contiguous):
+        out = np.empty_like(a)
+        add_clip(a, b, -np.inf, np.inf, out)
+        return out
+    return a + b
 
 
 def _grad_back(g, how):
@@ -315,7 +328,7 @@ class Engine:
                     continue
                 g = _grad_back(unbroadcast(np.asarray(g), shape), how)
                 if name in grads:
-                    grads[name] = grads[name] + g
+                    grads[name] = _sum(grads[name], g)
                 else:
                     grads[name] = g
         return {name: (grads[name].transpose(_SWAP) if name in tape.cnhw and grads.get(name) is not None
