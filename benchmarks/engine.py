@@ -1,6 +1,7 @@
 """Engine throughput: bwacal forward vs ONNX Runtime, bwacal forward+backward vs PyTorch.
 
-Same model, batch and thread count in one run; prints a Markdown table of images/s and ratios.
+Same model, batch and thread count in one run, the four timings taking turns in each round; prints
+a Markdown table of images/s (best round) and ratios.
 Forward+backward computes dL/dx and dL/dW for every Conv/Gemm weight for L = sum(r * logits),
 on the BatchNorm-folded graph in bwacal (what calibration runs) and with eval-mode BN in PyTorch.
 
@@ -47,14 +48,19 @@ def _export(name: str, workdir: Path) -> Path:
     return path, model
 
 
-def _best(fn, repeat):
-    fn()  # warm-up: JIT compilation, allocator
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def _best(fns: dict, repeat: int) -> dict:
+    """Best time of each function over ``repeat`` rounds, the functions taking turns within a round,
+    so that a slower or faster spell of the machine falls on all of them rather than on whichever
+    ran then (one warm-up call each first: JIT compilation, allocator)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
 
 
 def bench(name: str, threads: int, repeat: int, workdir: Path) -> dict:
@@ -96,8 +102,8 @@ def bench(name: str, threads: int, repeat: int, workdir: Path) -> dict:
         tmodel.zero_grad(set_to_none=True)
         (tmodel(xi) * rt).sum().backward()
 
-    t = {k: _best(f, repeat) for k, f in
-         (("bwacal_fwd", bw_fwd), ("ort_fwd", ort_fwd), ("bwacal_fwdbwd", bw_fwd_bwd), ("torch_fwdbwd", torch_fwd_bwd))}
+    t = _best({"bwacal_fwd": bw_fwd, "ort_fwd": ort_fwd, "bwacal_fwdbwd": bw_fwd_bwd, "torch_fwdbwd": torch_fwd_bwd},
+              repeat)
     return {"model": name, "shape": "x".join(map(str, shape)), "batch": batch,
             **{k: batch / v for k, v in t.items()}}
 
@@ -151,7 +157,8 @@ def main():
 
     print(f"machine: {cpu}, {os.cpu_count()} cores; threads: {args.threads} (numba layer "
           f"{numba.threading_layer()}, NumPy BLAS threads "
-          f"{[n for p, n in openblas_threads().items() if 'numpy' in p]}); repeat: best of {args.repeat}; "
+          f"{[n for p, n in openblas_threads().items() if 'numpy' in p]}); repeat: best of {args.repeat} "
+          f"interleaved rounds; "
           f"date: {time.strftime('%Y-%m-%d')}")
     print()
     print("| model | input | batch | bwacal fwd img/s | ORT fwd img/s | fwd ratio | bwacal fwd+bwd img/s | "
