@@ -48,6 +48,11 @@ def _export(name: str, workdir: Path) -> Path:
     return path, model
 
 
+# seconds between timed calls: ONNX Runtime's, PyTorch's and numba's worker threads spin for a while
+# after a parallel region, taking cores from whatever runs next
+PAUSE = 0.3
+
+
 def _best(fns: dict, repeat: int) -> dict:
     """Best time of each function over ``repeat`` rounds, the functions taking turns within a round,
     so that a slower or faster spell of the machine falls on all of them rather than on whichever
@@ -57,6 +62,7 @@ def _best(fns: dict, repeat: int) -> dict:
     times = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
+            time.sleep(PAUSE)
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
