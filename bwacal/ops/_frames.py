@@ -42,9 +42,9 @@ REDUCE = dict(JIT_PARALLEL, fastmath={"contract", "reassoc"}, error_model="numpy
 OB = 8  # output channels per block
 GROUP = 4  # (channel, tap) entries per inner-loop iteration (dL/dW blocks too)
 CHUNK = 4096  # frame positions per job, about (whole images at a time)
-# positions in a row of a group of images whose rows interleave, at most (``plan``). Forward+backward
-# in one process, min of 4 alternating runs: ResNet-20 224 ms with no groups, 212 with 128, 218
-# with 512; ResNet-18 557, 544 and 553.
+# positions in a row of a group of images whose rows interleave, at most (``plan``). Forward+backward,
+# min of 4 alternating runs in one process: ResNet-20 224 ms with no groups, 212 with 128, 218 with
+# 512; ResNet-18 557 without and 544 with 128, and in another process 540 without and 553 with 512.
 GROUP_ROW = 128
 SPAN = 4096  # positions per float32 partial sum in dL/dW
 ELEMENTS = 1 << 16  # elements per job of the element-wise kernels
