@@ -545,6 +545,7 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part, bias_pa
     ob_n = (o_n + 3) // 4
     kp = part.shape[2]
     per = (n_pos + splits - 1) // splits
+    per = (per + 15) // 16 * 16  # splits of whole 16-position vectors
     zero = f.dtype.type(0)
     for job in prange(ob_n * splits):
         o = (job // splits) * 4

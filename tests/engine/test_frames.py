@@ -493,9 +493,11 @@ def test_masked_frames_are_the_frames_of_the_masked_array(name, dtype, bounds):
 
 
 def naive_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits):
-    """``dense_weight_grad``'s two outputs by a float64 dot product per (split, output, entry)."""
+    """``dense_weight_grad``'s two outputs by a float64 dot product per (split, output, entry); a split
+    is a whole number of 16-position vectors."""
     o_n, k_n = dyf.shape[0], eph.size
     per = -(-n_pos // splits)
+    per = -(-per // 16) * 16
     part, bias_part = np.zeros((splits, o_n, k_n)), np.zeros((splits, o_n))
     for s in range(splits):
         lo, hi = s * per, min(n_pos, (s + 1) * per)
