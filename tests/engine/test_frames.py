@@ -533,14 +533,21 @@ def _accumulate_into(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
     FR._accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
 
 
+@njit
+def _accumulate_narrow_into(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
+    FR._accumulate_narrow(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
+
+
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("n_pos, acc_cols, frame_room", [
     (71, 96, 200),  # the last tile (positions 64-95) whole: acc and frame have room
     (71, 71, 200),  # acc ends at n_pos: positions 64-70 by the loops
     (71, 96, 75),  # the frame ends 4 positions past n_pos (plus the largest offset)
-    (96, 96, 96), (5, 5, 5), (5, 32, 40)])
-def test_accumulate_computes_the_last_partial_tile_within_bounds(n_pos, acc_cols, frame_room):
+    (96, 96, 96), (5, 5, 5), (5, 32, 40), (150, 192, 300), (150, 160, 300), (150, 150, 152)])
+def test_accumulate_computes_the_last_partial_tile_within_bounds(n_pos, acc_cols, frame_room, narrow):
     """float32 register tiles run a whole last tile only where ``acc`` and the frame hold it: ``acc``
-    is a view into a sentinel-filled buffer, and every position up to n_pos is the float64 sum."""
+    is a view into a sentinel-filled buffer, and every position up to n_pos is the float64 sum (rows
+    o..o+3 for the narrow tiles of 64 positions x 4 rows)."""
     rng = np.random.default_rng(n_pos + acc_cols)
     c, lo, o = 3, 2, 8
     eoff = np.tile(np.array([0, 1, 9]), c)
@@ -550,10 +557,11 @@ def test_accumulate_computes_the_last_partial_tile_within_bounds(n_pos, acc_cols
     buf = np.full((8, acc_cols + 40), 7.0, dtype=np.float32)
     acc = buf[:, :acc_cols]
     acc[:] = 0
-    _accumulate_into(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
+    (_accumulate_narrow_into if narrow else _accumulate_into)(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
     want = sum(wk[o:o + 8, k, None].astype(np.float64) * f[0, ech[k], lo + eoff[k]:lo + eoff[k] + n_pos]
                for k in range(eoff.size))
-    np.testing.assert_allclose(acc[:, :n_pos], want, rtol=0, atol=1e-5)
+    rows = 4 if narrow else 8
+    np.testing.assert_allclose(acc[:rows, :n_pos], want[:rows], rtol=0, atol=1e-5)
     assert (buf[:, acc_cols:] == 7.0).all()
 
 
