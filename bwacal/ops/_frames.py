@@ -146,6 +146,7 @@ def _fill_frames(x, y, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, group, gstr, rs
     c_n, n_n, h, w = x.shape
     lo = x.dtype.type(lo_clip)
     hi = x.dtype.type(hi_clip)
+    g_n = (n_n + group - 1) // group
     for job in prange(sh * sw * c_n):
         ph = job // c_n
         c = job % c_n
@@ -154,12 +155,23 @@ def _fill_frames(x, y, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, group, gstr, rs
         a = ph // sw
         b = ph % sw
         row = f[ph, c]
-        row[:] = 0  # one pass of zeros, then the image rows over it
         # columns q whose input column q*sw + b - pl lies in [0, w)
         q0 = max(0, (pl - b + sw - 1) // sw)
         q1 = min(wf, (w - 1 + pl - b) // sw + 1) if w - 1 + pl - b >= 0 else 0
         if q0 >= q1:
+            row[:] = 0
             continue
+        # Every position is written once: zeros over the padding rows (whole rows of a group), the
+        # empty image slots of the last group and the tail, then each image row with the padding
+        # columns around it. A pass of zeros over everything first wrote the frames twice.
+        for gi in range(g_n):
+            for r in range(hf):
+                i = r * sh + a - pt
+                if i < 0 or i >= h:
+                    row[gi * gstr + r * rstr:gi * gstr + (r + 1) * rstr] = 0
+                elif gi == g_n - 1 and n_n < g_n * group:
+                    row[gi * gstr + r * rstr + (n_n - gi * group) * wf:gi * gstr + (r + 1) * rstr] = 0
+        row[g_n * gstr:] = 0
         j0 = q0 * sw + b - pl
         for bi in range(n_n):
             xb = x[c, bi]
@@ -168,6 +180,10 @@ def _fill_frames(x, y, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, group, gstr, rs
                 i = r * sh + a - pt
                 if i < 0 or i >= h:
                     continue
+                for q in range(q0):
+                    row[at + r * rstr + q] = 0
+                for q in range(q1, wf):
+                    row[at + r * rstr + q] = 0
                 dst = row[at + r * rstr + q0:at + r * rstr + q1]
                 xs = xb[i, j0:]
                 if y is not None:
