@@ -607,10 +607,12 @@ def from_frames(df, sh, sw, pt, pl, hf, wf, dx):
 
 
 @njit(**REDUCE)
-def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part, bias_part):
+def dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits, part, bias_part):
     """``part[s, o, k] = sum over positions p of split s of dyf[o, head + p] * f[eph[k], ech[k], p + eoff[k]]``
     and ``bias_part[s, o] = sum over the same p of dyf[o, head + p]``: dL/dW, and dL/db when ``dyf``
-    is zero outside the outputs (as the frames of dL/dy are).
+    is zero outside the outputs (as the frames of dL/dy are). The positions are the first ``glen``
+    of each of ``groups`` groups ``gstr`` apart (``Plan``: the padding rows after a group's last
+    output row are skipped), split evenly into ``splits`` ranges of whole 16-position vectors.
 
     Blocks of 4 output channels x 4 entries (16 sums, 8 loads per 16 FMAs); each sum is float32
     over ``SPAN`` positions and float64 across spans. ``part`` is (splits, O, K') with K' a multiple
@@ -620,6 +622,7 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part, bias_pa
     o_n = dyf.shape[0]
     ob_n = (o_n + 3) // 4
     kp = part.shape[2]
+    n_pos = groups * glen
     per = (n_pos + splits - 1) // splits
     per = (per + 15) // 16 * 16  # splits of whole 16-position vectors
     zero = f.dtype.type(0)
@@ -633,8 +636,12 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part, bias_pa
         d2 = dyf[min(o + 2, o_n - 1)]
         d3 = dyf[min(o + 3, o_n - 1)]
         end = min(n_pos, (s + 1) * per)
-        for lo in range(s * per, end, 4096):
-            n = min(4096, end - lo)
+        v = s * per  # position v of the groups' positions is frame position (v // glen)*gstr + v % glen
+        while v < end:
+            g = v // glen
+            n = min(4096, end - v, (g + 1) * glen - v)
+            lo = g * gstr + v - g * glen
+            v += n
             e0 = d0[head + lo:]
             e1 = d1[head + lo:]
             e2 = d2[head + lo:]

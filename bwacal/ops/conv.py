@@ -244,17 +244,20 @@ class Conv(Op):
             FR.to_frame(dy, *mask, p.group, p.gstr, p.rstr, p.wf, head, dyf)
         if need[1]:
             eph, ech, eoff = FR.pad_entries(*FR.entry_tables(xshape[0], p))
-            # summed over a multiple of 16 positions where the frames have room (they are zeros
-            # past the span): the kernel's vector loop then leaves no scalar remainder, which cost
-            # ResNet-18's 7x7 layers 13% (447 positions: 27 vectors and 15 scalar steps)
-            room = min(f.shape[2] - int(eoff.max()), dyf.shape[1] - head)
-            span = max(span, min(-(-span // 16) * 16, room))
-            splits = FR.weight_grad_splits(o, eph.size, span)
+            # summed over each group's positions up to its last output (the padding rows between
+            # groups skipped), rounded up to whole 16-position vectors where the frames have room
+            # (they are zeros there): the kernel's vector loop then leaves no scalar remainder,
+            # which cost ResNet-18's 7x7 layers 13% (447 positions: 27 vectors and 15 scalar steps)
+            groups = -(-n // p.group)
+            glen = p.span(min(n, p.group), dy.shape[2], dy.shape[3])
+            room = min(f.shape[2] - int(eoff.max()), dyf.shape[1] - head) - (groups - 1) * p.gstr
+            glen = max(glen, min(-(-glen // 16) * 16, p.gstr, room))
+            splits = FR.weight_grad_splits(o, eph.size, groups * glen)
             k = w[0].size
             # one split: the kernel's float64 sums are rounded straight into dL/dW
             part = np.empty((splits, o, eph.size), dtype=w.dtype if splits == 1 else np.float64)
             bias_part = np.empty((splits, o), dtype=np.float64)
-            FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, span, splits, part, bias_part)
+            FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, p.gstr, splits, part, bias_part)
             if splits == 1:
                 dw = np.ascontiguousarray(part[0, :, :k]).reshape(w.shape)
             else:

@@ -492,38 +492,45 @@ def test_masked_frames_are_the_frames_of_the_masked_array(name, dtype, bounds):
     np.testing.assert_array_equal(got[read], want[read])
 
 
-def naive_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits):
-    """``dense_weight_grad``'s two outputs by a float64 dot product per (split, output, entry); a split
-    is a whole number of 16-position vectors."""
+def naive_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits):
+    """``dense_weight_grad``'s two outputs by a float64 dot product per (split, output, entry): the
+    positions are the first ``glen`` of each group, ``gstr`` apart, and a split is a whole number of
+    16-position vectors of them."""
     o_n, k_n = dyf.shape[0], eph.size
-    per = -(-n_pos // splits)
+    pos = (np.arange(groups)[:, None] * gstr + np.arange(glen)[None, :]).reshape(-1)
+    per = -(-pos.size // splits)
     per = -(-per // 16) * 16
     part, bias_part = np.zeros((splits, o_n, k_n)), np.zeros((splits, o_n))
     for s in range(splits):
-        lo, hi = s * per, min(n_pos, (s + 1) * per)
-        d = dyf[:, head + lo:head + hi].astype(np.float64)
+        p = pos[s * per:(s + 1) * per]
+        d = dyf[:, head + p].astype(np.float64)
         bias_part[s] = d.sum(axis=1)
         for k in range(k_n):
-            part[s, :, k] = d @ f[eph[k], ech[k], lo + eoff[k]:hi + eoff[k]].astype(np.float64)
+            part[s, :, k] = d @ f[eph[k], ech[k], p + eoff[k]].astype(np.float64)
     return part, bias_part
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("o, splits", [(4, 1), (6, 3), (9, 2)])
-def test_dense_weight_grad_sums_products_and_dy(o, splits, dtype):
+@pytest.mark.parametrize("o, splits, groups, gap", [(4, 1, 1, 0), (6, 3, 1, 0), (9, 2, 1, 0), (4, 1, 3, 37),
+                                                   (6, 3, 5, 100), (5, 4, 2, 1)])
+def test_dense_weight_grad_sums_products_and_dy(o, splits, groups, gap, dtype):
     """Per split of positions: ``part`` sums dyf times each entry's frame, ``bias_part`` dyf itself (the
-    positions span several SPANs, and split 1 starts mid-span)."""
-    rng = np.random.default_rng(o)
-    c, n_pos, head = 3, 2 * FR.SPAN + 1000, 5
+    positions span several SPANs, and split 1 starts mid-span); with groups, only the first ``glen``
+    positions of each (the ``gap`` after them, padding rows in a frame, is skipped)."""
+    rng = np.random.default_rng(o + groups)
+    c, head = 3, 5
+    glen = (2 * FR.SPAN + 1000) // groups
+    gstr = glen + gap
+    length = groups * gstr
     eph, ech, eoff = FR.pad_entries(np.zeros(c * 2, dtype=np.int64), np.repeat(np.arange(c), 2),
                                     np.tile(np.array([0, 7]), c))
-    f = rng.standard_normal((1, c, n_pos + 7)).astype(dtype)
-    dyf = rng.standard_normal((o, head + n_pos)).astype(dtype)
+    f = rng.standard_normal((1, c, length + 7)).astype(dtype)
+    dyf = rng.standard_normal((o, head + length)).astype(dtype)
     part = np.full((splits, o, eph.size), np.nan)
     bias_part = np.full((splits, o), np.nan)
-    FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits, part, bias_part)
-    want_part, want_bias = naive_weight_grad(dyf, head, f, eph, ech, eoff, n_pos, splits)
-    tol = {np.float32: 1e-5, np.float64: 1e-12}[dtype] * np.sqrt(n_pos)
+    FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits, part, bias_part)
+    want_part, want_bias = naive_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits)
+    tol = {np.float32: 1e-5, np.float64: 1e-12}[dtype] * np.sqrt(groups * glen)
     np.testing.assert_allclose(part, want_part, rtol=0, atol=tol)
     np.testing.assert_allclose(bias_part, want_bias, rtol=0, atol=tol)
 
