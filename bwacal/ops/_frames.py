@@ -292,11 +292,13 @@ def _accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
     register tiles for float32 (``_accumulate_tiles``), vectorised loops otherwise."""
 
 
-@overload(_accumulate, inline="always")
-def _accumulate_overload(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
-    if f.dtype == types.float32 and wk.dtype == types.float32 and acc.dtype == types.float32:
-        return _accumulate_tiles
-    return _accumulate_untiled
+def _tiles_for_float32(tiles):
+    """An overload choosing ``tiles`` for float32 frames, weights and sums, the loops otherwise."""
+    def choose(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
+        if f.dtype == types.float32 and wk.dtype == types.float32 and acc.dtype == types.float32:
+            return tiles
+        return _accumulate_untiled
+    return choose
 
 
 def _accumulate_untiled(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
@@ -367,13 +369,6 @@ def _accumulate_narrow(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
     3 channels, and tiles of 8 rows spent 5/8 of their FMAs on zero weights."""
 
 
-@overload(_accumulate_narrow, inline="always")
-def _accumulate_narrow_overload(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
-    if f.dtype == types.float32 and wk.dtype == types.float32 and acc.dtype == types.float32:
-        return _accumulate_tiles4
-    return _accumulate_untiled
-
-
 def _accumulate_tiles4(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
     c_n, length = f.shape[1], f.shape[2]
     flat = f.reshape(-1)
@@ -412,6 +407,10 @@ def _store4(a, p, u, v, w, z):
     vstore(a, p + 16, v)
     vstore(a, p + 32, w)
     vstore(a, p + 48, z)
+
+
+overload(_accumulate, inline="always")(_tiles_for_float32(_accumulate_tiles))
+overload(_accumulate_narrow, inline="always")(_tiles_for_float32(_accumulate_tiles4))
 
 
 @njit(inline="always")
