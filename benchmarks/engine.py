@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -116,24 +115,28 @@ def bench(name: str, threads: int, repeat: int, workdir: Path) -> dict:
 
 def peak_memory(name: str, threads: int, workdir: Path) -> tuple[float, float]:
     """Peak RSS (MiB) of a fresh process (no torch in it) loading the model, then doing two bwacal
-    forward+backward passes; returns (after loading, peak)."""
+    forward+backward passes; returns (after loading, peak). Read from /proc/self/status (VmHWM):
+    ``ru_maxrss`` carries the parent's peak across fork and exec, so in this benchmark's child it
+    reported the parent's (torch, ONNX Runtime and three models loaded) instead."""
     path, _ = _export(name, workdir)
     code = f"""
-import resource, sys, numpy as np
+import sys, numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from benchmarks.engine import MODELS
 import bwacal
+def hwm():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024
 path = {str(path)!r}
 _, _, shape, batch = MODELS[{name!r}]
 model = bwacal.load_model(path)
 x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
 w = [n.inputs[1] for n in model.graph.nodes if n.op_type in ("Conv", "Gemm")] + [model.input_name]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 for _ in range(2):
     logits, tape = model.forward(x, record=True, wrt=w)
     g = model.backward(tape, np.ones_like(logits), wrt=w)
     del tape, g
-print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(base, hwm())
 """
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
