@@ -226,7 +226,6 @@ class Conv(Op):
         if f.ndim == 4:  # the input itself, kept instead of its (large) frames
             f = _frames(f, g, p)
         dx = dw = db = None
-        span = p.span(n, dy.shape[2], dy.shape[3])  # the positions dL/dW sums over
         # A stride-1 conv's dL/dx is a conv of dL/dy (flipped taps, mirrored padding) written
         # straight to pixels; when dL/dy's frames line up with the input's, dL/dW reads them too.
         mirror = _mirror(g, xshape)
@@ -265,8 +264,8 @@ class Conv(Op):
                 FR.sum_splits(part, k, dw.reshape(o, -1))
             if want_db:
                 db = bias_part.sum(axis=0).astype(dy.dtype)
-        elif want_db:
-            db = dyf[:, head:head + span].sum(axis=1)
+        elif want_db:  # dL/dy's frame is zero outside the outputs
+            db = dyf[:, head:head + p.span(n, dy.shape[2], dy.shape[3])].sum(axis=1)
         if need[0]:
             if mirror is not None:
                 dx = np.empty(xshape, dtype=dy.dtype)
