@@ -30,7 +30,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from bwacal.kernels import JIT_PARALLEL
-from bwacal.ops._simd import vbcast, vfma, vload, vstore
+from bwacal.ops._simd import vbcast, vfma, vload, vmask, vstore
 
 # "contract" lets LLVM fuse multiply-adds; nothing is reassociated, so a forward result does not
 # depend on the thread count.
@@ -130,10 +130,14 @@ def build_frames(x, g, p: Plan, y=None, lo_clip=-np.inf, hi_clip=np.inf):
     Given ``y`` (shaped like ``x``), the frames of ``x`` where ``lo_clip < y < hi_clip``, else 0: the
     gradient through a fused Relu/Clip, masked as it is copied (NaN in ``y`` gives 0)."""
     c, n = x.shape[:2]
+    x = np.ascontiguousarray(x)
+    y = None if y is None else np.ascontiguousarray(y)
     f = np.empty((g.sh * g.sw, c, p.length(n)), dtype=x.dtype)
     used = np.zeros(g.sh * g.sw, dtype=np.bool_)
     used[p.src] = True
-    _fill_frames(x, y, lo_clip, hi_clip, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.group, p.gstr, p.rstr, used, f)
+    # the kernel reads x and y flattened (``xf``, ``yf``); x gives it their shape
+    _fill_frames(x, x.reshape(-1), None if y is None else y.reshape(-1), lo_clip, hi_clip, g.sh, g.sw, g.ph, g.pw,
+                 p.hf, p.wf, p.group, p.gstr, p.rstr, used, f)
     return f
 
 
@@ -142,7 +146,7 @@ def build_frames(x, g, p: Plan, y=None, lo_clip=-np.inf, hi_clip=np.inf):
 
 
 @njit(**FMA)
-def _fill_frames(x, y, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, group, gstr, rstr, used, f):
+def _fill_frames(x, xf, yf, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, group, gstr, rstr, used, f):
     c_n, n_n, h, w = x.shape
     lo = x.dtype.type(lo_clip)
     hi = x.dtype.type(hi_clip)
@@ -161,9 +165,24 @@ def _fill_frames(x, y, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, group, gstr, rs
         if q0 >= q1:
             row[:] = 0
             continue
-        # Every position is written once: zeros over the padding rows (whole rows of a group), the
-        # empty image slots of the last group and the tail, then each image row with the padding
-        # columns around it. A pass of zeros over everything first wrote the frames twice.
+        j0 = q0 * sw + b - pl
+        # Every position is written once, but for the overhang of the vector copies (``_copy_row``).
+        # First the image rows in position order, each with the padding columns around it: a copy
+        # may write up to 15 entries past its row, which what comes after it then covers. Then zeros
+        # over the padding rows (whole rows of a group), the empty image slots of the last group and
+        # the tail. (A pass of zeros under everything first wrote the frames twice.)
+        for gi in range(g_n):
+            for r in range(hf):
+                i = r * sh + a - pt
+                if i < 0 or i >= h:
+                    continue
+                for bi in range(gi * group, min(n_n, gi * group + group)):
+                    at = gi * gstr + (bi - gi * group) * wf + r * rstr
+                    for q in range(q0):
+                        row[at + q] = 0
+                    _copy_row(xf, yf, lo, hi, ((c * n_n + bi) * h + i) * w + j0, sw, q1 - q0, row, at + q0)
+                    for q in range(q1, wf):
+                        row[at + q] = 0
         for gi in range(g_n):
             for r in range(hf):
                 i = r * sh + a - pt
@@ -172,34 +191,60 @@ def _fill_frames(x, y, lo_clip, hi_clip, sh, sw, pt, pl, hf, wf, group, gstr, rs
                 elif gi == g_n - 1 and n_n < g_n * group:
                     row[gi * gstr + r * rstr + (n_n - gi * group) * wf:gi * gstr + (r + 1) * rstr] = 0
         row[g_n * gstr:] = 0
-        j0 = q0 * sw + b - pl
-        for bi in range(n_n):
-            xb = x[c, bi]
-            at = (bi // group) * gstr + (bi % group) * wf
-            for r in range(hf):
-                i = r * sh + a - pt
-                if i < 0 or i >= h:
-                    continue
-                for q in range(q0):
-                    row[at + r * rstr + q] = 0
-                for q in range(q1, wf):
-                    row[at + r * rstr + q] = 0
-                dst = row[at + r * rstr + q0:at + r * rstr + q1]
-                xs = xb[i, j0:]
-                if y is not None:
-                    ys = y[c, bi, i, j0:]
-                    if sw == 1:
-                        _copy_masked(xs, ys, lo, hi, dst)
-                    else:
-                        for q in range(q1 - q0):
-                            t = ys[q * sw]
-                            dst[q] = xs[q * sw] if (t > lo) & (t < hi) else 0
-                elif sw == 1:
-                    for q in range(q1 - q0):  # NOTE: ``dst[:] = xs[:q1 - q0]`` took twice as long on 8-32 float rows
-                        dst[q] = xs[q]
-                else:
-                    for q in range(q1 - q0):
-                        dst[q] = xs[q * sw]
+
+
+def _copy_row(xf, yf, lo, hi, s, sw, n, row, at):
+    """``row[at + q] = xf[s + q*sw]`` for q < n, masked where ``yf`` (shaped like ``xf``) is given:
+    0 where not ``lo < yf[s + q*sw] < hi`` (so 0 where it is NaN). Float32 rows of stride 1 are
+    copied 16 entries at a time, writing up to 15 entries past ``at + n`` (the caller's frames have
+    room and write them later). One entry at a time, a ResNet-20 step's frames took 21.6 ms (sum of
+    per-call medians) and 19.3 ms this way: 0.49 -> 0.20 ms on the 64-channel 8x8 layers, 0.56 ->
+    0.43 on the 32-channel 16x16 ones."""
+
+
+def _copy_row_plain(xf, yf, lo, hi, s, sw, n, row, at):
+    dst = row[at:at + n]
+    xs = xf[s:]
+    for q in range(n):  # NOTE: ``dst[:] = xs[:n]`` took twice as long on 8-32 float rows
+        dst[q] = xs[q * sw]
+
+
+def _copy_row_masked(xf, yf, lo, hi, s, sw, n, row, at):
+    dst = row[at:at + n]
+    xs = xf[s:]
+    ys = yf[s:]
+    for q in range(n):
+        t = ys[q * sw]
+        dst[q] = xs[q * sw] if (t > lo) & (t < hi) else 0
+
+
+def _copy_row_vectors(xf, yf, lo, hi, s, sw, n, row, at):
+    if sw != 1 or s + (n + 15) // 16 * 16 > xf.size:  # the array's last row: no overhang to read
+        _plain_row(xf, yf, lo, hi, s, sw, n, row, at)
+    else:
+        for q in range(0, n, 16):
+            vstore(row, at + q, vload(xf, s + q))
+
+
+def _copy_row_masked_vectors(xf, yf, lo, hi, s, sw, n, row, at):
+    if sw != 1 or s + (n + 15) // 16 * 16 > xf.size:
+        _masked_row(xf, yf, lo, hi, s, sw, n, row, at)
+    else:
+        for q in range(0, n, 16):
+            vstore(row, at + q, vmask(vload(xf, s + q), vload(yf, s + q), lo, hi))
+
+
+_plain_row = njit(inline="always")(_copy_row_plain)
+_masked_row = njit(inline="always")(_copy_row_masked)
+
+
+@overload(_copy_row, inline="always")
+def _choose_copy_row(xf, yf, lo, hi, s, sw, n, row, at):
+    masked = yf is not types.none
+    vectors = xf.dtype == types.float32 and row.dtype == types.float32 and (not masked or yf.dtype == types.float32)
+    if vectors:
+        return _copy_row_masked_vectors if masked else _copy_row_vectors
+    return _copy_row_masked if masked else _copy_row_plain
 
 
 @njit(inline="always")

@@ -12,6 +12,8 @@ this type lives in a register. Only float32 arrays may be passed to ``vload``/``
 - ``vfma(a, b, c)``: ``a * b + c`` lane by lane, one rounding (``llvm.fma``).
 - ``vadd(a, b)``: ``a + b``; ``vclip(v, lo, hi)``: ``lo`` where ``v < lo``, ``hi`` where ``v > hi``,
   else ``v`` (selects, as the scalar kernels clip: NaN passes through).
+- ``vmask(v, m, lo, hi)``: ``v`` where ``lo < m < hi``, else 0 (0 where ``m`` is NaN): a gradient
+  through a Relu/Clip whose output was ``m``.
 """
 
 from __future__ import annotations
@@ -123,3 +125,14 @@ def vclip(typingctx, v, lo, hi):
         return out
 
     return f32x16(v, lo, hi), codegen
+
+
+@intrinsic
+def vmask(typingctx, v, m, lo, hi):
+    def codegen(context, builder, sig, args):
+        m = args[1]
+        above = builder.fcmp_ordered(">", m, _splat(context, builder, args[2], sig.args[2]))
+        below = builder.fcmp_ordered("<", m, _splat(context, builder, args[3], sig.args[3]))
+        return builder.select(builder.and_(above, below), args[0], ir.Constant(_VT, [0.0] * LANES))
+
+    return f32x16(v, m, lo, hi), codegen

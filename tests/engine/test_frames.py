@@ -364,13 +364,15 @@ def padded_canvas(x, g: Geometry, hf, wf):
 LAYOUTS = [name for name, g in GEOMETRIES.items() if g.group in (1, g.c)]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_build_frames_holds_the_phases_of_the_padded_input(name, n):
+def test_build_frames_holds_the_phases_of_the_padded_input(name, n, dtype):
     """Phase (a, b) row r column q of image i is padded pixel (r*sh + a, q*sw + b); the tail is zeros.
-    Only the phases some tap reads are filled (a strided 1x1 conv reads one of four)."""
+    Only the phases some tap reads are filled (a strided 1x1 conv reads one of four). Float32 rows are
+    copied by 16-entry vectors that write past a row's end: what they overwrite is written after."""
     g = GEOMETRIES[name]
-    x = np.random.default_rng(1).standard_normal((g.c, n, g.h, g.w))
+    x = np.random.default_rng(1).standard_normal((g.c, n, g.h, g.w)).astype(dtype)
     win = g.window()
     p = FR.plan(win, g.h, g.w)
     f = FR.build_frames(x, win, p)
@@ -387,10 +389,11 @@ def test_build_frames_holds_the_phases_of_the_padded_input(name, n):
     assert not f[read, :, n * p.hf * p.wf:].any()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("n", [1, 3, 7])
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_taps_read_the_pixel_their_window_covers(name, n, grouped, monkeypatch):
+def test_taps_read_the_pixel_their_window_covers(name, n, grouped, dtype, monkeypatch):
     """For every valid output (i, oi, oj) and tap (ki, kj): frame ``src[t]`` at the output's position
     plus ``off[t]`` is padded pixel (oi*sh + ki*dh, oj*sw + kj*dw) of image i, and no read (including
     the discarded padding-band positions the kernels compute, and a last whole register tile) goes
@@ -398,7 +401,7 @@ def test_taps_read_the_pixel_their_window_covers(name, n, grouped, monkeypatch):
     image pixel is then in the frame once and every other entry is zero."""
     g = GEOMETRIES[name]
     monkeypatch.setattr(FR, "GROUP_ROW", 2 * (g.w + g.pads[1] + g.pads[3]) + 1)
-    x = np.random.default_rng(2).standard_normal((g.c, n, g.h, g.w)) + 5  # no data pixel is 0
+    x = (np.random.default_rng(2).standard_normal((g.c, n, g.h, g.w)) + 5).astype(dtype)  # no pixel is 0
     win = g.window()
     p = FR.plan(win, g.h, g.w, n if grouped else None)
     assert p.group == (min(n, 2) if grouped and g.strides == (1, 1) else 1)

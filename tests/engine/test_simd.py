@@ -5,7 +5,7 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from bwacal.ops._simd import LANES, vadd, vbcast, vclip, vfma, vload, vstore, vzero
+from bwacal.ops._simd import LANES, vadd, vbcast, vclip, vfma, vload, vmask, vstore, vzero
 
 
 @njit
@@ -73,3 +73,23 @@ def test_add_and_clip_match_numpy_selects_nan_included(lo, hi):
     want = np.where(want > np.float32(hi), np.float32(hi), want)  # NaN fails both tests: passes through
     np.testing.assert_array_equal(out, want)
     assert np.isnan(out[3])
+
+
+@njit
+def _mask_tiles(v, m, lo, hi, out):
+    for i in range(0, v.size - v.size % 16, 16):
+        vstore(out, i, vmask(vload(v, i), vload(m, i), lo, hi))
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 6.0), (0.0, np.inf), (-np.inf, np.inf)])
+def test_mask_keeps_values_strictly_inside_the_bounds_and_zeroes_nan(lo, hi):
+    rng = np.random.default_rng(2)
+    v = rng.standard_normal(64).astype(np.float32)
+    v[5] = np.nan  # a NaN value where the mask keeps it stays NaN
+    m = (rng.standard_normal(64) * 4).astype(np.float32)
+    m[[0, 1, 2, 3, 5]] = [np.nan, 0.0, 6.0, np.inf, 1.0]
+    out = np.full_like(v, 7.0)
+    _mask_tiles(v, m, lo, hi, out)
+    want = np.where((m > np.float32(lo)) & (m < np.float32(hi)), v, np.float32(0))
+    np.testing.assert_array_equal(out, want)
+    assert out[0] == 0 and np.isnan(out[5])
