@@ -34,17 +34,17 @@ class MaxPool(_Pool):
         x = np.ascontiguousarray(x)
         g = self._geometry(x)
         y = np.empty(x.shape[:2] + (g.ho, g.wo), dtype=x.dtype)
-        K.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y)
-        # the winners are found again in backward from x and y rather than stored (int64 indices,
-        # twice the size of x): with that and the separable max, ResNet-18's stem MaxPool forward
-        # went from 15.7 to 5.7 ms
-        return y, (x, y, g)
+        # each output's winner as its window index, in the smallest integer that holds it (ResNet-18's
+        # stem MaxPool at batch 8: 1.6 MB of int8). Finding the winners again in backward from x and y
+        # took 11.6 ms there; routing by index takes 3.5, and forward went from 7.8 to 8.1 ms.
+        arg = np.empty(y.shape, dtype=np.int8 if g.kh * g.kw <= 127 else np.int32)
+        K.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y, arg)
+        return y, (arg, x.shape, x.dtype, g)
 
     def backward(self, ctx, dy, need):
-        x, y, g = ctx
-        dx = np.zeros(x.shape, dtype=x.dtype)
-        K.maxpool_backward(x, y, np.ascontiguousarray(dy, dtype=x.dtype), g.kh, g.kw, g.sh, g.sw, g.dh, g.dw,
-                           g.ph, g.pw, dx)
+        arg, shape, dtype, g = ctx
+        dx = np.empty(shape, dtype=dtype)
+        K.maxpool_backward(arg, np.ascontiguousarray(dy, dtype=dtype), g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
         return (dx,)
 
 

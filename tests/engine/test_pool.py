@@ -1,5 +1,5 @@
 """MaxPool's kernels against a naive row-major scan of each window, on ties, NaN and infinities:
-the forward takes a max, the backward finds the winner again from the input and the output."""
+the forward takes a max and records each window's winner, the backward routes the gradient to it."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ CASES = {
     "3x3_s1_pad1": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False),
     "ceil_mode_window_in_padding": ((2, 2), (3, 3), (0, 0, 1, 1), (1, 1), True),
     "dilated": ((2, 3), (1, 2), (0, 1, 0, 1), (2, 2), False),
+    "window_of_144": ((12, 12), (1, 1), (5, 2, 0, 2), (1, 1), False),  # indices past int8
 }
 
 
@@ -49,11 +50,14 @@ def test_maxpool_matches_a_row_major_scan(name, dtype):
     x[1, 1, 3, 4] = np.nan  # inside windows: ignored unless first
     x[2, 0, 5, 5] = np.inf
     x[2, 1] = -np.inf
+    if name == "window_of_144":
+        x[:2, :, 6, 7] = 5  # the last pixel wins: window index 11*12 + 9
     g = window(7, 8, kernel, strides, dilations, pads, "NOTSET", ceil)
     want_y, dy, want_dx = naive(x, g)
     y = np.empty_like(want_y)
-    K.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y)
+    arg = np.empty(y.shape, dtype=np.int8 if g.kh * g.kw <= 127 else np.int32)  # as MaxPool chooses
+    K.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y, arg)
     np.testing.assert_array_equal(y, want_y)
-    dx = np.zeros_like(x)
-    K.maxpool_backward(x, y, dy, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
+    dx = np.full_like(x, 99.0)  # every entry is written: zeros where nothing won
+    K.maxpool_backward(arg, dy, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
     np.testing.assert_array_equal(dx, want_dx)
