@@ -161,7 +161,7 @@ class Conv(Op):
         wk = FR.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
         eph, ech, eoff = FR.entry_tables(x.shape[0], p)
         f = _frames(x, g, p)
-        FR.dense_forward(f, eph, ech, eoff, wk, bias, lo, hi, p.group, p.gstr, p.rstr, p.wf, *p.jobs(n, g.ho), y)
+        FR.conv(f, eph, ech, eoff, wk, bias, lo, hi, p, y)
         keep = f if f.nbytes <= KEEP_FRAMES_BYTES or _pointwise(x.shape, g) else x  # else rebuilt in backward
         return y, ("frames", keep, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
 
@@ -271,8 +271,7 @@ class Conv(Op):
                 dx = np.empty(xshape, dtype=dy.dtype)
                 wk = FR.transposed_weights(w, np.arange(g.kh * g.kw)[::-1], dy.dtype)
                 eph, ech, eoff = FR.entry_tables(o, pm)
-                FR.dense_forward(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf,
-                                 pm.group, pm.gstr, pm.rstr, pm.wf, *pm.jobs(n, xshape[2]), dx)
+                FR.conv(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf, pm, dx)
             else:  # dyf was built by to_frame, with the head the strided input gradient reads at
                 dx = self._frames_input_grad(dyf, head, p, xshape, w, g)
         return dx, dw, db

@@ -86,6 +86,9 @@ GEOMETRIES = {
     "depthwise_dilated_strided_uneven": Geometry(2, 4, 10, 9, pads=(0, 1, 2, 0), strides=(1, 2),
                                                  dilations=(2, 2), group=2),
     "grouped": Geometry(4, 6, 6, 6, pads=(1, 1, 1, 1), group=2),
+    # output rows of 8 and 16 with at least 32 channels: ``dense_forward_rows`` (dL/dx too for the second)
+    "rows_8_wide": Geometry(6, 40, 8, 8, pads=(1, 1, 1, 1)),
+    "rows_16_wide": Geometry(34, 32, 16, 16, pads=(1, 1, 1, 1)),
 }
 # (bias, clip): what follows the conv's sum
 HEADS = {"plain": (False, None), "bias": (True, None), "bias_relu": (True, RELU), "bias_relu6": (True, RELU6),
@@ -573,6 +576,34 @@ def test_accumulate_computes_the_last_partial_tile_within_bounds(n_pos, acc_cols
     rows = 4 if narrow else 8
     np.testing.assert_allclose(acc[:rows, :n_pos], want[:rows], rtol=0, atol=1e-5)
     assert (buf[:, acc_cols:] == 7.0).all()
+
+
+@pytest.mark.parametrize("clip", [RELU6, (-np.inf, np.inf)])
+@pytest.mark.parametrize("c, o, w, n, group_row", [(5, 40, 8, 7, 20), (16, 32, 16, 3, 128), (3, 64, 8, 9, 128),
+                                                   (7, 96, 16, 2, 17)])
+def test_rows_kernel_gives_the_position_kernels_sums_bit_for_bit(c, o, w, n, group_row, clip, monkeypatch):
+    """``conv`` takes ``dense_forward_rows`` for float32 output rows of 8 or 16 and at least 32
+    channels; its tiles sum the same products in the same order as ``dense_forward``'s, so the
+    outputs are equal bit for bit, for partial channel blocks and a partial last group too."""
+    monkeypatch.setattr(FR, "GROUP_ROW", group_row)
+    rng = np.random.default_rng(o + w + n)
+    x = rng.standard_normal((c, n, w, w)).astype(np.float32)
+    wt = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    win = window(w, w, (3, 3), [1, 1], None, [1] * 4, "NOTSET")
+    p = FR.plan(win, w, w, n)
+    f = FR.build_frames(x, win, p)
+    wk = FR.dense_weights(wt.reshape(o, -1))
+    eph, ech, eoff = FR.entry_tables(c, p)
+    calls = []
+    rows = FR.dense_forward_rows
+    monkeypatch.setattr(FR, "dense_forward_rows", lambda *a: calls.append(1) or rows(*a))
+    got = np.full((o, n, w, w), np.nan, dtype=np.float32)
+    FR.conv(f, eph, ech, eoff, wk, b, *clip, p, got)
+    assert calls, "the rows kernel was not used"
+    want = np.full_like(got, np.nan)
+    FR.dense_forward(f, eph, ech, eoff, wk, b, *clip, p.group, p.gstr, p.rstr, p.wf, *p.jobs(n, w), want)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
