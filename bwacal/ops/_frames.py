@@ -608,10 +608,11 @@ def conv(f, eph, ech, eoff, wk, bias, lo_clip, hi_clip, p: Plan, y):
 
 
 @njit(inline="always")
-def _tile_rows(flat, ent, wt, op, at, scr):
-    """``scr[i*32 + j] = sum_k wt[k*op + j] * flat[ent[k] + at + i]`` for 8 positions i and 32
-    output channels j (the slice ``wt`` starts at the block's first channel): 16 vector sums over
-    output channels, 2 weight loads and 8 broadcasts per entry."""
+def _tile_rows(flat, ent, wt, op, at):
+    """For 8 pixels i and 32 output channels j, ``sum_k wt[k*op + j] * flat[ent[k] + at + i]``
+    (the slice ``wt`` starts at the block's first channel): 16 vector sums over output channels,
+    2 weight loads and 8 broadcasts per entry, returned as (pixel 0 channels 0-15, pixel 0
+    channels 16-31, pixel 1 ...). MobileNetV2's expansion convs (``block._expand_image``) run it too."""
     c0a = vzero()
     c0b = vzero()
     c1a = vzero()
@@ -648,22 +649,28 @@ def _tile_rows(flat, ent, wt, op, at, scr):
         c6a, c6b = vfma(u, wa, c6a), vfma(u, wb, c6b)
         u = vbcast(flat[e + 7])
         c7a, c7b = vfma(u, wa, c7a), vfma(u, wb, c7b)
-    vstore(scr, 0, c0a)
-    vstore(scr, 16, c0b)
-    vstore(scr, 32, c1a)
-    vstore(scr, 48, c1b)
-    vstore(scr, 64, c2a)
-    vstore(scr, 80, c2b)
-    vstore(scr, 96, c3a)
-    vstore(scr, 112, c3b)
-    vstore(scr, 128, c4a)
-    vstore(scr, 144, c4b)
-    vstore(scr, 160, c5a)
-    vstore(scr, 176, c5b)
-    vstore(scr, 192, c6a)
-    vstore(scr, 208, c6b)
-    vstore(scr, 224, c7a)
-    vstore(scr, 240, c7b)
+    return c0a, c0b, c1a, c1b, c2a, c2b, c3a, c3b, c4a, c4b, c5a, c5b, c6a, c6b, c7a, c7b
+
+
+@njit(inline="always")
+def _store_sums(scr, t):
+    """``_tile_rows``'s sums into ``scr``: pixel i's 32 channels at ``scr[32*i:32*i + 32]``."""
+    vstore(scr, 0, t[0])
+    vstore(scr, 16, t[1])
+    vstore(scr, 32, t[2])
+    vstore(scr, 48, t[3])
+    vstore(scr, 64, t[4])
+    vstore(scr, 80, t[5])
+    vstore(scr, 96, t[6])
+    vstore(scr, 112, t[7])
+    vstore(scr, 128, t[8])
+    vstore(scr, 144, t[9])
+    vstore(scr, 160, t[10])
+    vstore(scr, 176, t[11])
+    vstore(scr, 192, t[12])
+    vstore(scr, 208, t[13])
+    vstore(scr, 224, t[14])
+    vstore(scr, 240, t[15])
 
 
 @njit(**FMA)
@@ -690,7 +697,7 @@ def dense_forward_rows(f, ent, wt, op, bias, lo_clip, hi_clip, group, gstr, rstr
             oi = r % ho
             at = (b // group) * gstr + (b % group) * wf + oi * rstr
             for q in range(0, wo, 8):
-                _tile_rows(flat, ent, wsl, op, at + q, scr)
+                _store_sums(scr, _tile_rows(flat, ent, wsl, op, at + q))
                 for j in range(min(32, o_n - o)):
                     bv = bias[o + j]
                     dst = y[o + j, b, oi]

@@ -165,48 +165,26 @@ def _zero_border(img, h, w, pt, pl, hp, wp):
 def _expand_image(xf, start, stride, h, w, ewt, ebias, lo, hi, pt, pl, wp, img):
     """The expansion of one image into ``img``: for each pixel q (of h*w, at ``xf[start + c*stride
     + q]`` for channel c), ``img[((i + pt)*wp + j + pl)*lanes + o] = clip(bias[o] + sum_c ewt[c, o] *
-    x[c, q])``. Tiles of 8 pixels x 32 channels: 16 vector sums in registers, 2 weight loads and 8
-    broadcasts per 16 FMAs (the layout of ``_accumulate_tiles``, turned round)."""
+    x[c, q])``. Tiles of 8 pixels x 32 channels (``_frames._tile_rows``, the channels its entries)."""
     c_n, lanes = ewt.shape
     hw = h * w
     wf = ewt.reshape(-1)
+    cent = np.arange(c_n) * stride  # each channel's offset: the tiles' entries
     full = hw - hw % 8
     for o in range(0, lanes, 32):
         bias0 = vload(ebias, o)
         bias1 = vload(ebias, o + 16)
+        wo = wf[o:]
         for q in range(0, full, 8):
-            a00, a01, a10, a11 = vzero(), vzero(), vzero(), vzero()
-            a20, a21, a30, a31 = vzero(), vzero(), vzero(), vzero()
-            a40, a41, a50, a51 = vzero(), vzero(), vzero(), vzero()
-            a60, a61, a70, a71 = vzero(), vzero(), vzero(), vzero()
-            for c in range(c_n):
-                w0 = vload(wf, c * lanes + o)
-                w1 = vload(wf, c * lanes + o + 16)
-                at = start + c * stride + q
-                u = vbcast(xf[at])
-                a00, a01 = vfma(u, w0, a00), vfma(u, w1, a01)
-                u = vbcast(xf[at + 1])
-                a10, a11 = vfma(u, w0, a10), vfma(u, w1, a11)
-                u = vbcast(xf[at + 2])
-                a20, a21 = vfma(u, w0, a20), vfma(u, w1, a21)
-                u = vbcast(xf[at + 3])
-                a30, a31 = vfma(u, w0, a30), vfma(u, w1, a31)
-                u = vbcast(xf[at + 4])
-                a40, a41 = vfma(u, w0, a40), vfma(u, w1, a41)
-                u = vbcast(xf[at + 5])
-                a50, a51 = vfma(u, w0, a50), vfma(u, w1, a51)
-                u = vbcast(xf[at + 6])
-                a60, a61 = vfma(u, w0, a60), vfma(u, w1, a61)
-                u = vbcast(xf[at + 7])
-                a70, a71 = vfma(u, w0, a70), vfma(u, w1, a71)
-            _store_pixel(img, q, w, pt, pl, wp, lanes, o, a00, a01, bias0, bias1, lo, hi)
-            _store_pixel(img, q + 1, w, pt, pl, wp, lanes, o, a10, a11, bias0, bias1, lo, hi)
-            _store_pixel(img, q + 2, w, pt, pl, wp, lanes, o, a20, a21, bias0, bias1, lo, hi)
-            _store_pixel(img, q + 3, w, pt, pl, wp, lanes, o, a30, a31, bias0, bias1, lo, hi)
-            _store_pixel(img, q + 4, w, pt, pl, wp, lanes, o, a40, a41, bias0, bias1, lo, hi)
-            _store_pixel(img, q + 5, w, pt, pl, wp, lanes, o, a50, a51, bias0, bias1, lo, hi)
-            _store_pixel(img, q + 6, w, pt, pl, wp, lanes, o, a60, a61, bias0, bias1, lo, hi)
-            _store_pixel(img, q + 7, w, pt, pl, wp, lanes, o, a70, a71, bias0, bias1, lo, hi)
+            t = FR._tile_rows(xf, cent, wo, lanes, start + q)
+            _store_pixel(img, q, w, pt, pl, wp, lanes, o, t[0], t[1], bias0, bias1, lo, hi)
+            _store_pixel(img, q + 1, w, pt, pl, wp, lanes, o, t[2], t[3], bias0, bias1, lo, hi)
+            _store_pixel(img, q + 2, w, pt, pl, wp, lanes, o, t[4], t[5], bias0, bias1, lo, hi)
+            _store_pixel(img, q + 3, w, pt, pl, wp, lanes, o, t[6], t[7], bias0, bias1, lo, hi)
+            _store_pixel(img, q + 4, w, pt, pl, wp, lanes, o, t[8], t[9], bias0, bias1, lo, hi)
+            _store_pixel(img, q + 5, w, pt, pl, wp, lanes, o, t[10], t[11], bias0, bias1, lo, hi)
+            _store_pixel(img, q + 6, w, pt, pl, wp, lanes, o, t[12], t[13], bias0, bias1, lo, hi)
+            _store_pixel(img, q + 7, w, pt, pl, wp, lanes, o, t[14], t[15], bias0, bias1, lo, hi)
         for q in range(full, hw):
             a0, a1 = vzero(), vzero()
             for c in range(c_n):
