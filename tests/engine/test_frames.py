@@ -89,6 +89,7 @@ GEOMETRIES = {
     # output rows of 8 and 16 with at least 32 channels: ``dense_forward_rows`` (dL/dx too for the second)
     "rows_8_wide": Geometry(6, 40, 8, 8, pads=(1, 1, 1, 1)),
     "rows_16_wide": Geometry(34, 32, 16, 16, pads=(1, 1, 1, 1)),
+    "rows_8_wide_strided": Geometry(5, 33, 16, 15, pads=(1, 1, 1, 1), strides=(2, 2)),  # phase frames
 }
 # (bias, clip): what follows the conv's sum
 HEADS = {"plain": (False, None), "bias": (True, None), "bias_relu": (True, RELU), "bias_relu6": (True, RELU6),
