@@ -24,6 +24,7 @@ time (a zero-weight padding entry would turn an infinite input into NaN).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange, types
@@ -50,7 +51,7 @@ SPAN = 4096  # positions per float32 partial sum in dL/dW
 ELEMENTS = 1 << 16  # elements per job of the element-wise kernels
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: ``plan`` hands out one per geometry
 class Plan:
     """Where a window's taps read in the phase frames of an ``h x w`` input. The images sit in groups
     of ``group``, one group after another; inside a group the rows interleave the images (row i of
@@ -86,6 +87,14 @@ class Plan:
 
 
 def plan(g, h, w, n=None) -> Plan:
+    """The ``Plan`` for window ``g`` on an ``h x w`` input (``n``: see ``_new_plan``), made once per
+    geometry and batch size (``Plan``s are read-only): building the plans and their entry tables anew
+    for every conv took 3.1 ms of a ResNet-20 forward+backward."""
+    return _new_plan(g, h, w, n, GROUP_ROW)
+
+
+@lru_cache(maxsize=1024)
+def _new_plan(g, h, w, n, group_row) -> Plan:
     """Phase frames with images one after another; given the batch size ``n``, a stride-1 window
     gets groups of images whose rows interleave, so the padding rows between images are stored (and
     computed) once per group rather than once per image: on ResNet-18's 7x7 layers (one group of
@@ -106,7 +115,7 @@ def plan(g, h, w, n=None) -> Plan:
     hf, wf = -(-hp // g.sh), -(-wp // g.sw)
     group = 1
     if n is not None and g.sh == 1 and g.sw == 1:
-        group = min(n, max(1, GROUP_ROW // wf))
+        group = min(n, max(1, group_row // wf))
         group = -(-n // -(-n // group))  # as many groups, as even as they go
     rstr = group * wf
     src, off = [], []
@@ -326,10 +335,18 @@ def weight_grad_splits(o, k, n_pos):
     return int(max(1, min(want, fit, n_pos // 4096 or 1)))
 
 
+@lru_cache(maxsize=1024)
 def entry_tables(c, p: Plan):
-    """Per entry k = c*taps + t: (phase, channel, offset) arrays."""
+    """Per entry k = c*taps + t: (phase, channel, offset) arrays, made once per (c, plan) and shared:
+    not to be written to."""
     t = p.src.size
     return np.tile(p.src, c), np.repeat(np.arange(c, dtype=np.int64), t), np.tile(p.off, c)
+
+
+@lru_cache(maxsize=1024)
+def padded_entry_tables(c, p: Plan):
+    """``pad_entries(*entry_tables(c, p))``, made once and shared as ``entry_tables``."""
+    return pad_entries(*entry_tables(c, p))
 
 
 def _accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc):

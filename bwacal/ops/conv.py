@@ -242,7 +242,7 @@ class Conv(Op):
             dyf = np.empty((o, head + p.length(n)), dtype=dy.dtype)
             FR.to_frame(dy, *mask, p.group, p.gstr, p.rstr, p.wf, head, dyf)
         if need[1]:
-            eph, ech, eoff = FR.pad_entries(*FR.entry_tables(xshape[0], p))
+            eph, ech, eoff = FR.padded_entry_tables(xshape[0], p)
             # summed over each group's positions up to its last output (the padding rows between
             # groups skipped), rounded up to whole 16-position vectors where the frames have room
             # (they are zeros there): the kernel's vector loop then leaves no scalar remainder,

@@ -607,6 +607,21 @@ def test_rows_kernel_gives_the_position_kernels_sums_bit_for_bit(c, o, w, n, gro
     np.testing.assert_array_equal(got, want)
 
 
+def test_plans_and_entry_tables_are_made_once_per_geometry(monkeypatch):
+    """``plan`` and the entry tables are cached per geometry and batch; a different GROUP_ROW (the
+    grouping tests set it) gives a different plan, as does a different batch."""
+    win = window(8, 8, (3, 3), [1, 1], None, [1] * 4, "NOTSET")
+    p = FR.plan(win, 8, 8, 16)
+    assert FR.plan(win, 8, 8, 16) is p
+    assert FR.entry_tables(5, p) is FR.entry_tables(5, p)
+    assert FR.padded_entry_tables(5, p) is FR.padded_entry_tables(5, p)
+    np.testing.assert_array_equal(FR.padded_entry_tables(5, p)[2], FR.pad_entries(*FR.entry_tables(5, p))[2])
+    assert FR.plan(win, 8, 8, 17) is not p
+    monkeypatch.setattr(FR, "GROUP_ROW", 2 * p.wf + 1)
+    q = FR.plan(win, 8, 8, 16)
+    assert q is not p and (q.group, p.group) == (2, 8)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_transposed_weights_swap_the_channels_and_take_the_taps(dtype):
     """All taps reversed: the weights with both kernel axes flipped; some taps: those, in order."""
