@@ -212,6 +212,11 @@ def onnx_cases():
 # ---------------------------------------------------------------- HDF5 structural mutations
 
 
+# a short string attribute; h5py cannot store one holding NUL (it raised in the case generator,
+# before the case reached bwacal), so NUL is left out
+_ATTR_TEXT = st.text(max_size=3).filter(lambda t: "\x00" not in t)
+
+
 @st.composite
 def hdf5_structural(draw) -> bytes:
     """An HDF5 file built with wrong dtypes, shapes, attributes or labels."""
@@ -226,11 +231,11 @@ def hdf5_structural(draw) -> bytes:
         images = _dataset(f, "images", shape, dtype, rng, draw(st.booleans()))
         if draw(st.booleans()) and images is not None:
             if draw(st.booleans()) and hasattr(images, "attrs"):
-                images.attrs["scale"] = draw(st.one_of(st.floats(allow_nan=True), st.text(max_size=3),
+                images.attrs["scale"] = draw(st.one_of(st.floats(allow_nan=True), _ATTR_TEXT,
                                                        st.lists(st.floats(-2, 2), max_size=3)))
             if draw(st.booleans()) and hasattr(images, "attrs"):
                 images.attrs["mean"] = draw(st.one_of(st.lists(st.floats(allow_nan=True), max_size=4),
-                                                      st.text(max_size=3)))
+                                                      _ATTR_TEXT))
             if draw(st.booleans()) and hasattr(images, "attrs"):
                 images.attrs["std"] = np.asarray(draw(st.lists(st.floats(-1, 2), max_size=4)), np.float64)
         if draw(st.booleans()):
