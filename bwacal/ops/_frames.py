@@ -5,7 +5,10 @@ pixel (i, j) of image b sits at ``b*hf*wf + i*wf + j``. For a stride-1 conv, out
 of image b is ``sum over taps t of w[t] * frame[p + off[t]]`` with ``p = b*hf*wf + oi*wf + oj`` and
 ``off[t] = ki*dh*wf + kj*dw``: one constant offset per tap, so the inner loop walks the flattened
 frame with contiguous loads and no bounds tests, and vectorises. The positions that fall in the
-padding band are computed too and thrown away when the result is copied out.
+padding band are computed too and thrown away when the result is copied out, except by
+``dense_forward_rows``, whose vectors run over output channels instead (weights ``(K, O)``) and whose
+tiles are 8 output pixels of one row: ``conv`` takes it for rows of 8 or 16 pixels and at least 32
+channels, where the padding is a large share of the positions.
 
 A stride-1 dense conv's frames put the images in groups whose rows interleave (row i of each image
 of the group, then row i + 1; ``Plan``): the taps are still constant offsets, and the padding rows
@@ -243,6 +246,8 @@ def _copy_row_masked_vectors(xf, yf, lo, hi, s, sw, n, row, at):
             vstore(row, at + q, vmask(vload(xf, s + q), vload(yf, s + q), lo, hi))
 
 
+# the loops again as jitted functions, for the vector copies' fallback (an overload returns plain
+# Python functions; a jitted function calls jitted ones)
 _plain_row = njit(inline="always")(_copy_row_plain)
 _masked_row = njit(inline="always")(_copy_row_masked)
 
@@ -623,7 +628,6 @@ def conv(f, eph, ech, eoff, wk, bias, lo_clip, hi_clip, p: Plan, y):
         dense_forward(f, eph, ech, eoff, wk, bias, lo_clip, hi_clip, p.group, p.gstr, p.rstr, p.wf, *p.jobs(n, ho), y)
 
 
-
 @njit(inline="always")
 def _tile_rows(flat, ent, wt, op, at):
     """For 8 pixels i and 32 output channels j, ``sum_k wt[k*op + j] * flat[ent[k] + at + i]``
@@ -817,7 +821,7 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits, 
         v = s * per  # position v of the groups' positions is frame position (v // glen)*gstr + v % glen
         while v < end:
             g = v // glen
-            n = min(4096, end - v, (g + 1) * glen - v)
+            n = min(SPAN, end - v, (g + 1) * glen - v)
             lo = g * gstr + v - g * glen
             v += n
             e0 = d0[head + lo:]
