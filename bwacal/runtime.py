@@ -14,10 +14,12 @@ batch 8 on 2 cores, see benchmarks/RESULTS.md):
   MobileNetV2-style forward at batch 128 (50 MB expanded activations) ran 52-133 ms (medians
   53-60) with them mapped, 47-55 ms (medians 48-50) without. Resident memory stays near the peak
   between passes. ``BWACAL_MALLOC=default`` leaves malloc alone.
-- **BLAS on one thread** (OpenBLAS): convolutions are numba kernels, so BLAS only sees small GEMMs
-  (classifier heads), and OpenBLAS's threads keep spinning after each, taking the cores from the
-  numba kernel that follows: ResNet-18 forward 270 ms, 222 ms with one BLAS thread. Setting
-  ``OPENBLAS_NUM_THREADS`` (any value) leaves BLAS alone.
+- **BLAS on one thread** (OpenBLAS, NumPy's and SciPy's): convolutions are numba kernels, so BLAS only
+  sees small GEMMs (classifier heads) and the Winograd convs' GEMMs, which numba threads call one per
+  thread; OpenBLAS's own threads keep spinning after each call, taking the cores from the numba
+  kernel that follows: ResNet-18 forward 270 ms, 222 ms with one BLAS thread. Setting
+  ``OPENBLAS_NUM_THREADS`` (any value) leaves BLAS alone (the Winograd GEMMs then run one after
+  another, each on BLAS's threads).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def single_thread_blas() -> int:
     if "OPENBLAS_NUM_THREADS" in os.environ:
         return 0
     import numpy  # noqa: F401  (loads NumPy's OpenBLAS)
+    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's: numba's np.dot calls it, ops/_winograd.py)
 
     count = 0
     for _, lib in _openblas_libraries():

@@ -1,4 +1,5 @@
-"""Slow, obvious reference versions of the numba kernels in ``bwacal.kernels``.
+"""Slow, obvious reference versions of the numba kernels in ``bwacal.kernels`` (and of the Winograd
+transforms in ``bwacal/ops/_winograd.py``).
 
 Written for clarity (Python loops or plain broadcasting, float64), never for speed; the kernel tests
 compare against these.
@@ -77,3 +78,68 @@ def quantization_errors(x, steps, qmin, qmax):
             q = np.clip(np.round(x[c] / s), qmin, qmax)
             out[c, r] = np.sum((x[c] - s * q) ** 2)
     return out
+
+
+# Winograd F(2x2, 3x3) (``bwacal/ops/_winograd.py``): the transform matrices of Lavin & Gray (2016),
+# applied with einsum; the kernels store 16 (rows, cols) matrices at a stride, these return
+# (16, rows, cols) arrays.
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=float)
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=float)
+
+
+def _winograd_tiles(x):
+    """(C, P, 4, 4) input tiles of the CNHW ``x`` padded by 1 (and to even size), under the 2x2 output
+    blocks, image-major then block row then block column."""
+    c, n, h, w = x.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    xp = np.zeros((c, n, 2 * th + 2, 2 * tw + 2))
+    xp[:, :, 1:h + 1, 1:w + 1] = x
+    tiles = np.empty((c, n, th, tw, 4, 4))
+    for i in range(th):
+        for j in range(tw):
+            tiles[:, :, i, j] = xp[:, :, 2 * i:2 * i + 4, 2 * j:2 * j + 4]
+    return tiles.reshape(c, n * th * tw, 4, 4)
+
+
+def winograd_weights(w):
+    """(16, O, C): G w[o, c] G^T."""
+    u = np.einsum("ai,ocij,bj->aboc", WINOGRAD_G, w.astype(np.float64), WINOGRAD_G)
+    return u.reshape(16, *w.shape[:2])
+
+
+def winograd_input(x):
+    """(16, C, P): B^T d B for each 4x4 tile d."""
+    v = np.einsum("ai,cpij,bj->abcp", WINOGRAD_BT, _winograd_tiles(x.astype(np.float64)), WINOGRAD_BT)
+    return v.reshape(16, x.shape[0], -1)
+
+
+def winograd_output(m, bias, clip, shape):
+    """(O, N, H, W): A^T M A + bias over the output blocks, cropped to the image and clipped."""
+    o, n, h, w = shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    z = np.einsum("ai,ijop,bj->opab", WINOGRAD_AT, m.astype(np.float64).reshape(4, 4, o, -1), WINOGRAD_AT)
+    y = z.reshape(o, n, th, tw, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(o, n, 2 * th, 2 * tw)
+    return np.clip(y[:, :, :h, :w] + bias[:, None, None, None], *clip)
+
+
+def winograd_grad(dy, y, clip):
+    """For dL/dy masked by the clip ``y`` went through (y None: no mask): its input transform
+    (16, O, P), the (16, O, P) ``A dy A^T`` of each 2x2 output block, and its per-channel sum."""
+    dy = dy.astype(np.float64)
+    if y is not None:
+        dy = np.where((y > clip[0]) & (y < clip[1]), dy, 0.0)
+    o, n, h, w = dy.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    blocks = np.zeros((o, n, 2 * th, 2 * tw))
+    blocks[:, :, :h, :w] = dy
+    blocks = blocks.reshape(o, n, th, 2, tw, 2).transpose(0, 1, 2, 4, 3, 5).reshape(o, -1, 2, 2)
+    a = WINOGRAD_AT.T
+    va = np.einsum("ai,opij,bj->abop", a, blocks, a).reshape(16, o, -1)
+    return winograd_input(dy), va, dy.sum(axis=(1, 2, 3))
+
+
+def winograd_weight_grad(acc):
+    """(O, C, 3, 3): G^T acc G for the (16, O, C) sums ``acc``."""
+    o, c = acc.shape[1:]
+    return np.einsum("ia,abop,jb->opij", WINOGRAD_G.T, acc.reshape(4, 4, o, c), WINOGRAD_G.T)

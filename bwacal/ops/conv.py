@@ -2,7 +2,9 @@
 
 Dense convs (pointwise ones included: their input is its own frame) and depthwise convs run direct
 numba kernels on padded frames of the input (``bwacal/ops/_frames.py``), which can also apply a
-following Relu/Clip as they write the output (the engine fuses it). Other grouped convs are
+following Relu/Clip as they write the output (the engine fuses it); 3x3, stride-1, padding-1 float32
+convs of at least 128 channels run Winograd F(2x2, 3x3) instead (``bwacal/ops/_winograd.py``),
+falling back to the frames on non-finite values. Other grouped convs are
 im2col + one BLAS GEMM per group, ``W_g (O/g, C/g*kh*kw) @ cols_g``, whose result is already the
 CNHW output.
 """
@@ -13,6 +15,7 @@ import numpy as np
 
 from bwacal.ops import _frames as FR
 from bwacal.ops import _kernels as K
+from bwacal.ops import _winograd as WG
 from bwacal.ops.base import Op, register
 from bwacal.ops.window import Window, check_2d, window
 
@@ -136,6 +139,13 @@ class Conv(Op):
             raise ValueError(f"input has {x.shape[0]} channels, weight expects {w.shape[1] * self.group}")
         x = np.ascontiguousarray(x)
         g = self._geometry(x, w)
+        if WG.applies(x, w, g, self.group):
+            lo, hi = clip if clip is not None else (-np.inf, np.inf)
+            bias = np.zeros(w.shape[0], dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
+            done = WG.forward(x, w, bias, lo, hi)
+            if done is not None:
+                y, kept = done
+                return y, ("winograd", x, kept, w, g, b is not None, clip, y if clip is not None else None)
         if self._uses_frames(x, w):
             return self._frames_forward(x, w, b, g, clip)
         y, ctx = self._gemm_forward(x, w, b, g)
@@ -188,6 +198,8 @@ class Conv(Op):
         clip, y = ctx[-2:]
         # the fused Relu/Clip: gradient only where the output was not clipped
         mask = NO_MASK if clip is None else (y, *clip)
+        if ctx[0] == "winograd":
+            return self._winograd_backward(ctx[1:-2], dy, mask, need)
         if ctx[0] == "frames":
             return self._frames_backward(ctx[1:-2], dy, mask, need)
         dy = _masked(dy, mask)
@@ -212,6 +224,15 @@ class Conv(Op):
             wt = np.ascontiguousarray(w.reshape(o, taps), dtype=x.dtype)
             FR.depthwise_input_grad(dy, p.src, p.off, wt, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, dx)
         return dx, dw, db
+
+    def _winograd_backward(self, ctx, dy, mask, need):
+        x, kept, w, g, has_b = ctx
+        dy = np.ascontiguousarray(dy, dtype=x.dtype)
+        done = WG.backward(x, w, kept, dy, mask, need[0], need[1])
+        if done is None:  # dL/dy holds a non-finite value: the direct kernels, on the input's frames
+            return self._frames_backward((x, _plan(g, x.shape), x.shape, w, g, has_b), dy, mask, need)
+        dx, dw, db = done
+        return dx, dw, (db.astype(dy.dtype) if has_b and need[2] else None)
 
     def _frames_backward(self, ctx, dy, mask, need):
         """``mask`` (y, lo, hi) of a fused clip is applied as dL/dy's frames are built; dL/db is summed
