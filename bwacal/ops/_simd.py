@@ -14,6 +14,9 @@ this type lives in a register. Only float32 arrays may be passed to ``vload``/``
   else ``v`` (selects, as the scalar kernels clip: NaN passes through).
 - ``vmask(v, m, lo, hi)``: ``v`` where ``lo < m < hi``, else 0 (0 where ``m`` is NaN): a gradient
   through a Relu/Clip whose output was ``m``.
+- ``sclip(x, lo, hi)`` and ``smask(x, m, lo, hi)``: the same on float32 scalars, as selects. numba
+  writes ``lo if x < lo else x`` as a branch, which a Relu's random signs mispredict half the time
+  (the Winograd output transform of a 128-channel 28x28 layer: 4.4 ms clipped, 1.0 ms unclipped).
 """
 
 from __future__ import annotations
@@ -136,3 +139,27 @@ def vmask(typingctx, v, m, lo, hi):
         return builder.select(builder.and_(above, below), args[0], ir.Constant(_VT, [0.0] * LANES))
 
     return f32x16(v, m, lo, hi), codegen
+
+
+@intrinsic
+def sclip(typingctx, x, lo, hi):
+    def codegen(context, builder, sig, args):
+        out = context.cast(builder, args[0], sig.args[0], types.float32)
+        for k, op in ((1, "<"), (2, ">")):
+            bound = context.cast(builder, args[k], sig.args[k], types.float32)
+            out = builder.select(builder.fcmp_ordered(op, out, bound), bound, out)
+        return out
+
+    return types.float32(x, lo, hi), codegen
+
+
+@intrinsic
+def smask(typingctx, x, m, lo, hi):
+    def codegen(context, builder, sig, args):
+        m = context.cast(builder, args[1], sig.args[1], types.float32)
+        above = builder.fcmp_ordered(">", m, context.cast(builder, args[2], sig.args[2], types.float32))
+        below = builder.fcmp_ordered("<", m, context.cast(builder, args[3], sig.args[3], types.float32))
+        x = context.cast(builder, args[0], sig.args[0], types.float32)
+        return builder.select(builder.and_(above, below), x, ir.Constant(ir.FloatType(), 0.0))
+
+    return types.float32(x, m, lo, hi), codegen

@@ -27,6 +27,7 @@ from numba import njit, prange
 from functools import lru_cache
 
 from bwacal.ops._frames import FMA, REDUCE
+from bwacal.ops._simd import sclip, smask
 from bwacal.runtime import openblas_threads
 
 # Below this many input or output channels the transforms (memory-bound) cost more than the GEMMs
@@ -39,6 +40,9 @@ TILE = 16  # elements of a transformed 4x4 tile
 # (16, O, P) arrays and 0.3 ms with the gap).
 GAP = 64
 SPAN = 4096  # tiles per float32 dL/dW GEMM; their partial sums are added in float64
+# The forward keeps its input's transform for dL/dW up to this size (recomputed above it): ResNet-18's
+# at batch 8 are 4-13 MB each, 7 ms of a forward+backward to recompute.
+KEEP_BYTES = 32 << 20
 # tile element k = 4a + b of the rotated kernel's transform is element SWAP[k] of the kernel's
 SWAP = np.array([4 * (3 - a if a in (0, 3) else a) + (3 - b if b in (0, 3) else b)
                  for a in range(4) for b in range(4)], dtype=np.int64)
@@ -56,15 +60,15 @@ def tiles(n, h, w) -> int:
     return n * ((h + 1) // 2) * ((w + 1) // 2)
 
 
-def stacked(rows, cols):
-    """16 float32 (rows, cols) matrices, each ``GAP`` floats after the last: (flat buffer, stride)."""
+def stacked(rows, cols, dtype=np.float32):
+    """16 (rows, cols) matrices, each ``GAP`` elements after the last: (flat buffer, stride)."""
     stride = rows * cols + GAP
-    return np.empty(TILE * stride, dtype=np.float32), stride
+    return np.empty(TILE * stride, dtype=dtype), stride
 
 
 def forward(x, w, bias, lo, hi):
-    """The conv's output (O, N, H, W) clipped to [lo, hi], and U (kept for dL/dx); None if ``x`` or
-    ``w`` hold a non-finite value."""
+    """The conv's output (O, N, H, W) clipped to [lo, hi], and what backward reads (U, and V up to
+    ``KEEP_BYTES``); None if ``x`` or ``w`` hold a non-finite value."""
     c, n, h, wd = x.shape
     o = w.shape[0]
     p = tiles(n, h, wd)
@@ -78,7 +82,7 @@ def forward(x, w, bias, lo, hi):
     _gemm("_products")(u, us, v, vs, m, ms, o, c, p)
     y = np.empty((o, n, h, wd), dtype=np.float32)
     _output(m, ms, bias, lo, hi, y)
-    return y, (u, us)
+    return y, (u, us, v if v.nbytes <= KEEP_BYTES else None, vs)
 
 
 def backward(x, w, kept, dy, mask, need_dx, need_dw):
@@ -94,19 +98,25 @@ def backward(x, w, kept, dy, mask, need_dx, need_dw):
     if _grad(dy, dy if y is None else y, y is not None, lo, hi, vb, bs, va, as_, db):
         return None
     dx = dw = None
+    u, us, v, vs = kept
     if need_dx:
-        u, us = kept
         m, ms = stacked(c, p)
         _gemm("_input_grad_products")(u, us, vb, bs, m, ms, c, o, p)
         dx = np.empty(x.shape, dtype=np.float32)
         _output(m, ms, np.zeros(c, dtype=np.float32), -np.inf, np.inf, dx)
     if need_dw:
-        v, vs = stacked(c, p)
-        _input(x, v, vs)
-        acc = np.zeros((TILE, o, c), dtype=np.float64)
-        _gemm("_weight_grad_products")(va, as_, v, vs, o, c, p, SPAN, acc)
+        if v is None:
+            v, vs = stacked(c, p)
+            _input(x, v, vs)
+        if p <= SPAN:
+            acc, acs = stacked(o, c)
+            _gemm("_weight_grad_products")(va, as_, v, vs, o, c, p, acc, acs)
+        else:
+            acc, acs = stacked(o, c, np.float64)
+            acc[:] = 0
+            _gemm("_weight_grad_spans")(va, as_, v, vs, o, c, p, SPAN, acc, acs)
         dw = np.empty(w.shape, dtype=np.float32)
-        _weight_grad(acc, dw)
+        _weight_grad(acc, acs, dw)
     return dx, dw, db
 
 
@@ -138,11 +148,6 @@ def _a(d0, d1):
 def _gt(m0, m1, m2, m3):
     """G^T (m0..m3): a transformed tile's dL/dW along one axis (three taps)."""
     return m0 + 0.5 * (m1 + m2), 0.5 * (m1 - m2), 0.5 * (m1 + m2) + m3
-
-
-@njit(inline="always")
-def _clip(z, lo, hi):
-    return lo if z < lo else (hi if z > hi else z)
 
 
 @njit(**FMA)
@@ -230,13 +235,13 @@ def _output(m, ms, bias, lo, hi, y):
                     z00, z01 = _at(t00, t01, t02, t03)
                     z10, z11 = _at(t10, t11, t12, t13)
                     i, j = 2 * ti, 2 * tj
-                    y[o, n, i, j] = _clip(z00 + bo, lo, hi)
+                    y[o, n, i, j] = sclip(z00 + bo, lo, hi)
                     if j + 1 < w:
-                        y[o, n, i, j + 1] = _clip(z01 + bo, lo, hi)
+                        y[o, n, i, j + 1] = sclip(z01 + bo, lo, hi)
                     if i + 1 < h:
-                        y[o, n, i + 1, j] = _clip(z10 + bo, lo, hi)
+                        y[o, n, i + 1, j] = sclip(z10 + bo, lo, hi)
                         if j + 1 < w:
-                            y[o, n, i + 1, j + 1] = _clip(z11 + bo, lo, hi)
+                            y[o, n, i + 1, j + 1] = sclip(z11 + bo, lo, hi)
 
 
 @njit(**REDUCE)
@@ -258,9 +263,7 @@ def _grad(dy, y, masked, lo, hi, vb, bs, va, as_, db):
                     z = dy[o, n, i, j]
                     nonfinite += z - z
                     if masked:
-                        m = y[o, n, i, j]
-                        if not (m > lo and m < hi):
-                            z = np.float32(0.0)
+                        z = smask(z, y[o, n, i, j], lo, hi)
                     buf[i + 1, j + 1] = z
                     total += z
             for ti in range(th):
@@ -281,15 +284,17 @@ def _grad(dy, y, masked, lo, hi, vb, bs, va, as_, db):
 
 
 @njit(**FMA)
-def _weight_grad(acc, dw):
-    """``dw[o, c]`` = ``G^T acc[:, o, c] G`` (the 4x4 tile as 16 elements), rounded to float32."""
+def _weight_grad(acc, acs, dw):
+    """``dw[o, c]`` = ``G^T A G`` for the tile ``A[k] = acc[k*acs + o*C + c]`` (float32 or float64
+    sums), rounded to float32."""
     o_, c_ = dw.shape[0], dw.shape[1]
     for o in prange(o_):
         for c in range(c_):
-            t00, t10, t20 = _gt(acc[0, o, c], acc[4, o, c], acc[8, o, c], acc[12, o, c])
-            t01, t11, t21 = _gt(acc[1, o, c], acc[5, o, c], acc[9, o, c], acc[13, o, c])
-            t02, t12, t22 = _gt(acc[2, o, c], acc[6, o, c], acc[10, o, c], acc[14, o, c])
-            t03, t13, t23 = _gt(acc[3, o, c], acc[7, o, c], acc[11, o, c], acc[15, o, c])
+            e = o * c_ + c
+            t00, t10, t20 = _gt(acc[e], acc[4 * acs + e], acc[8 * acs + e], acc[12 * acs + e])
+            t01, t11, t21 = _gt(acc[acs + e], acc[5 * acs + e], acc[9 * acs + e], acc[13 * acs + e])
+            t02, t12, t22 = _gt(acc[2 * acs + e], acc[6 * acs + e], acc[10 * acs + e], acc[14 * acs + e])
+            t03, t13, t23 = _gt(acc[3 * acs + e], acc[7 * acs + e], acc[11 * acs + e], acc[15 * acs + e])
             dw[o, c, 0, 0], dw[o, c, 0, 1], dw[o, c, 0, 2] = _gt(t00, t01, t02, t03)
             dw[o, c, 1, 0], dw[o, c, 1, 1], dw[o, c, 1, 2] = _gt(t10, t11, t12, t13)
             dw[o, c, 2, 0], dw[o, c, 2, 1], dw[o, c, 2, 2] = _gt(t20, t21, t22, t23)
@@ -318,20 +323,25 @@ def _input_grad_products(u, us, vb, bs, m, ms, c, o, p):
         np.dot(a.T, b, m[k * ms:k * ms + c * p].reshape((c, p)))
 
 
-def _weight_grad_products(va, as_, v, vs, o, c, p, span, acc):
-    """``acc[k] (o, c) += VA[k] (o, p) @ V[k].T (p, c)``, in float32 GEMMs over ``span`` tiles at a time."""
+def _weight_grad_products(va, as_, v, vs, o, c, p, acc, acs):
+    """``A[k] (o, c) = VA[k] (o, p) @ V[k].T (p, c)``: dL/dW's products, summed over the tiles."""
+    for k in prange(TILE):
+        a = va[k * as_:k * as_ + o * p].reshape((o, p))
+        b = v[k * vs:k * vs + c * p].reshape((c, p))
+        np.dot(a, b.T, acc[k * acs:k * acs + o * c].reshape((o, c)))
+
+
+def _weight_grad_spans(va, as_, v, vs, o, c, p, span, acc, acs):
+    """``_weight_grad_products`` in float32 GEMMs over ``span`` tiles at a time, added up in the
+    float64 ``acc``."""
     for k in prange(TILE):
         a = va[k * as_:k * as_ + o * p].reshape((o, p))
         b = v[k * vs:k * vs + c * p].reshape((c, p))
         part = np.empty((o, c), dtype=np.float32)
-        if p <= span:
-            np.dot(a, b.T, part)
-            acc[k] += part
-            continue
         for t in range(0, p, span):
             e = min(t + span, p)
             np.dot(np.ascontiguousarray(a[:, t:e]), np.ascontiguousarray(b[:, t:e]).T, part)
-            acc[k] += part
+            acc[k * acs:k * acs + o * c] += part.ravel()
 
 
 def _twins(fn):
@@ -339,7 +349,8 @@ def _twins(fn):
     return njit(**FMA)(fn), njit(**dict(FMA, parallel=False))(fn)
 
 
-_GEMMS = {fn.__name__: _twins(fn) for fn in (_products, _input_grad_products, _weight_grad_products)}
+_GEMMS = {fn.__name__: _twins(fn) for fn in (_products, _input_grad_products, _weight_grad_products,
+                                              _weight_grad_spans)}
 
 
 @lru_cache(maxsize=1)

@@ -5,7 +5,7 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from bwacal.ops._simd import LANES, vadd, vbcast, vclip, vfma, vload, vmask, vstore, vzero
+from bwacal.ops._simd import LANES, sclip, smask, vadd, vbcast, vclip, vfma, vload, vmask, vstore, vzero
 
 
 @njit
@@ -60,14 +60,27 @@ def _add_clip_tiles(a, b, lo, hi, out):
         vstore(out, i, vclip(vadd(vload(a, i), vload(b, i)), lo, hi))
 
 
+@njit
+def _add_clip_scalars(a, b, lo, hi, out):
+    for i in range(a.size):
+        out[i] = sclip(a[i] + b[i], lo, hi)
+
+
+@njit
+def _mask_scalars(v, m, lo, hi, out):
+    for i in range(v.size):
+        out[i] = smask(v[i], m[i], lo, hi)
+
+
+@pytest.mark.parametrize("kernel", [_add_clip_tiles, _add_clip_scalars])
 @pytest.mark.parametrize("lo, hi", [(0.0, 6.0), (-0.5, 0.5), (-np.inf, np.inf), (0.0, np.inf)])
-def test_add_and_clip_match_numpy_selects_nan_included(lo, hi):
+def test_add_and_clip_match_numpy_selects_nan_included(lo, hi, kernel):
     rng = np.random.default_rng(1)
     a = (rng.standard_normal(64) * 5).astype(np.float32)
     a[[3, 17, 40]] = [np.nan, np.inf, -np.inf]
     b = rng.standard_normal(64).astype(np.float32)
     out = np.empty_like(a)
-    _add_clip_tiles(a, b, lo, hi, out)
+    kernel(a, b, lo, hi, out)
     s = a + b
     want = np.where(s < np.float32(lo), np.float32(lo), s)
     want = np.where(want > np.float32(hi), np.float32(hi), want)  # NaN fails both tests: passes through
@@ -81,15 +94,16 @@ def _mask_tiles(v, m, lo, hi, out):
         vstore(out, i, vmask(vload(v, i), vload(m, i), lo, hi))
 
 
+@pytest.mark.parametrize("kernel", [_mask_tiles, _mask_scalars])
 @pytest.mark.parametrize("lo, hi", [(0.0, 6.0), (0.0, np.inf), (-np.inf, np.inf)])
-def test_mask_keeps_values_strictly_inside_the_bounds_and_zeroes_nan(lo, hi):
+def test_mask_keeps_values_strictly_inside_the_bounds_and_zeroes_nan(lo, hi, kernel):
     rng = np.random.default_rng(2)
     v = rng.standard_normal(64).astype(np.float32)
     v[5] = np.nan  # a NaN value where the mask keeps it stays NaN
     m = (rng.standard_normal(64) * 4).astype(np.float32)
     m[[0, 1, 2, 3, 5]] = [np.nan, 0.0, 6.0, np.inf, 1.0]
     out = np.full_like(v, 7.0)
-    _mask_tiles(v, m, lo, hi, out)
+    kernel(v, m, lo, hi, out)
     want = np.where((m > np.float32(lo)) & (m < np.float32(hi)), v, np.float32(0))
     np.testing.assert_array_equal(out, want)
     assert out[0] == 0 and np.isnan(out[5])

@@ -82,9 +82,13 @@ def test_transforms_equal_their_naive_versions(name):
         close(db, want_db, f"db, masked {masked}")
 
     acc = np.random.default_rng(5).standard_normal((16, g.o, g.c))
-    dw = np.empty((g.o, g.c, 3, 3), dtype=np.float32)
-    WG._weight_grad(acc, dw)
-    close(dw, naive.winograd_weight_grad(acc), "dW")
+    for dtype in (np.float32, np.float64):
+        flat, acs = WG.stacked(g.o, g.c, dtype)
+        for k in range(16):
+            flat[k * acs:k * acs + g.o * g.c] = acc[k].ravel()
+        dw = np.empty((g.o, g.c, 3, 3), dtype=np.float32)
+        WG._weight_grad(flat, acs, dw)
+        close(dw, naive.winograd_weight_grad(acc.astype(dtype)), f"dW from {dtype.__name__} sums")
 
 
 def test_swap_is_the_half_turn_of_the_kernel():
