@@ -8,10 +8,13 @@ Each kernel's parallel loop owns distinct output elements, so threads never writ
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from bwacal.kernels import JIT_PARALLEL as JIT  # numba flags live in one place
+from bwacal.runtime import openblas_threads
 
 
 @njit(**JIT)
@@ -171,3 +174,33 @@ def avgpool_backward(dy, kh, kw, sh, sw, dh, dw, ph, pw, divisor, dx):
                         jj = oj * sw + kj * dw - pw
                         if jj >= 0 and jj < w:
                             dx[ch, b, ii, jj] += g
+
+
+@lru_cache(maxsize=1)
+def blas_threads() -> int:
+    """The most threads any loaded OpenBLAS runs (1 unless ``OPENBLAS_NUM_THREADS`` was set)."""
+    return max(openblas_threads().values(), default=1)
+
+
+def _rows_dot(a, bt, out, parts):
+    """``out = a @ bt.T``, the rows of ``a`` and ``out`` in ``parts`` pieces, one BLAS call each."""
+    step = -(-a.shape[0] // parts)
+    for i in prange(parts):
+        r0 = i * step
+        r1 = min(a.shape[0], r0 + step)
+        if r0 < r1:
+            np.dot(a[r0:r1], bt.T, out[r0:r1])
+
+
+# one piece per numba thread, each a single-threaded BLAS call (bwacal runs BLAS on one thread,
+# bwacal/runtime.py); with BLAS on more threads, one call on BLAS's threads instead (BLAS inside an
+# OpenMP loop oversubscribes the cores)
+_ROWS_DOT = njit(**JIT)(_rows_dot), njit(**dict(JIT, parallel=False))(_rows_dot)
+
+
+def rows_dot(a, bt, out):
+    """``out = a @ bt.T`` (2-D, ``a`` and ``out`` C-contiguous) on all of numba's threads."""
+    if blas_threads() == 1:
+        _ROWS_DOT[0](a, bt, out, get_num_threads())
+    else:
+        _ROWS_DOT[1](a, bt, out, 1)

@@ -24,11 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from functools import lru_cache
-
 from bwacal.ops._frames import FMA, REDUCE
+from bwacal.ops._kernels import blas_threads as _blas_threads
 from bwacal.ops._simd import sclip, smask
-from bwacal.runtime import openblas_threads
 
 # Below this many input or output channels the transforms (memory-bound) cost more than the GEMMs
 # save: ResNet-18's 64-channel 56x56 layer forward took 9.0 ms direct against 11.4 ms (measured
@@ -351,12 +349,6 @@ def _twins(fn):
 
 _GEMMS = {fn.__name__: _twins(fn) for fn in (_products, _input_grad_products, _weight_grad_products,
                                               _weight_grad_spans)}
-
-
-@lru_cache(maxsize=1)
-def _blas_threads() -> int:
-    """The most threads any loaded OpenBLAS runs (1 unless ``OPENBLAS_NUM_THREADS`` was set)."""
-    return max(openblas_threads().values(), default=1)
 
 
 def _gemm(name):

@@ -6,7 +6,8 @@ following Relu/Clip as they write the output (the engine fuses it); 3x3, stride-
 convs of at least 128 channels run Winograd F(2x2, 3x3) instead (``bwacal/ops/_winograd.py``),
 falling back to the frames on non-finite values. Other grouped convs are
 im2col + one BLAS GEMM per group, ``W_g (O/g, C/g*kh*kw) @ cols_g``, whose result is already the
-CNHW output.
+CNHW output; strided dense convs of at least ``GEMM_BACKWARD_ENTRIES`` (channel, tap) entries take
+that path's backward (its GEMMs split over numba's threads for one group).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ CHUNK_BYTES = 128 << 20
 # the graph holds anyway) and rebuilds them in backward. A ResNet-18 calibration at batch 64 on
 # 224x224 inputs peaked at 3,594 MB keeping every layer's frames, 3,093 MB with this limit.
 KEEP_FRAMES_BYTES = 32 << 20
+# A strided dense conv with at least this many (channel, tap) entries per output channel takes its
+# backward as im2col + BLAS GEMMs (split over numba's threads) rather than on its phase frames:
+# ResNet-18's 256->512 stride-2 3x3 conv's backward took 25.7 ms on the frames (17.1 of it dL/dW)
+# and 12.3 as GEMMs, the 128->256 one's 15.9 and 12.2; the 64->128 one's (576 entries) dL/dW took
+# 6.6 ms either way. Its forward stays on the frames: 5.7 ms against 6.5 as a GEMM (128->256).
+GEMM_BACKWARD_ENTRIES = 1024
 
 
 def _pointwise(shape, g):
@@ -172,6 +179,8 @@ class Conv(Op):
         eph, ech, eoff = FR.entry_tables(x.shape[0], p)
         f = _frames(x, g, p)
         FR.conv(f, eph, ech, eoff, wk, bias, lo, hi, p, y)
+        if _mirror(g, x.shape) is None and w[0].size >= GEMM_BACKWARD_ENTRIES:
+            return y, ("gemm", x, x.shape, w, g, b is not None, clip, y if clip is not None else None)
         keep = f if f.nbytes <= KEEP_FRAMES_BYTES or _pointwise(x.shape, g) else x  # else rebuilt in backward
         return y, ("frames", keep, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
 
@@ -355,6 +364,9 @@ class Conv(Op):
     def _weight_grad(self, cols, dy2):
         k, og = cols.shape[0] // self.group, dy2.shape[0] // self.group
         dw = np.empty((dy2.shape[0], k), dtype=dy2.dtype)
+        if self.group == 1:  # (only strided convs of many entries: dL/dW is no tiny output)
+            K.rows_dot(np.ascontiguousarray(dy2), cols, dw)
+            return dw
         for i in range(self.group):
             # NOTE: written as (cols @ dy.T).T: OpenBLAS takes ~100x longer on dy @ cols.T, whose
             # reduction dimension (N*Ho*Wo) is huge and whose output is tiny
@@ -364,6 +376,9 @@ class Conv(Op):
     def _input_grad(self, w2, dy2):
         k, og = w2.shape[1], w2.shape[0] // self.group
         dcols = np.empty((k * self.group, dy2.shape[1]), dtype=dy2.dtype)
+        if self.group == 1:
+            K.rows_dot(np.ascontiguousarray(w2.T), dy2.T, dcols)
+            return dcols
         for i in range(self.group):
             np.matmul(w2[i * og:(i + 1) * og].T, dy2[i * og:(i + 1) * og], out=dcols[i * k:(i + 1) * k])
         return dcols

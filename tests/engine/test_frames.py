@@ -25,6 +25,7 @@ from bwacal import runtime
 from bwacal.runtime import keep_freed_memory
 from bwacal.onnx_io import read_model
 from bwacal.ops import _frames as FR
+from bwacal.ops import _kernels as K
 from bwacal.ops.conv import Conv
 from bwacal.ops.window import window
 from tests.engine.test_gradients import _model
@@ -90,6 +91,8 @@ GEOMETRIES = {
     "rows_8_wide": Geometry(6, 40, 8, 8, pads=(1, 1, 1, 1)),
     "rows_16_wide": Geometry(34, 32, 16, 16, pads=(1, 1, 1, 1)),
     "rows_8_wide_strided": Geometry(5, 33, 16, 15, pads=(1, 1, 1, 1), strides=(2, 2)),  # phase frames
+    # 1,026 entries per output channel: backward as GEMMs (``GEMM_BACKWARD_ENTRIES``)
+    "strided_many_entries": Geometry(114, 6, 9, 9, pads=(1, 1, 1, 1), strides=(2, 2)),
 }
 # (bias, clip): what follows the conv's sum
 HEADS = {"plain": (False, None), "bias": (True, None), "bias_relu": (True, RELU), "bias_relu6": (True, RELU6),
@@ -257,6 +260,23 @@ def test_backward_gives_only_what_is_needed():
     dx, dw, db = op.backward(ctx, dy, need=(False, False, True))
     assert dx is None and dw is None
     np.testing.assert_allclose(db, dy.sum(axis=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_strided_convs_of_many_entries_take_gemm_gradients(dtype, monkeypatch):
+    """A strided conv of at least ``GEMM_BACKWARD_ENTRIES`` entries: forward on the frames, backward by
+    im2col + GEMMs split over numba's threads; one BLAS call when BLAS runs its own threads."""
+    g = GEOMETRIES["strided_many_entries"]
+    x, w, b = random_inputs(g, 3, dtype, seed=4)
+    assert g.op().forward(x, w, b)[1][0] == "gemm"
+    assert GEOMETRIES["strided"].op().forward(*random_inputs(GEOMETRIES["strided"], 1, dtype, 0))[1][0] == "frames"
+    check_conv(g, 3, dtype, True, RELU6, seed=4)
+    y, ctx = g.op().forward(x, w, b, clip=RELU6)
+    dy = np.random.default_rng(5).standard_normal(y.shape).astype(dtype)
+    threaded = g.op().backward(ctx, dy, need=(True, True, True))
+    monkeypatch.setattr(K, "blas_threads", lambda: 2)
+    for got, want in zip(g.op().backward(ctx, dy, need=(True, True, True)), threaded):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 def masked(dy, y, lo, hi):
