@@ -186,6 +186,14 @@ def _store_bt(buf, r, s, v, vs, e):
     v[12 * vs + e], v[13 * vs + e], v[14 * vs + e], v[15 * vs + e] = _bt(a30, a31, a32, a33)
 
 
+@njit(inline="always")
+def _store_image_bt(buf, th, tw, v, vs, e):
+    """``_store_bt`` of every tile of one image's bordered ``buf``: block t at ``e + t``."""
+    for ti in range(th):
+        for tj in range(tw):
+            _store_bt(buf, 2 * ti, 2 * tj, v, vs, e + ti * tw + tj)
+
+
 @njit(**FMA)
 def _input(x, v, vs):
     """``v[k*vs + c*P + t]`` = element k of ``B^T d B`` for the 4x4 tile d of channel c under the
@@ -205,9 +213,7 @@ def _input(x, v, vs):
                     z = x[c, n, i, j]
                     nonfinite += z - z
                     buf[i + 1, j + 1] = z
-            for ti in range(th):
-                for tj in range(tw):
-                    _store_bt(buf, 2 * ti, 2 * tj, v, vs, c * p_ + (n * th + ti) * tw + tj)
+            _store_image_bt(buf, th, tw, v, vs, c * p_ + n * th * tw)
         if nonfinite != 0:
             bad += 1
     return bad
@@ -264,11 +270,11 @@ def _grad(dy, y, masked, lo, hi, vb, bs, va, as_, db):
                         z = smask(z, y[o, n, i, j], lo, hi)
                     buf[i + 1, j + 1] = z
                     total += z
+            _store_image_bt(buf, th, tw, vb, bs, o * p_ + n * th * tw)
             for ti in range(th):
                 for tj in range(tw):
                     r, s = 2 * ti, 2 * tj
                     e = o * p_ + (n * th + ti) * tw + tj
-                    _store_bt(buf, r, s, vb, bs, e)
                     b00, b10, b20, b30 = _a(buf[r + 1, s + 1], buf[r + 2, s + 1])
                     b01, b11, b21, b31 = _a(buf[r + 1, s + 2], buf[r + 2, s + 2])
                     va[e], va[as_ + e], va[2 * as_ + e], va[3 * as_ + e] = _a(b00, b01)
