@@ -15,11 +15,11 @@ batch 8 on 2 cores, see benchmarks/RESULTS.md):
   53-60) with them mapped, 47-55 ms (medians 48-50) without. Resident memory stays near the peak
   between passes. ``BWACAL_MALLOC=default`` leaves malloc alone.
 - **BLAS on one thread** (OpenBLAS, NumPy's and SciPy's): convolutions are numba kernels, so BLAS only
-  sees small GEMMs (classifier heads) and the Winograd convs' GEMMs, which numba threads call one per
-  thread; OpenBLAS's own threads keep spinning after each call, taking the cores from the numba
-  kernel that follows: ResNet-18 forward 270 ms, 222 ms with one BLAS thread. Setting
-  ``OPENBLAS_NUM_THREADS`` (any value) leaves BLAS alone (the Winograd GEMMs then run one after
-  another, each on BLAS's threads).
+  sees small GEMMs (classifier heads) and the GEMMs of Winograd convs and of wide strided convs'
+  backward, which numba's threads call, one BLAS call per thread; OpenBLAS's own threads keep
+  spinning after each call, taking the cores from the numba kernel that follows: ResNet-18 forward
+  270 ms, 222 ms with one BLAS thread. Setting ``OPENBLAS_NUM_THREADS`` (any value) leaves BLAS
+  alone (those GEMMs then run one after another, each on BLAS's threads).
 """
 
 from __future__ import annotations

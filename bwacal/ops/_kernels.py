@@ -194,8 +194,9 @@ def _rows_dot(a, bt, out, parts):
 
 # one piece per numba thread, each a single-threaded BLAS call (bwacal runs BLAS on one thread,
 # bwacal/runtime.py); with BLAS on more threads, one call on BLAS's threads instead (BLAS inside an
-# OpenMP loop oversubscribes the cores)
-_ROWS_DOT = njit(**JIT)(_rows_dot), njit(**dict(JIT, parallel=False))(_rows_dot)
+# OpenMP loop oversubscribes the cores). The serial twin is not cached: numba's cache is keyed by
+# the function, not its flags, so it could load the threaded twin's machine code.
+_ROWS_DOT = njit(**JIT)(_rows_dot), njit(**dict(JIT, parallel=False, cache=False))(_rows_dot)
 
 
 def rows_dot(a, bt, out):

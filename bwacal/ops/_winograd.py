@@ -349,8 +349,11 @@ def _weight_grad_spans(va, as_, v, vs, o, c, p, span, acc, acs):
 
 
 def _twins(fn):
-    """The GEMM kernel ``fn`` jitted twice: over numba's threads, and serial."""
-    return njit(**FMA)(fn), njit(**dict(FMA, parallel=False))(fn)
+    """The GEMM kernel ``fn`` jitted twice: over numba's threads, and serial. The serial twin is not
+    cached: numba's cache is keyed by the function, not its flags, so either twin could load the
+    other's machine code (the serial one, run with BLAS on its own threads, loaded the threaded
+    one and OpenBLAS printed "Detect OpenMP Loop")."""
+    return njit(**FMA)(fn), njit(**dict(FMA, parallel=False, cache=False))(fn)
 
 
 _GEMMS = {fn.__name__: _twins(fn) for fn in (_products, _input_grad_products, _weight_grad_products,

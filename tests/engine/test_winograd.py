@@ -5,6 +5,11 @@ to the direct kernels on non-finite values, and whole models against torch."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +240,24 @@ def _conv_contexts(tape):
     """The saved contexts of the Conv nodes on an engine tape."""
     return [ctx for _, ctx, *_ in tape.entries if isinstance(ctx, tuple) and ctx and isinstance(ctx[0], str)
             and ctx[0] in ("winograd", "frames", "depthwise", "gemm")]
+
+
+def test_blas_on_its_own_threads_runs_the_serial_gemms():
+    """With ``OPENBLAS_NUM_THREADS`` set, bwacal leaves BLAS's threads alone and calls BLAS outside
+    numba's threads (inside them OpenBLAS warns "Detect OpenMP Loop" and oversubscribes the cores)."""
+    code = """
+import numpy as np
+from bwacal.ops import _kernels as K, _winograd as WG
+from tests.engine.test_frames import Geometry, check_conv
+assert K.blas_threads() == 2, K.blas_threads()
+assert WG._gemm("_products") is WG._GEMMS["_products"][1]
+check_conv(Geometry(128, 128, 7, 7, pads=(1, 1, 1, 1)), 2, np.float32, True, (0.0, np.inf), seed=3)
+check_conv(Geometry(120, 4, 9, 9, pads=(1, 1, 1, 1), strides=(2, 2)), 2, np.float32, True, None, seed=4)
+print("ok")
+"""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("ok")
+    assert "OpenMP" not in run.stderr
