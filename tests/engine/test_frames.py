@@ -279,6 +279,18 @@ def test_strided_convs_of_many_entries_take_gemm_gradients(dtype, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+def test_short_groups_are_summed_as_one_span(monkeypatch):
+    """dL/dW of a strided conv (one image per group) runs as one span over all the images, the
+    positions between them included, and still matches torch."""
+    calls = []
+    kernel = FR.dense_weight_grad
+    monkeypatch.setattr(FR, "dense_weight_grad", lambda *a: calls.append(a[6:8]) or kernel(*a))
+    check_conv(GEOMETRIES["strided"], 3, np.float32, True, RELU, seed=12)
+    groups, glen = calls[-1]
+    # 3 images of 6x6 phase frames with 5x5 outputs: the last output at 2*36 + 4*6 + 4
+    assert (groups, glen) == (1, 101)
+
+
 def masked(dy, y, lo, hi):
     """dy where lo < y < hi, else 0 (so 0 where y is NaN): the gradient through a Relu/Clip by its output."""
     return np.where((y > lo) & (y < hi), dy, 0).astype(dy.dtype)
