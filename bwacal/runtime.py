@@ -14,7 +14,7 @@ batch 8 on 2 cores, see benchmarks/RESULTS.md):
   MobileNetV2-style forward at batch 128 (50 MB expanded activations) ran 52-133 ms (medians
   53-60) with them mapped, 47-55 ms (medians 48-50) without. Resident memory stays near the peak
   between passes. ``BWACAL_MALLOC=default`` leaves malloc alone.
-- **BLAS on one thread** (OpenBLAS, NumPy's and SciPy's): convolutions are numba kernels, so BLAS only
+- **BLAS on one thread** (OpenBLAS: NumPy's at import, SciPy's when a kernel first needs it): convolutions are numba kernels, so BLAS only
   sees small GEMMs (classifier heads) and the GEMMs of Winograd convs and of wide strided convs'
   backward, which numba's threads call, one BLAS call per thread; OpenBLAS's own threads keep
   spinning after each call, taking the cores from the numba kernel that follows: ResNet-18 forward
@@ -85,8 +85,8 @@ def single_thread_blas() -> int:
     many libraries were set."""
     if "OPENBLAS_NUM_THREADS" in os.environ:
         return 0
-    import numpy  # noqa: F401  (loads NumPy's OpenBLAS)
-    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's: numba's np.dot calls it, ops/_winograd.py)
+    import numpy  # noqa: F401  (loads NumPy's OpenBLAS; SciPy's is loaded and set when first needed,
+    #                             ops/_kernels.blas_threads)
 
     count = 0
     for _, lib in _openblas_libraries():

@@ -14,7 +14,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from bwacal.kernels import JIT_PARALLEL as JIT  # numba flags live in one place
-from bwacal.runtime import openblas_threads
+from bwacal.runtime import openblas_threads, single_thread_blas
 
 
 @njit(**JIT)
@@ -178,8 +178,25 @@ def avgpool_backward(dy, kh, kw, sh, sw, dh, dw, ph, pw, divisor, dx):
 
 @lru_cache(maxsize=1)
 def blas_threads() -> int:
-    """The most threads any loaded OpenBLAS runs (1 unless ``OPENBLAS_NUM_THREADS`` was set)."""
+    """The most threads any loaded OpenBLAS runs (1 unless ``OPENBLAS_NUM_THREADS`` was set).
+
+    First loads SciPy's OpenBLAS, the one numba's ``np.dot`` calls, and sets it to one thread as
+    importing bwacal set NumPy's (``runtime.single_thread_blas``): here rather than at import,
+    where SciPy's linalg took 130-150 ms of the 430-620 ms of ``import bwacal``."""
+    import scipy.linalg.cython_blas  # noqa: F401
+
+    single_thread_blas()
     return max(openblas_threads().values(), default=1)
+
+
+def blas_twins(fn, flags):
+    """``fn`` (which calls BLAS through ``np.dot``) jitted twice: over numba's threads with ``flags``,
+    each thread making single-threaded BLAS calls, and serial, for when BLAS runs its own threads
+    (``blas_threads() > 1``: BLAS inside an OpenMP loop oversubscribes the cores). The serial twin is
+    not cached: numba's cache is keyed by the function, not its flags, so either twin could load the
+    other's machine code (the serial one loaded the threaded one, and OpenBLAS printed "Detect
+    OpenMP Loop")."""
+    return njit(**flags)(fn), njit(**dict(flags, parallel=False, cache=False))(fn)
 
 
 def _rows_dot(a, bt, out, parts):
@@ -192,11 +209,7 @@ def _rows_dot(a, bt, out, parts):
             np.dot(a[r0:r1], bt.T, out[r0:r1])
 
 
-# one piece per numba thread, each a single-threaded BLAS call (bwacal runs BLAS on one thread,
-# bwacal/runtime.py); with BLAS on more threads, one call on BLAS's threads instead (BLAS inside an
-# OpenMP loop oversubscribes the cores). The serial twin is not cached: numba's cache is keyed by
-# the function, not its flags, so it could load the threaded twin's machine code.
-_ROWS_DOT = njit(**JIT)(_rows_dot), njit(**dict(JIT, parallel=False, cache=False))(_rows_dot)
+_ROWS_DOT = blas_twins(_rows_dot, JIT)
 
 
 def rows_dot(a, bt, out):

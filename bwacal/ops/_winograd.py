@@ -26,6 +26,7 @@ from numba import njit, prange
 
 from bwacal.ops._frames import FMA, REDUCE
 from bwacal.ops._kernels import blas_threads as _blas_threads
+from bwacal.ops._kernels import blas_twins
 from bwacal.ops._simd import sclip, smask
 
 # Below this many input or output channels the transforms (memory-bound) cost more than the GEMMs
@@ -305,10 +306,8 @@ def _weight_grad(acc, acs, dw):
             dw[o, c, 2, 0], dw[o, c, 2, 1], dw[o, c, 2, 2] = _gt(t20, t21, t22, t23)
 
 
-# The GEMMs: one tile element per iteration of a prange, each a single-threaded BLAS call (bwacal
-# runs BLAS on one thread, bwacal/runtime.py), so numba's threads share the 16 and BLAS has no
-# threads of its own to spin against numba's. With BLAS on more threads (OPENBLAS_NUM_THREADS set)
-# the serial twins below run instead: BLAS inside an OpenMP loop oversubscribes the cores.
+# The GEMMs: one tile element per iteration of a prange, each a single-threaded BLAS call, so numba's
+# threads share the 16 (their serial twins when BLAS runs its own threads: ``_kernels.blas_twins``).
 
 
 def _products(u, us, v, vs, m, ms, o, c, p):
@@ -349,16 +348,8 @@ def _weight_grad_spans(va, as_, v, vs, o, c, p, span, acc, acs):
             acc[k * acs:k * acs + o * c] += part.ravel()
 
 
-def _twins(fn):
-    """The GEMM kernel ``fn`` jitted twice: over numba's threads, and serial. The serial twin is not
-    cached: numba's cache is keyed by the function, not its flags, so either twin could load the
-    other's machine code (the serial one, run with BLAS on its own threads, loaded the threaded
-    one and OpenBLAS printed "Detect OpenMP Loop")."""
-    return njit(**FMA)(fn), njit(**dict(FMA, parallel=False, cache=False))(fn)
-
-
-_GEMMS = {fn.__name__: _twins(fn) for fn in (_products, _input_grad_products, _weight_grad_products,
-                                              _weight_grad_spans)}
+_GEMMS = {fn.__name__: blas_twins(fn, FMA) for fn in (_products, _input_grad_products, _weight_grad_products,
+                                                       _weight_grad_spans)}
 
 
 def _gemm(name):

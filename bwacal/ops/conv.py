@@ -34,7 +34,8 @@ KEEP_FRAMES_BYTES = 32 << 20
 # backward as im2col + BLAS GEMMs (split over numba's threads) rather than on its phase frames:
 # ResNet-18's 256->512 stride-2 3x3 conv's backward took 25.7 ms on the frames (17.1 of it dL/dW)
 # and 12.3 as GEMMs, the 128->256 one's 15.9 and 12.2; the 64->128 one's (576 entries) dL/dW took
-# 6.6 ms either way. Its forward stays on the frames: 5.7 ms against 6.5 as a GEMM (128->256).
+# 6.6 ms either way (5.4 on the frames since dL/dW sums short groups as one span, below). Its forward
+# stays on the frames: 5.7 ms against 6.5 as a GEMM (128->256).
 GEMM_BACKWARD_ENTRIES = 1024
 # dL/dW sums each group of images' positions as one span (``FR.dense_weight_grad``); groups whose
 # span is shorter than this (one image each: strided and pointwise convs, whose images do not
@@ -91,6 +92,13 @@ def _masked(dy, mask):
     out = np.empty(y.shape, dtype=y.dtype)
     FR.clip_grad(np.ascontiguousarray(dy, dtype=y.dtype), y, lo, hi, out)
     return out
+
+
+def _bias_and_bounds(b, o, clip, dtype):
+    """The kernels' bias (zeros for none) and clip bounds (infinite for no fused clip)."""
+    bias = np.zeros(o, dtype=dtype) if b is None else np.ascontiguousarray(b, dtype=dtype)
+    lo, hi = clip if clip is not None else (-np.inf, np.inf)
+    return bias, lo, hi
 
 
 def _mirror(g, xshape):
@@ -155,9 +163,7 @@ class Conv(Op):
         x = np.ascontiguousarray(x)
         g = self._geometry(x, w)
         if WG.applies(x, w, g, self.group):
-            lo, hi = clip if clip is not None else (-np.inf, np.inf)
-            bias = np.zeros(w.shape[0], dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
-            done = WG.forward(x, w, bias, lo, hi)
+            done = WG.forward(x, w, *_bias_and_bounds(b, w.shape[0], clip, x.dtype))
             if done is not None:
                 y, kept = done
                 return y, ("winograd", x, kept, w, g, b is not None, clip, y if clip is not None else None)
@@ -177,8 +183,7 @@ class Conv(Op):
         p = FR.plan(g, x.shape[2], x.shape[3]) if self._depthwise(x, w) else _plan(g, x.shape)
         taps = g.kh * g.kw
         y = np.empty((o, n, g.ho, g.wo), dtype=x.dtype)
-        bias = np.zeros(o, dtype=x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
-        lo, hi = clip if clip is not None else (-np.inf, np.inf)
+        bias, lo, hi = _bias_and_bounds(b, o, clip, x.dtype)
         if self._depthwise(x, w):
             wt = np.ascontiguousarray(w.reshape(o, taps), dtype=x.dtype)
             FR.depthwise_forward(x, p.src, p.off, wt, bias, lo, hi, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, y)

@@ -261,3 +261,25 @@ print("ok")
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().endswith("ok")
     assert "OpenMP" not in run.stderr
+
+
+def test_scipy_blas_is_loaded_and_set_when_first_needed():
+    """``import bwacal`` does not import SciPy's linalg (130-150 ms); the first kernel choice loads
+    it and leaves every OpenBLAS on one thread."""
+    code = """
+import sys
+import bwacal
+assert "scipy.linalg" not in sys.modules
+from bwacal.ops import _kernels as K
+from bwacal.runtime import openblas_threads
+assert K.blas_threads() == 1
+threads = openblas_threads()
+assert any("scipy" in path and "numpy" not in path for path in threads), threads
+assert set(threads.values()) == {1}, threads
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("ok")
