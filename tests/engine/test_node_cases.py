@@ -17,8 +17,20 @@ SUPPORTED = {
     "GatherElements", "QuantizeLinear", "DequantizeLinear",
 }
 
+# issue 15: element-wise math, logic and tensor-making ops
+MATH_OPS = set()
+
+# issue 15: slicing, splitting, reductions, normalizations
+SHAPE_NORM_OPS = set()
+
+SUPPORTED |= MATH_OPS | SHAPE_NORM_OPS
+
 # cases outside what the engine promises, each with the reason
 KNOWN_SKIPS = {
+    # math, logic and tensor-making ops
+
+    # slicing, splitting, reductions, normalizations
+
 }
 
 
