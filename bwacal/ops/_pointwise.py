@@ -67,7 +67,11 @@ def _erf_grad(x, dy, out):
 @njit(**JIT_PARALLEL)
 def _gelu(x, tanh_approx, out):
     """``out = x * Phi(x)`` (Phi the standard normal CDF), or with ``tanh_approx``
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))``."""
+    ``0.5 x (1 + tanh(u))``, ``u = sqrt(2/pi) (x + 0.044715 x**3)``.
+
+    NOTE: written as ``Phi(x) = erfc(-x / sqrt(2)) / 2`` and ``(1 + tanh(u)) / 2 = sigmoid(2u)``:
+    ``1 + erf`` and ``1 + tanh`` cancel for negative x and lose all digits by x = -6.
+    """
     a = x.reshape(-1)
     r = out.reshape(-1)
     n = a.size
@@ -75,14 +79,15 @@ def _gelu(x, tanh_approx, out):
         for i in range(blk * ELEMENTS, min(n, (blk + 1) * ELEMENTS)):
             v = np.float64(a[i])
             if tanh_approx:
-                r[i] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + _GELU_CUBIC * v * v * v)))
+                r[i] = v * _sigmoid1(2.0 * _SQRT_2_OVER_PI * (v + _GELU_CUBIC * v * v * v))
             else:
-                r[i] = 0.5 * v * (1.0 + math.erf(v * _INV_SQRT2))
+                r[i] = 0.5 * v * math.erfc(-v * _INV_SQRT2)
 
 
 @njit(**JIT_PARALLEL)
 def _gelu_grad(x, dy, tanh_approx, out):
-    """``out = dy * d gelu/dx``: ``Phi(x) + x phi(x)``, or the derivative of the tanh form."""
+    """``out = dy * d gelu/dx``: ``Phi(x) + x phi(x)``, or for the tanh form, with
+    ``s = sigmoid(2u)``, ``s + 2 x s (1 - s) du/dx``."""
     a = x.reshape(-1)
     g = dy.reshape(-1)
     r = out.reshape(-1)
@@ -91,10 +96,10 @@ def _gelu_grad(x, dy, tanh_approx, out):
         for i in range(blk * ELEMENTS, min(n, (blk + 1) * ELEMENTS)):
             v = np.float64(a[i])
             if tanh_approx:
-                t = math.tanh(_SQRT_2_OVER_PI * (v + _GELU_CUBIC * v * v * v))
-                d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * v * v)
+                s = _sigmoid1(2.0 * _SQRT_2_OVER_PI * (v + _GELU_CUBIC * v * v * v))
+                d = s + 2.0 * v * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * v * v)
             else:
-                d = 0.5 * (1.0 + math.erf(v * _INV_SQRT2)) + v * _INV_SQRT_2PI * math.exp(-0.5 * v * v)
+                d = 0.5 * math.erfc(-v * _INV_SQRT2) + v * _INV_SQRT_2PI * math.exp(-0.5 * v * v)
             r[i] = g[i] * d
 
 

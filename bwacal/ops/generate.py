@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from bwacal.ops.base import Op, Unsupported, register
@@ -44,7 +42,7 @@ class Range(Op):
         dtype = start.dtype
         if dtype.kind in "iu":  # exact: -((start - limit) // delta) is ceil((limit - start) / delta)
             n = max(-((int(start) - int(limit)) // int(delta)), 0)
-        else:
-            n = max(math.ceil((float(limit) - float(start)) / float(delta)), 0)
+        else:  # in the inputs' own type, as the spec's function body and ONNX Runtime compute it
+            n = max(int(np.ceil((limit - start) / delta)), 0)
         y = start + np.arange(n, dtype=dtype) * delta.astype(dtype)
         return y.astype(dtype, copy=False), None
