@@ -26,7 +26,11 @@ MATH_OPS = {
 }
 
 # issue 15: slicing, splitting, reductions, normalizations
-SHAPE_NORM_OPS = set()
+SHAPE_NORM_OPS = {
+    "Slice", "Split", "Expand", "Tile", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceSumSquare", "ReduceProd",
+    "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ArgMax", "ArgMin", "LRN", "LayerNormalization",
+    "InstanceNormalization", "GroupNormalization",
+}
 
 SUPPORTED |= MATH_OPS | SHAPE_NORM_OPS
 
