@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from bwacal.kernels import JIT, JIT_PARALLEL
+from bwacal.kernels import _ROUNDER, JIT, JIT_PARALLEL
 from bwacal.ops._frames import ELEMENTS, FMA
 
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -235,7 +235,6 @@ def _elu_grad(x, dy, alpha, out):
 # the scalar helpers: FMA's flags without the parallel pass (they have no loop), inlined into the
 # kernels by numba itself, since LLVM's inliner left some of them as calls and the loop scalar
 _SCALAR = dict(FMA, parallel=False)
-_ROUND = 6755399441055744.0  # 1.5 * 2**52: (t + _ROUND) - _ROUND rounds t to an integer (|t| < 2**51)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 # erf(x) / x = sum_k _ERF_TAYLOR[k] x**(2k): below |x| = 1 the 12 terms leave 1.1e-9
@@ -262,7 +261,7 @@ def _exp_parts(v):
     ``v`` is clamped to [-708, 709] (float32 overflows and underflows well inside); NaN passes."""
     v = 709.0 if v > 709.0 else v
     v = -708.0 if v < -708.0 else v
-    n = (v * _LOG2E + _ROUND) - _ROUND
+    n = (v * _LOG2E + _ROUNDER) - _ROUNDER  # the nearest integer (bwacal.kernels._ROUNDER)
     r = v - n * _LN2
     q = r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (1 / 5040 + r / 40320)))))))
     return _pow2(np.int64(n)), q
