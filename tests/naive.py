@@ -143,3 +143,19 @@ def winograd_weight_grad(acc):
     """(O, C, 3, 3): G^T acc G for the (16, O, C) sums ``acc``."""
     o, c = acc.shape[1:]
     return np.einsum("ia,abop,jb->opij", WINOGRAD_G.T, acc.reshape(4, 4, o, c), WINOGRAD_G.T)
+
+
+def output_errors(w, steps, hessians, qmin, qmax):
+    """``e^T H e`` per (row, candidate step), H of row c being ``hessians[c // (C // G)]``."""
+    w = np.asarray(w, dtype=np.float64)
+    steps = np.asarray(steps, dtype=np.float64)
+    hessians = np.asarray(hessians, dtype=np.float64).reshape(-1, w.shape[1], w.shape[1])
+    per_group = w.shape[0] // hessians.shape[0]
+    out = np.zeros(steps.shape)
+    for c in range(steps.shape[0]):
+        h = hessians[c // per_group]
+        for r in range(steps.shape[1]):
+            s = steps[c, r]
+            e = w[c] - s * np.clip(np.round(w[c] / s), qmin, qmax)
+            out[c, r] = e @ h @ e
+    return out
