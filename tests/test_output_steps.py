@@ -182,3 +182,23 @@ def test_input_covariances_bad_node(resnet20):
     relu = next(n.name for n in resnet20.graph.nodes if n.op_type == "Relu")
     with pytest.raises(ValueError, match="is not a Conv"):
         input_covariances(resnet20, [relu], np.zeros((1, 1, 28, 28), np.float32))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_low_rank_h_is_searched_through_its_factor(groups):
+    rng = np.random.default_rng(10 + groups)
+    k = 40
+    x = rng.normal(size=(groups, 12, k))  # 12 rows: rank 12 < k / 2
+    h = x.transpose(0, 2, 1) @ x / 12
+    from bwacal.quant.output_steps import low_rank_factors
+
+    factors = low_rank_factors(h)
+    assert factors.shape == (groups, 12, k)
+    np.testing.assert_allclose(factors.transpose(0, 2, 1) @ factors, h, atol=1e-12)
+    assert low_rank_factors(h + np.eye(k)) is None  # full rank: searched directly
+    w = rng.laplace(size=(8, k)).astype(np.float32)
+    steps = rng.uniform(0.05, 1.0, size=(8, 9))
+    for bits in (2, 4):
+        qmin, qmax = qrange(bits, True)
+        np.testing.assert_allclose(output_errors(w, steps, h, qmin, qmax),
+                                   naive.output_errors(w, steps, h, qmin, qmax), rtol=1e-9)

@@ -28,6 +28,12 @@ from bwacal.quant.weights import MSE_RATIOS, ZERO_CHANNEL_STEP, minmax_steps
 # estimated from 28 samples per entry of the diagonal's order, and building H costs rows * K**2
 # multiply-adds (0.5 s at K = 576 on one core).
 DEFAULT_ROWS = 1 << 14
+# An H whose rank r is at most this fraction of K (fewer sampled rows than inputs: a Gemm with K =
+# 1152 fed by 256 images has r <= 256) is searched through a factor L (r, K), H = L^T L, at r * K
+# instead of K**2 per candidate. Eigenvalues below RANK_TOLERANCE times the largest are dropped
+# (their part of any error is below that fraction).
+LOW_RANK_FRACTION = 0.5
+RANK_TOLERANCE = 1e-12
 
 
 def candidate_steps(w2d, bits: int, ratios=MSE_RATIOS) -> np.ndarray:
@@ -83,11 +89,62 @@ def _output_errors(w, steps, hessians, group_of, qmin, qmax, out):
         out[c, r] = err
 
 
+@numba.njit(**JIT_REDUCE)
+def _factored_errors(w, steps, factors, group_of, qmin, qmax, out):
+    """Output error ``|L e|**2`` of quantizing each row with each candidate step, in place.
+
+    As :func:`_output_errors` with ``H = L^T L`` given by ``L = factors[group_of[c]]``.
+
+    Parameters
+    ----------
+    w : float32 or float64 [:, ::1], shape (C, K)
+    steps : float64[:, ::1], shape (C, R), all > 0
+    factors : float64[:, :, ::1], shape (G, r, K)
+    group_of : int64[::1], shape (C,)
+    qmin, qmax : float
+    out : float64[:, ::1], shape (C, R)
+    """
+    C, K = w.shape
+    R = steps.shape[1]
+    rank = factors.shape[1]
+    for i in numba.prange(C * R):
+        c = i // R
+        r = i - c * R
+        s = steps[c, r]
+        f = factors[group_of[c]]
+        e = np.empty(K, dtype=np.float64)
+        for j in range(K):
+            v = np.float64(w[c, j])
+            e[j] = v - s * _round_clip(v / s, qmin, qmax)
+        err = 0.0
+        for t in range(rank):
+            acc = 0.0
+            for j in range(K):
+                acc += f[t, j] * e[j]
+            err += acc * acc
+        out[c, r] = err
+
+
+def low_rank_factors(hessians):
+    """``L`` (G, r, K) with ``H_g = L_g^T L_g`` up to ``RANK_TOLERANCE``, or None when the rank r of
+    some H exceeds ``LOW_RANK_FRACTION * K`` (then the direct search is as fast)."""
+    K = hessians.shape[1]
+    values, vectors = np.linalg.eigh(hessians)  # ascending
+    keep = values > RANK_TOLERANCE * np.maximum(values[:, -1:], np.finfo(np.float64).tiny)
+    rank = int(keep.sum(axis=1).max())
+    if rank > LOW_RANK_FRACTION * K:
+        return None
+    rank = max(rank, 1)
+    top = np.where(keep, values, 0.0)[:, -rank:]
+    return np.ascontiguousarray((vectors[:, :, -rank:] * np.sqrt(top)[:, None, :]).transpose(0, 2, 1))
+
+
 def output_errors(w2d, steps, hessians, qmin, qmax) -> np.ndarray:
     """float64 (C, R): ``e^T H e`` for row c of ``w2d`` (C, K) quantized with step ``steps[c, r]``.
 
     ``hessians`` (G, K, K) holds one symmetric H per group of ``C // G`` consecutive rows (G = 1
     for a dense layer, G = C for a depthwise conv); codes are ``clip(round(w / s), qmin, qmax)``.
+    A low-rank H is searched through its factor (:func:`low_rank_factors`).
     """
     w2d = np.ascontiguousarray(w2d)
     if w2d.dtype not in (np.float32, np.float64):
@@ -108,8 +165,13 @@ def output_errors(w2d, steps, hessians, qmin, qmax) -> np.ndarray:
         raise ValueError("steps must be positive")
     group_of = np.arange(C, dtype=np.int64) // (C // hessians.shape[0])
     out = np.empty(steps.shape, dtype=np.float64)
-    with _threads_for(K * K * steps.size):
-        _output_errors(w2d, steps, hessians, group_of, float(qmin), float(qmax), out)
+    factors = low_rank_factors(hessians) if K > 1 else None
+    if factors is not None:
+        with _threads_for(factors.shape[1] * K * steps.size):
+            _factored_errors(w2d, steps, factors, group_of, float(qmin), float(qmax), out)
+    else:
+        with _threads_for(K * K * steps.size):
+            _output_errors(w2d, steps, hessians, group_of, float(qmin), float(qmax), out)
     return out
 
 
