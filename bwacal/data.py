@@ -10,6 +10,9 @@ Layout
 
 - ``labels`` (optional): shape (N,), integer class ids in [0, num_classes). Without labels,
   calibration is label-free.
+- ``sources`` (optional): shape (N,), integer ids >= 0 of the source each image came from (a photo,
+  a video, the original image of a set of crops); a held-out split can then keep whole sources apart
+  (``bwacal.split``).
 
 The reader streams: ``CalibrationData.batches`` reads one batch worth of rows at a time, so a
 50,000-image file never sits whole in memory. Every problem with a file raises ``DataError`` with a
@@ -47,11 +50,13 @@ class CalibrationData:
     """An open calibration file. Use ``open_dataset`` to create one; close it (or use ``with``).
 
     Attributes: ``path``, ``n`` (number of images), ``image_shape`` (C, H, W), ``has_labels``,
-    ``num_classes_seen`` (largest label + 1, or None without labels).
+    ``num_classes_seen`` (largest label + 1, or None without labels), ``sources`` (int64 (N,) source
+    ids, or None).
     """
 
     def __init__(self, path: Path, file: h5py.File, images: h5py.Dataset, labels: np.ndarray | None,
-                 scale: float | None, mean: np.ndarray | None, std: np.ndarray | None):
+                 scale: float | None, mean: np.ndarray | None, std: np.ndarray | None,
+                 sources: np.ndarray | None = None):
         self.path = path
         self._file = file
         self._images = images
@@ -63,6 +68,7 @@ class CalibrationData:
         self.image_shape = tuple(int(d) for d in images.shape[1:])
         self.has_labels = labels is not None
         self.num_classes_seen = int(labels.max()) + 1 if labels is not None else None
+        self.sources = sources
 
     def __len__(self) -> int:
         return self.n
@@ -214,7 +220,10 @@ def _validate(path: Path, file: h5py.File, input_shape, num_classes, check_finit
     labels = None
     if "labels" in file:
         labels = _read_labels(path, file["labels"], int(images.shape[0]), num_classes)
-    return CalibrationData(path, file, images, labels, scale, mean, std)
+    sources = None
+    if "sources" in file:
+        sources = _read_sources(path, file["sources"], int(images.shape[0]))
+    return CalibrationData(path, file, images, labels, scale, mean, std, sources)
 
 
 def _normalisation(path: Path, images: h5py.Dataset, channels: int):
@@ -290,13 +299,30 @@ def _read_labels(path: Path, labels, n: int, num_classes: int | None) -> np.ndar
     return values
 
 
+def _read_sources(path: Path, sources, n: int) -> np.ndarray:
+    if not isinstance(sources, h5py.Dataset):
+        raise DataError(f"{path}: 'sources' is a group, expected a dataset of shape ({n},)")
+    if sources.ndim != 1:
+        raise DataError(f"{path}: 'sources' has shape {sources.shape}, expected ({n},)")
+    if not np.issubdtype(sources.dtype, np.integer):
+        raise DataError(f"{path}: 'sources' has dtype {sources.dtype}, expected integer source ids")
+    if sources.shape[0] != n:
+        raise DataError(f"{path}: 'sources' has {sources.shape[0]} entries but 'images' has {n}")
+    values = sources[()].astype(np.int64)
+    if values.min() < 0:
+        raise DataError(f"{path}: 'sources' contains {int(values.min())} (at index {int(values.argmin())}), "
+                        "expected source ids >= 0")
+    return values
+
+
 def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
                   scale: float | None = None, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> Path:
+                  std: Sequence[float] | None = None, sources: np.ndarray | None = None) -> Path:
     """Write a calibration file atomically (temporary file in the same folder, then rename).
 
     ``images`` (N, C, H, W) is uint8 (``scale`` defaults to 1/255; ``mean``/``std`` per channel) or
-    float (stored as float32, model-ready, no normalisation attributes). Returns the path.
+    float (stored as float32, model-ready, no normalisation attributes); ``sources`` (N,) optional
+    integer source ids >= 0. Returns the path.
     """
     path = Path(path)
     images = np.asarray(images)
@@ -331,6 +357,12 @@ def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
             raise DataError(f"{path}: 'labels' has shape {labels.shape} dtype {labels.dtype}, "
                             f"expected ({n},) non-negative integers")
         labels = labels.astype(np.int64)
+    if sources is not None:
+        sources = np.asarray(sources)
+        if sources.shape != (n,) or not np.issubdtype(sources.dtype, np.integer) or (n and sources.min() < 0):
+            raise DataError(f"{path}: 'sources' has shape {sources.shape} dtype {sources.dtype}, "
+                            f"expected ({n},) non-negative integers")
+        sources = sources.astype(np.int64)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -344,6 +376,8 @@ def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
                 ds.attrs[name] = value
             if labels is not None:
                 f.create_dataset("labels", data=labels)
+            if sources is not None:
+                f.create_dataset("sources", data=sources)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private; give it the usual mode
