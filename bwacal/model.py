@@ -120,7 +120,7 @@ def check_input_shape(shape) -> tuple[int, int, int] | None:
     return tuple(int(d) for d in dims)
 
 
-def _image_dims(inp: ValueInfo, layout: str, input_shape, data_shape, source: str) -> tuple:
+def image_dims(inp: ValueInfo, layout: str, input_shape, data_shape, source: str) -> tuple:
     """The input's per-image dims in the model's layout, dynamic ones filled from ``input_shape`` (C, H, W)
     or else from ``data_shape`` (a data file's per-image shape, stored in the model's layout)."""
     declared = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape[1:])
@@ -161,7 +161,7 @@ def prepare_graph(graph: Graph, source: str, fold_batchnorm: bool = True, input_
                          "or (batch, H, W, C)")
     if inp.dtype is not None and inp.dtype != np.float32:
         raise ModelError(f"{source}: input '{inp.name}' is {inp.dtype}; expected float32")
-    dims = _image_dims(inp, detect_layout(graph), input_shape, data_shape, source)
+    dims = image_dims(inp, detect_layout(graph), input_shape, data_shape, source)
     if int(np.prod(dims, dtype=np.float64)) > MAX_INPUT_ELEMENTS:
         raise ModelError(f"{source}: input '{inp.name}' has shape {(None,) + dims}; more than {MAX_INPUT_ELEMENTS} "
                          "values per image is not an image classifier bwacal can run")
