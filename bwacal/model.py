@@ -10,7 +10,7 @@ import numpy as np
 from bwacal import passes
 from bwacal.engine import Engine, Tape
 from bwacal.errors import BwacalError, ModelError, UnsupportedOpError
-from bwacal.graph import Graph, ValueInfo, toposort
+from bwacal.graph import Graph, ValueInfo, reads, toposort
 from bwacal.onnx_io import read_model
 
 MAX_INPUT_ELEMENTS = 1 << 24  # C*H*W of one image: 16M values, e.g. 3x2364x2364
@@ -214,8 +214,8 @@ def _check_wiring(graph: Graph, source: str) -> None:
     """Every value a node reads, and the output, must come from the input, an initializer or a node."""
     available = set(graph.initializers) | {v.name for v in graph.inputs}
     produced = {out for node in graph.nodes for out in node.outputs if out}
-    missing = [(node.name, name) for node in graph.nodes for name in node.inputs
-               if name and name not in available and name not in produced]
+    missing = [(node.name, name) for node in graph.nodes for name in reads(node)
+               if name not in available and name not in produced]
     if missing:
         listed = "; ".join(f"node '{node}' reads '{name}'" for node, name in missing[:5])
         raise ModelError(f"{source}: {len(missing)} value(s) are read but never produced ({listed})")

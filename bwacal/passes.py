@@ -9,32 +9,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from bwacal.graph import Graph, Node, ValueInfo
+from bwacal.graph import Graph, Node, ValueInfo, reads
 from bwacal.ops import Unsupported, make_op
 
 # ops whose output depends only on their input's shape, never on its values
 _SHAPE_SOURCES = {"Shape", "Size"}
-
-
-def reads(node: Node) -> list[str]:
-    """Every value ``node`` reads: its inputs and the enclosing-graph names its subgraphs (If branches) use."""
-    names = [n for n in node.inputs if n]
-    for value in node.attrs.values():
-        for sub in (value if isinstance(value, list) else [value]):
-            if isinstance(sub, Graph):
-                names += sorted(outer_names(sub))
-    return names
-
-
-def outer_names(graph: Graph) -> set:
-    """Names a subgraph reads but does not define: they come from the graph that encloses it."""
-    defined = set(graph.initializers) | {v.name for v in graph.inputs}
-    outer = set()
-    for node in graph.nodes:
-        outer.update(n for n in reads(node) if n not in defined)
-        defined.update(node.outputs)
-    outer.update(v.name for v in graph.outputs if v.name not in defined)
-    return outer
 
 
 def runnable(graph: Graph, nodes: list[Node]) -> list[Node]:
@@ -191,8 +170,9 @@ def inline_constant_ifs(graph: Graph) -> Graph:
                 taken[node.name] = branch
     if not taken:
         return graph
-    used = {name for node in graph.nodes for name in node.outputs + node.inputs} | set(graph.initializers) \
-        | {v.name for v in graph.inputs} | {n.name for n in graph.nodes}
+    used_values = {name for node in graph.nodes for name in node.outputs + node.inputs} | set(graph.initializers) \
+        | {v.name for v in graph.inputs}
+    used_nodes = {n.name for n in graph.nodes}
     inits = dict(graph.initializers)
     nodes = []
     for node in graph.nodes:
@@ -202,7 +182,7 @@ def inline_constant_ifs(graph: Graph) -> Graph:
             continue
         rename = {}
 
-        def fresh(name):
+        def fresh(name, used=used_values):
             candidate, k = f"{node.name}/{name}", 1
             while candidate in used:
                 candidate, k = f"{node.name}/{name}.{k}", k + 1
@@ -220,12 +200,12 @@ def inline_constant_ifs(graph: Graph) -> Graph:
             if name not in rename:
                 rename[name] = fresh(name)
         for n in branch.nodes:
-            nodes.append(Node(n.op_type, fresh(n.name), [rename.get(i, i) for i in n.inputs],
+            nodes.append(Node(n.op_type, fresh(n.name, used_nodes), [rename.get(i, i) for i in n.inputs],
                               [rename.get(o, o) for o in n.outputs], _rename_attrs(n.attrs, rename)))
         for k, out in enumerate(branch.outputs):
             # an output read from outside the branch, or a branch constant, or one value given twice
             if node.outputs[k] and rename.get(out.name, out.name) != node.outputs[k]:
-                nodes.append(Node("Identity", fresh(f"output{k}"), [rename.get(out.name, out.name)],
+                nodes.append(Node("Identity", fresh(f"output{k}", used_nodes), [rename.get(out.name, out.name)],
                                   [node.outputs[k]]))
     return replace(graph, nodes=nodes, initializers=inits)
 
