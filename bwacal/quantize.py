@@ -146,7 +146,7 @@ class QuantizedNetwork:
 
     def forward(self, x, params=None):
         values, _ = self.engine.run({self.model.input_name: x}, params=params or self.params())
-        return values[self.model.output_name]
+        return self.model.logits(values)
 
 
 def quantize_network(model: Model, layers: list[QuantLayer], weight_method: str = "mse",

@@ -107,3 +107,20 @@ def test_batch_takes_input_shape_from_the_option_and_the_manifest(files, tmp_pat
     manifest.write_text(f'[[model]]\npath = "zoo/dyn.onnx"\ncalib = "{files["data"]}"\ninput_shape = "big"\n')
     bad = run("batch", manifest, "--bits", "4", "-o", tmp_path / "out3")
     assert bad.exit_code == 2 and "--input-shape must be CxHxW" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_calibrate_a_model_with_nk11_logits_writes_it_with_its_own_output(tmp_path):
+    """SqueezeNet's head: calibration works on the squeezed logits, the written model keeps (N, K, 1, 1)."""
+    from tests.test_loading import head_model
+
+    path = tmp_path / "nk11.onnx"
+    onnx.save(head_model("NK11"), path)
+    x = np.random.default_rng(5).standard_normal((24, 3, 6, 6)).astype(np.float32)
+    data = write_dataset(tmp_path / "d.h5", x, bwacal.load_model(path).forward(x).argmax(1))
+    out = tmp_path / "q.onnx"
+    result = run("calibrate", path, "--calib", data, "--bits", 4, "--epochs", 1, "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    written = onnx.load(str(out))
+    assert [d.dim_value for d in written.graph.output[0].type.tensor_type.shape.dim][1:] == [5, 1, 1]
+    evaluated = run("evaluate", out, "--data", data, "--runtime", "onnxruntime", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
