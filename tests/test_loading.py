@@ -416,3 +416,41 @@ def test_linear_layers_on_tokens_are_quantized_and_attention_and_transa_are_not(
     skipped = {r["layer"]: r["reason"] for r in info["skipped"]}
     assert skipped == {"scores": "MatMul of two activations", "attend": "MatMul of two activations",
                        "head": "Gemm with transA"}
+
+
+# ---- If branches as read from untrusted files --------------------------------------------------
+
+
+def test_if_branches_are_read_as_graphs_and_written_back():
+    from bwacal.graph import Graph
+    from bwacal.onnx_io import graph_to_proto, read_model
+
+    model = if_model(False)
+    graph = read_model(model)
+    node = next(n for n in graph.nodes if n.op_type == "If")
+    assert isinstance(node.attrs["then_branch"], Graph) and "e_bias" in node.attrs["else_branch"].initializers
+    written = graph_to_proto(graph)
+    onnx.checker.check_model(written)
+    x = np.random.default_rng(6).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(written, x), ort_run(model, x), rtol=1e-6)
+
+
+def test_a_branch_tensor_that_lies_about_its_size_and_too_deep_nesting_are_refused():
+    model = if_model(True)
+    branch = next(n for n in model.graph.node if n.op_type == "If").attribute
+    else_graph = next(a for a in branch if a.name == "else_branch").g
+    else_graph.initializer[0].raw_data = else_graph.initializer[0].raw_data[:-4]
+    with pytest.raises(ModelError, match="'e_bias' declares 16 bytes but holds 12"):
+        bwacal.load_model(model)
+
+    inner = helper.make_graph([helper.make_node("Identity", ["x"], ["y0"])], "b0", [],
+                              [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)])
+    for depth in range(1, 18):
+        inner = helper.make_graph([helper.make_node("If", ["c"], [f"y{depth}"], then_branch=inner, else_branch=inner)],
+                                  f"b{depth}", [], [helper.make_tensor_value_info(f"y{depth}", TensorProto.FLOAT, None)])
+    deep = helper.make_model(helper.make_graph(
+        inner.node, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y17", TensorProto.FLOAT, None)], [const("c", True, np.bool_)]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match="nest more than 16 levels"):
+        bwacal.load_model(deep)
