@@ -11,10 +11,11 @@ from bwacal import passes
 from bwacal.engine import Engine, Tape
 from bwacal.errors import BwacalError, ModelError, UnsupportedOpError
 from bwacal.graph import Graph, ValueInfo, reads, toposort
-from bwacal.onnx_io import read_model
+from bwacal.onnx_io import MAX_SUBGRAPH_DEPTH, read_model
 
 MAX_INPUT_ELEMENTS = 1 << 24  # C*H*W of one image: 16M values, e.g. 3x2364x2364
-MAX_FOLD_ROUNDS = 8  # fold, inline constant Ifs, fold again: each round uncovers the next level of nesting
+# fold, inline constant Ifs, fold again: each round brings up the next level of nested Ifs
+MAX_FOLD_ROUNDS = MAX_SUBGRAPH_DEPTH + 1
 LAYOUTS = ("nchw", "nhwc")
 # ops a channels-last input may pass through (preprocessing) before its Transpose to NCHW
 _PREPROCESSING = {"Cast", "Identity", "Add", "Sub", "Mul", "Div", "Clip"}

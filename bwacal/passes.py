@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from bwacal.engine import Engine
 from bwacal.graph import Graph, Node, ValueInfo, reads
 from bwacal.ops import Unsupported, make_op
 
@@ -61,8 +62,6 @@ def _needed_by_others(graph: Graph, names: set) -> set:
 
 def evaluate_values(graph: Graph, wanted: set, feeds: dict) -> dict:
     """Run the ancestors of ``wanted`` on the engine; returns the wanted values it could compute."""
-    from bwacal.engine import Engine  # the engine imports the op registry; passes stay importable without it
-
     needed, order = set(wanted), []
     for node in reversed(graph.nodes):
         if set(node.outputs) & needed:
@@ -97,10 +96,11 @@ def _replace_by_initializers(graph: Graph, values: dict) -> Graph:
     if not values:
         return graph
     values = dict(values)
+    read = {v.name for v in graph.outputs} | {n for node in graph.nodes for n in reads(node)}
     nodes = []
     for node in graph.nodes:
         outs = [o for o in node.outputs if o]
-        if outs and all(o in values for o in outs):
+        if outs and all(o in values or o not in read for o in outs):
             continue
         nodes.append(node)
         for o in outs:  # a node with one output left to compute keeps all of them

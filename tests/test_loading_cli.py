@@ -124,3 +124,21 @@ def test_calibrate_a_model_with_nk11_logits_writes_it_with_its_own_output(tmp_pa
     assert [d.dim_value for d in written.graph.output[0].type.tensor_type.shape.dim][1:] == [5, 1, 1]
     evaluated = run("evaluate", out, "--data", data, "--runtime", "onnxruntime", "--json")
     assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_inspect_lists_the_quantized_layers_and_why_the_others_are_not(tmp_path):
+    from tests.test_loading import attention_model
+
+    path = tmp_path / "vit.onnx"
+    onnx.save(attention_model(), path)
+    result = run("inspect", path, "--bits", 4)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "quantized layers: 4, after BatchNorm folding; weight bits per protocol at --bits 4:" in lines
+    row = next(line.split() for line in lines if line.split()[:2] == ["q_proj", "MatMul"])
+    assert row == ["q_proj", "MatMul", "8x8", "1", "64", "4", "4"]
+    assert "not quantized: 3" in lines
+    reasons = {line.split()[0]: " ".join(line.split()[2:]) for line in lines[lines.index("not quantized: 3") + 2:]
+               if line.startswith("  ") and len(line.split()) > 2}
+    assert reasons["scores"] == reasons["attend"] == "MatMul of two activations"
+    assert reasons["head"] == "Gemm with transA"
