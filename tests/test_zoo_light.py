@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 
 import bwacal
-from tests.zoo_light import NAMES, materialize
+from bwacal.ops import REGISTRY
+from tests.zoo_light import LIGHT, NAMES, materialize
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -24,3 +25,16 @@ def test_zoo_graph_loads_and_matches_onnxruntime(name):
     got = loaded.forward(x)
     assert np.isfinite(want).all() and want.std() > 0
     assert float(np.abs(got - want).max() / np.abs(want).max()) < 1e-4
+
+
+@pytest.mark.skipif("ConstantOfShape" not in REGISTRY, reason="needs ConstantOfShape (issue 15, another branch): temporary")
+@pytest.mark.parametrize("name", ["squeezenet", "densenet121"])
+def test_the_files_as_shipped_load_with_their_constantofshape_weights_folded(name):
+    """No Reshape at batch 1 in these two: the shipped file itself loads, every weight folded at load."""
+    path = LIGHT / f"light_{name}.onnx"
+    loaded = bwacal.load_model(path)
+    assert "ConstantOfShape" not in [n.op_type for n in loaded.graph.nodes]
+    x = np.random.default_rng(2).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = session.run(None, {session.get_inputs()[0].name: x})[0].reshape(1, -1)
+    assert float(np.abs(loaded.forward(x) - want).max() / np.abs(want).max()) < 1e-4
