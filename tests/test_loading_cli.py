@@ -75,6 +75,8 @@ def test_calibrate_with_and_without_input_shape(files, tmp_path, shape):
     assert written.input_shape == (3, 8, 8)
     report = json.loads(rep.read_text())
     assert report["options"]["input_shape"] == ([3, 8, 8] if shape else None)
+    plotted = run("plot", rep, "-o", tmp_path / "q.png")  # loads the model at the size it was calibrated at
+    assert plotted.exit_code == 0, plotted.output
 
 
 def test_calibrate_with_a_bad_input_shape(files, tmp_path):
