@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 
 from bwacal.engine import Engine
+from bwacal.errors import UnsupportedOpError
 from bwacal.graph import Graph, Node, ValueInfo, reads
 from bwacal.ops import Unsupported, make_op
 
@@ -17,11 +18,12 @@ from bwacal.ops import Unsupported, make_op
 _SHAPE_SOURCES = {"Shape", "Size"}
 
 
-def runnable(graph: Graph, nodes: list[Node]) -> list[Node]:
-    """The nodes of ``nodes`` the engine can instantiate and whose inputs do not come from one it cannot."""
+def runnable(graph: Graph, nodes: list[Node], exclude=frozenset()) -> list[Node]:
+    """The nodes of ``nodes`` the engine can instantiate (and not named in ``exclude``) whose inputs do
+    not come from one it cannot."""
     blocked, keep = set(), []
     for node in nodes:
-        if any(n in blocked for n in reads(node)):
+        if node.name in exclude or any(n in blocked for n in reads(node)):
             blocked.update(node.outputs)
             continue
         try:
@@ -67,14 +69,21 @@ def evaluate_values(graph: Graph, wanted: set, feeds: dict) -> dict:
         if set(node.outputs) & needed:
             order.append(node)
             needed.update(reads(node))
-    nodes = runnable(graph, order[::-1])
-    produced = {out for node in nodes for out in node.outputs}
-    targets = sorted(n for n in wanted if n in produced)
-    if not targets:
-        return {}
-    sub = replace(graph, nodes=nodes, outputs=[ValueInfo(n, None, None) for n in targets])
-    values, _ = Engine(sub).run(feeds, outputs=targets)
-    return values
+    excluded = set()
+    while True:
+        nodes = runnable(graph, order[::-1], excluded)
+        produced = {out for node in nodes for out in node.outputs}
+        targets = sorted(n for n in wanted if n in produced)
+        if not targets:
+            return {}
+        sub = replace(graph, nodes=nodes, outputs=[ValueInfo(n, None, None) for n in targets])
+        try:
+            engine = Engine(sub)
+        except UnsupportedOpError as exc:  # an op refusing its input shapes (``check``): run without it
+            excluded.update(name for _, name, _ in exc.problems)
+            continue
+        values, _ = engine.run(feeds, outputs=targets)
+        return values
 
 
 def fold_constants(graph: Graph) -> Graph:
