@@ -131,7 +131,7 @@ def test_shape_slice_concat_reshape_folds():
               helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1)]
     model = make(nodes, inits, ["N", 3, 6, 6], ["N", 5])
     loaded = bwacal.load_model(model)
-    assert [n.op_type for n in loaded.graph.nodes] == ["Conv", "Reshape", "Gemm"]
+    assert [n.op_type for n in loaded.graph.nodes] == ["Conv", "Relu", "Reshape", "Gemm"]
     assert_matches_ort(model, loaded)
 
 
@@ -157,7 +157,7 @@ def test_constantofshape_concat_slice_pad_folds():
               helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], name="fc", transB=1)]
     model = make(nodes, inits, ["N", 3, 6, 6], ["N", 5])
     loaded = bwacal.load_model(model)
-    assert [n.op_type for n in loaded.graph.nodes] == ["Conv", "Pad", "GlobalAveragePool", "Flatten", "Gemm"]
+    assert [n.op_type for n in loaded.graph.nodes] == ["Conv", "Relu", "Pad", "GlobalAveragePool", "Flatten", "Gemm"]
     assert_matches_ort(model, loaded)
 
 
