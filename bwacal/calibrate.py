@@ -16,6 +16,7 @@ from bwacal.data import open_dataset
 from bwacal.errors import BwacalError
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
 from bwacal.model import Model, load_model
+from bwacal.quant.bwa import bit_scale
 from bwacal.quantize import PROTOCOLS, QuantizedNetwork, collect_activation_samples, quantize_network, select_layers
 
 IN_MEMORY_LIMIT = 512 << 20  # calibration images up to this many bytes are read once and kept
@@ -243,9 +244,9 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         "accuracy": acc,
         "best_epoch": fit.best_epoch,
         "history": fit.history,
-        "layers": [_layer_report(net, layer) for layer in net.layers],
+        "layers": [_layer_report(qw, layer) for qw, layer in zip(net.weights, net.layers)],
         "activations": [{"value": a.value, "bits": a.bits, "signed": a.signed, "step": float(a.step),
-                         "alpha": (net.act_alpha[a.alpha_name].tolist() if a.alpha_name else None)}
+                         "alpha": (a.alpha.tolist() if a.alpha is not None else None)}
                         for a in net.acts],
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
@@ -258,19 +259,17 @@ def _acc_line(what, acc):
     return f"top-1 {what}: " + (", ".join(parts) if parts else "n/a (no labels)")
 
 
-def _layer_report(net: QuantizedNetwork, layer) -> dict:
+def _layer_report(qw, layer) -> dict:
     """Bits, channels, the learned bit weights and how far the levels moved from the uniform grid."""
-    bw = net.bit_weights[layer.weight]
-    wq = net.weights[layer.weight]
-    levels = bw.levels(wq.step).astype(np.float64) / wq.step.astype(np.float64)[:, None]
+    levels = qw.levels().astype(np.float64) / qw.step.astype(np.float64)[:, None]
     gaps = np.diff(np.sort(levels, axis=1), axis=1)
-    rel = bw.alpha / 2.0 ** np.arange(bw.bits)
+    rel = qw.alpha / bit_scale(qw.bits)
     return {
         "layer": layer.node, "op_type": layer.op_type, "weight": layer.weight, "bits": layer.bits,
-        "act_bits": layer.act_bits, "channels": wq.channels,
+        "act_bits": layer.act_bits, "channels": qw.channels,
         "alpha_rel_min": float(rel.min()), "alpha_rel_max": float(rel.max()),
         "level_gap_min": float(gaps.min()) if gaps.size else None,
         "level_gap_max": float(gaps.max()) if gaps.size else None,
-        "alpha": np.round(bw.alpha, 6).tolist(), "gamma": np.round(bw.gamma, 6).tolist(),
-        "step": wq.step.tolist(),
+        "alpha": np.round(qw.alpha, 6).tolist(), "gamma": np.round(qw.gamma, 6).tolist(),
+        "step": qw.step.tolist(),
     }
