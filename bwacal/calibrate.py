@@ -1,4 +1,4 @@
-"""BWA calibration end to end: load, quantize, fit the bit weights, report.
+"""Calibration end to end: load, quantize, fit (bit weights, learned rounding or both), report.
 
 ``calibrate(model_path, calib_path, options)`` returns a ``Calibration`` holding the fitted
 quantized network and the report; ``bwacal.export.write_quantized`` writes it as ONNX.
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from bwacal import __version__
+from bwacal.adaround import AdaRoundOptions, adaround
 from bwacal.data import open_dataset
 from bwacal.errors import BwacalError
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
@@ -20,6 +21,7 @@ from bwacal.quant.bwa import bit_scale
 from bwacal.quantize import PROTOCOLS, QuantizedNetwork, collect_activation_samples, quantize_network, select_layers
 
 IN_MEMORY_LIMIT = 512 << 20  # calibration images up to this many bytes are read once and kept
+METHODS = ("bwa", "adaround", "bwa-codes", "adaround-bwa")
 
 
 @dataclass
@@ -40,6 +42,12 @@ class CalibrationOptions:
     # kl is the default because it measured better with labels present too (README, "Defaults").
     loss: str = "kl"
     seed: int = 0
+    # bwa: the paper's bit weights on round-to-nearest codes; adaround: learned rounding, layer by
+    # layer (uniform levels); bwa-codes: bit weights and the rounding of the codes fitted together end
+    # to end; adaround-bwa: AdaRound's codes, then bit weights end to end on them.
+    method: str = "bwa"
+    adaround_iterations: int = 500  # per layer (AIMET's default is 10,000: see benchmarks/RESULTS.md)
+    adaround_images: int = 256  # calibration images (of the fitting split) AdaRound reconstructs on
 
     def validate(self):
         """Raise ``BwacalError`` naming the first bad option."""
@@ -65,6 +73,12 @@ class CalibrationOptions:
             raise BwacalError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.loss not in ("ce", "kl", "both"):
             raise BwacalError(f"--loss must be kl, ce or both, got {self.loss!r}")
+        if self.method not in METHODS:
+            raise BwacalError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.adaround_iterations < 1:
+            raise BwacalError(f"--adaround-iterations must be at least 1, got {self.adaround_iterations}")
+        if self.adaround_images < 1:
+            raise BwacalError(f"--adaround-images must be at least 1, got {self.adaround_images}")
 
 
 @dataclass
@@ -182,6 +196,8 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
             yield x, y, (teacher[name][p] if teacher else None)
 
     start = options.weight_method
+    if start == "auto" and options.method == "adaround":
+        start = "mse"  # AdaRound's grid: per-channel steps minimising the weight error
     if start == "auto":
         # the uniform grid with the lower loss (held-out split, else the fitting split) is the start:
         # per-channel weight MSE is not the task loss, and at 2-3 bits it can clip far too hard
@@ -216,13 +232,28 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
             return _Sized(batches_of(train, "train", order), -(-len(train) // bs))
 
         fit_started = time.perf_counter()
+        rounding = None
+        if options.method in ("adaround", "adaround-bwa"):
+            limit = min(len(train), options.adaround_images)
+            images = np.concatenate([x for x, _, _ in train.batches(bs, np.arange(limit))])
+            say(f"AdaRound: {len(net.weights)} layers, {options.adaround_iterations} iterations each, "
+                f"{len(images)} images")
+            rounding = adaround(net, images, AdaRoundOptions(iterations=options.adaround_iterations,
+                                                             seed=options.seed))
+        if options.method == "adaround":
+            for qw in net.weights:
+                qw.train_bit_weights = False  # AdaRound's levels stay uniform
+            fit_opts.epochs = 0
+        if options.method == "bwa-codes":
+            for qw in net.weights:
+                qw.start_rounding(model.graph.initializers[qw.name])
         if len(held) == 0:
             say("no held-out split (--holdout 0): the last epoch is kept")
         fit = fit_bit_weights(net, train_batches, lambda: batches_of(held, "held"), fit_opts, progress,
                               keep_best=len(held) > 0)
         fit_seconds = time.perf_counter() - fit_started
         params = net.params()
-        acc["bwa"] = accuracy(lambda x: net.forward(x, params))
+        acc[options.method] = accuracy(lambda x: net.forward(x, params))
         say(_acc_line(f"after fitting (best epoch {fit.best_epoch})", acc))
     finally:
         if eval_data is not None:
@@ -240,6 +271,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         "eval_images": len(evaluation),
         "options": asdict(options),
         "loss": loss_mode,
+        "method": options.method,
         "start": start,
         "accuracy": acc,
         "best_epoch": fit.best_epoch,
@@ -248,6 +280,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         "activations": [{"value": a.value, "bits": a.bits, "signed": a.signed, "step": float(a.step),
                          "alpha": (a.alpha.tolist() if a.alpha is not None else None)}
                         for a in net.acts],
+        "adaround": rounding,
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
     }

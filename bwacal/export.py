@@ -106,6 +106,7 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
         "bwacal_act_bits": str(opts.get("act_bits") or "none"),
         "bwacal_act_bwa": str(bool(opts.get("act_bwa"))).lower(),
         "bwacal_protocol": str(opts.get("protocol")),
+        **({"bwacal_method": opts["method"]} if opts.get("method", "bwa") != "bwa" else {}),
         "bwacal_calib_sha256": report.get("calib_sha256", ""),
         "bwacal_accuracy": json.dumps(report.get("accuracy", {})),
         "bwacal_layers": json.dumps([{k: r[k] for k in ("layer", "weight", "bits", "channels", "alpha", "gamma")}

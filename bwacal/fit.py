@@ -56,13 +56,15 @@ class Adam:
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
 
-    def step(self, params: dict, grads: dict, lr: float):
+    def step(self, params: dict, grads: dict, lr: float, lr_of=None):
+        """One update; ``lr_of(key)``, if given, is the rate of that key (default ``lr``)."""
         self.t += 1
         c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
         for k, g in grads.items():
             self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
             self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
-            params[k] -= lr * (self.m[k] / c1) / (np.sqrt(self.v[k] / c2) + self.eps)
+            rate = lr if lr_of is None else lr_of(k)
+            params[k] -= rate * (self.m[k] / c1) / (np.sqrt(self.v[k] / c2) + self.eps)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class FitOptions:
     loss: str = "kl"  # kl | ce | both
     seed: int = 0
     rounding_lambda: float = 0.01  # weight of the rounding regulariser (mean per tensor) on learned codes
+    rounding_lr: float = 0.05  # Adam's rate on the rounding variables (end to end has few steps)
     rounding_warmup: float = 0.2  # fraction of the steps before the regulariser starts
 
 
@@ -135,7 +138,8 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
     wrt = [qw.name for qw in net.weights if qw.parameters()] + [aq.alpha_name for aq in net.acts if aq.alpha is not None]
     steps_per_epoch = None
     history = []
-    loss0, top0 = evaluate_loss(net, net.params(), heldout_batches(), options.loss)
+    # held out: learned codes as they would harden, the network the fit would hand back
+    loss0, top0 = evaluate_loss(net, net.params(hard=True), heldout_batches(), options.loss)
     history.append({"epoch": 0, "train_loss": None, "heldout_loss": loss0, "heldout_top1": top0})
     best_loss, best_epoch = loss0, 0
     if progress:
@@ -168,14 +172,16 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
                     _, dv = rounding_regularizer(qw.rounding.v, beta)
                     scale = options.rounding_lambda / qw.rounding.v.size
                     gtheta[f"{qw.name}.v"] = gtheta.get(f"{qw.name}.v", 0.0) + scale * dv
-            lr = options.lr * 0.5 * (1 + np.cos(np.pi * step_no / max(total_steps, 1)))
-            adam.step(theta, gtheta, lr)
+            decay = 0.5 * (1 + np.cos(np.pi * step_no / max(total_steps, 1)))
+            lr = options.lr * decay
+            adam.step(theta, gtheta, lr,
+                      (lambda k: options.rounding_lr * decay if k.endswith(".v") else lr) if rounding else None)
             step_no += 1
             losses.append(loss)
             if progress:
                 progress(epoch, i + 1, steps_per_epoch, loss, None, False)
         _set_parameters(owners, theta)
-        hl, ht = evaluate_loss(net, net.params(), heldout_batches(), options.loss)
+        hl, ht = evaluate_loss(net, net.params(hard=True), heldout_batches(), options.loss)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "heldout_loss": hl, "heldout_top1": ht})
         if progress:
             progress(epoch, steps_per_epoch, steps_per_epoch, hl, ht, True)

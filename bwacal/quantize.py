@@ -78,9 +78,10 @@ class QuantizedNetwork:
     graph: Graph | None = None
     engine: Engine | None = None
 
-    def params(self) -> dict:
-        """Initializer overrides for one forward: composed weights (+ activation bit weights)."""
-        out = {qw.name: qw.compose() for qw in self.weights}
+    def params(self, hard: bool = False) -> dict:
+        """Initializer overrides for one forward: composed weights (+ activation bit weights); ``hard``:
+        learned codes as they would harden (what the network is once fitting ends)."""
+        out = {qw.name: qw.compose(hard) for qw in self.weights}
         out.update({aq.alpha_name: aq.alpha for aq in self.acts if aq.alpha is not None})
         return out
 

@@ -112,17 +112,21 @@ class QuantizedWeight:
         """float32 (C, 2**bits): the value each code takes under the current bit weights."""
         return code_levels(self.alpha, self.gamma, self.step)
 
-    def compose2d(self) -> np.ndarray:
-        """The weights float32 (C, K) under the current bit weights (and soft rounding)."""
+    def compose2d(self, hard: bool = False) -> np.ndarray:
+        """The weights float32 (C, K) under the current bit weights and soft rounding (``hard``: the
+        codes the rounding would harden to)."""
         if self.rounding is None:
             return compose_bitplanes(self.planes, self.alpha, self.gamma, self.step)
+        if hard:
+            planes = decompose_bitplanes(self.rounding.hard_codes(), self.bits)
+            return compose_bitplanes(planes, self.alpha, self.gamma, self.step)
         lo, hi = self._soft_ends()
         h = rectified_sigmoid(self.rounding.v)
         return (lo + h * (hi - lo)).astype(np.float32)
 
-    def compose(self) -> np.ndarray:
-        """The weights in the original tensor's shape, float32."""
-        return self.restore(self.compose2d())
+    def compose(self, hard: bool = False) -> np.ndarray:
+        """The weights in the original tensor's shape, float32 (``hard``: see ``compose2d``)."""
+        return self.restore(self.compose2d(hard))
 
     def _soft_ends(self) -> tuple[np.ndarray, np.ndarray]:
         """float64 (C, K): the values of the lower and the upper code of every weight."""
