@@ -239,7 +239,10 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
             say(f"AdaRound: {len(net.weights)} layers, {options.adaround_iterations} iterations each, "
                 f"{len(images)} images")
             rounding = adaround(net, images, AdaRoundOptions(iterations=options.adaround_iterations,
-                                                             seed=options.seed))
+                                                             seed=options.seed),
+                                lambda i, n, s: say(f"AdaRound {i + 1}/{n} {s['node']}: reconstruction "
+                                                    f"{s['loss_nearest']:.4g} -> {s['loss']:.4g}, "
+                                                    f"{s['codes_moved']} codes moved, {s['seconds']:.1f} s"))
         if options.method == "adaround":
             for qw in net.weights:
                 qw.train_bit_weights = False  # AdaRound's levels stay uniform

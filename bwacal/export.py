@@ -97,7 +97,8 @@ def _act_quant_nodes(net, node, inits) -> list[Node]:
 
 
 def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
-    """The ``bwacal_*`` metadata_props every written model carries."""
+    """The ``bwacal_*`` metadata_props every written model carries (``bwacal_method`` only for methods
+    other than ``bwa``, so a BWA file is byte for byte what it was before methods existed)."""
     opts = report.get("options", {})
     return {
         "bwacal_version": __version__,
