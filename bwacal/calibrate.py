@@ -196,8 +196,6 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
             yield x, y, (teacher[name][p] if teacher else None)
 
     start = options.weight_method
-    if start == "auto" and options.method == "adaround":
-        start = "mse"  # AdaRound's grid: per-channel steps minimising the weight error
     if start == "auto":
         # the uniform grid with the lower loss (held-out split, else the fitting split) is the start:
         # per-channel weight MSE is not the task loss, and at 2-3 bits it can clip far too hard
