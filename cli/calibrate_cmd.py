@@ -62,7 +62,7 @@ def calibrate_cmd(
     weight_method: Annotated[str, typer.Option("--weight-method", help="The uniform grid BWA starts from: mse (per-channel step minimising weight error), minmax, or auto (whichever gives the lower held-out loss).")] = "auto",
     act_method: Annotated[str, typer.Option("--act-method", help="Activation step calibration: mse or percentile.")] = "mse",
     method: Annotated[str, typer.Option("--method", help="bwa: bit weights on round-to-nearest codes (the paper); adaround: learned rounding layer by layer, uniform levels; bwa-codes: bit weights and the codes' rounding fitted together end to end; adaround-bwa: AdaRound's codes, then bit weights end to end.")] = "bwa",
-    adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", help="AdaRound iterations per layer (adaround, adaround-bwa).")] = 500,
+    adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", help="AdaRound iterations per layer (adaround, adaround-bwa).")] = 1000,
     adaround_images: Annotated[int, typer.Option("--adaround-images", help="Calibration images AdaRound reconstructs each layer's output on.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split and shuffling; same seed, same output bytes.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,

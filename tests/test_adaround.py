@@ -171,3 +171,19 @@ def test_adaround_lowers_the_reconstruction_error_of_a_zoo_layer():
     assert stats[0]["loss"] == pytest.approx(after, rel=1e-6)
     assert after < 0.8 * nearest
     assert net.weights[0].rounding is None and stats[0]["codes_moved"] > 0
+
+
+def test_straight_through_codes_forward_the_hard_choice():
+    rng = np.random.default_rng(9)
+    w = rng.normal(size=(4, 20)).astype(np.float32)
+    soft = _soft_weight(w, 3, 9)
+    ste = _soft_weight(w, 3, 9)
+    ste.rounding.straight_through = True
+    np.testing.assert_array_equal(ste.compose(), soft.compose(hard=True))
+    g = rng.normal(size=w.shape).astype(np.float32)
+    g_ste, g_soft = ste.gradients(g), soft.gradients(g)
+    np.testing.assert_array_equal(g_ste["v"], g_soft["v"])  # the relaxation's gradient
+    fixed = quantize_weights(w, 3)
+    fixed.codes, fixed.alpha, fixed.gamma = ste.rounding.hard_codes(), ste.alpha, ste.gamma
+    for key, value in fixed.gradients(g).items():
+        np.testing.assert_allclose(g_ste[key], value, rtol=1e-12)

@@ -35,6 +35,9 @@ class SoftRounding:
     lower: np.ndarray
     upper: np.ndarray
     v: np.ndarray
+    # the forward takes the hard codes (the network the fit hands back); the gradient of v is the
+    # relaxation's, at the current h (a straight-through estimate)
+    straight_through: bool = False
 
     def __post_init__(self):
         self.bits_lower = self.bits_upper = None  # bit planes, made on first use
@@ -117,7 +120,7 @@ class QuantizedWeight:
         codes the rounding would harden to)."""
         if self.rounding is None:
             return compose_bitplanes(self.planes, self.alpha, self.gamma, self.step)
-        if hard:
+        if hard or self.rounding.straight_through:
             planes = decompose_bitplanes(self.rounding.hard_codes(), self.bits)
             return compose_bitplanes(planes, self.alpha, self.gamma, self.step)
         lo, hi = self._soft_ends()
@@ -165,7 +168,11 @@ class QuantizedWeight:
             return out
         v = self.rounding.v
         h = rectified_sigmoid(v)
-        if self.train_bit_weights:
+        if self.train_bit_weights and self.rounding.straight_through:
+            planes = decompose_bitplanes(self.rounding.hard_codes(), self.bits)
+            da, dg = bit_weight_grads(planes, g2d, self.step)
+            out["alpha"], out["gamma"] = da * bit_scale(self.bits), dg * 2.0 ** (self.bits - 1)
+        elif self.train_bit_weights:
             # W = L(lower) + h (L(upper) - L(lower)): each end's planes weigh dL/dW by (1 - h) and h
             g64 = g2d.astype(np.float64)
             p_lo, p_hi = self.rounding.planes(self.bits)
@@ -177,14 +184,15 @@ class QuantizedWeight:
         out["v"] = g2d * (hi - lo) * rectified_sigmoid_grad(v)
         return out
 
-    def start_rounding(self, w):
-        """Learn the rounding from here: ``h(v)`` starts at the fractional part of ``W / step``."""
+    def start_rounding(self, w, straight_through: bool = False):
+        """Learn the rounding from here: ``h(v)`` starts at the fractional part of ``W / step``
+        (``straight_through``: see ``SoftRounding``)."""
         qmin, qmax = qrange(self.bits, signed=True)
         t = channels_first(w, self.axis).astype(np.float64) / self.step.astype(np.float64)[:, None]
         floor = np.floor(t)
         lower = (np.clip(floor, qmin, qmax) + self.offset).astype(np.uint8)
         upper = (np.clip(floor + 1, qmin, qmax) + self.offset).astype(np.uint8)
-        self.rounding = SoftRounding(lower, upper, initial_v(t - floor))
+        self.rounding = SoftRounding(lower, upper, initial_v(t - floor), straight_through)
 
     def harden(self):
         """End the learned rounding: every weight takes the code its ``h(v)`` is nearer to."""
