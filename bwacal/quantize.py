@@ -110,6 +110,7 @@ def _weight_axis(graph: Graph, node) -> tuple[int | None, str | None]:
     return 1, None
 
 
+@dataclass
 class QuantizedNetwork:
     """A model whose selected weights are ``QuantizedWeight``s (one per layer, in layer order) and
     whose quantized layers read their inputs through ``ActivationQuantizer``s (``acts``)."""
