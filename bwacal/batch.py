@@ -36,7 +36,7 @@ SUMMARY_COLUMNS = ("model", "width", "act_bits", "method", "fp", "uniform", "bwa
 
 # manifest keys that go straight into CalibrationOptions, with the types TOML must give them
 _OPTION_TYPES = {"act_bits": int, "act_bwa": bool, "protocol": str, "epochs": int, "batch_size": int,
-                 "lr": (int, float), "holdout": (int, float), "loss": str, "seed": int, "weight_method": str,
+                 "lr": (int, float), "holdout": (int, float), "split": str, "micro_batch": int, "loss": str, "seed": int, "weight_method": str,
                  "act_method": str, "method": str, "adaround_iterations": int, "adaround_images": int,
                  "input_shape": (list, str)}
 _MODEL_KEYS = {"path", "name", "calib", "eval", "bits", "all_layers", "format"} | set(_OPTION_TYPES)

@@ -18,10 +18,14 @@ from bwacal.errors import BwacalError
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
 from bwacal.model import Model, check_input_shape, load_model
 from bwacal.quant.bwa import bit_scale
+from bwacal.quant.output_steps import output_aware_steps
 from bwacal.quantize import PROTOCOLS, QuantizedNetwork, collect_activation_samples, quantize_network, select_layers
+from bwacal.split import SPLIT_MODES, divergence_note, holdout_split
 
 IN_MEMORY_LIMIT = 512 << 20  # calibration images up to this many bytes are read once and kept
 METHODS = ("bwa", "adaround", "bwa-codes", "adaround-bwa")
+WEIGHT_METHODS = ("auto", "mse", "minmax", "output")
+OUTPUT_STEP_IMAGES = 256  # fitting-split images whose activations the output-aware steps see
 
 
 @dataclass
@@ -32,12 +36,20 @@ class CalibrationOptions:
     act_bits: int | None = None
     act_bwa: bool = False
     protocol: str = "first-last-8bit"
-    weight_method: str = "auto"  # auto | mse | minmax: the uniform grid BWA starts from
+    # auto | mse | minmax | output: the uniform grid fitting starts from (output: each channel's step
+    # minimises the layer's output error on calibration activations; auto: the lowest held-out loss)
+    weight_method: str = "auto"
     act_method: str = "mse"
     epochs: int = 5
     batch_size: int = 64
+    # images per recorded forward of a fitting step (gradients summed over the batch's micro-batches);
+    # None: the largest that keeps the recording for backward under 1 GiB (bwacal/memory.py)
+    micro_batch: int | None = None
     lr: float = 1e-3
     holdout: float = 0.2
+    # auto | random | source | blocks: how the held-out part is drawn (bwacal/split.py); auto keeps
+    # whole sources on one side when the file names its images' sources, else draws at random
+    split: str = "auto"
     # kl: distil the FP model's softmax (needs no labels); ce: cross-entropy with the labels; both.
     # kl is the default because it measured better with labels present too (README, "Defaults").
     loss: str = "kl"
@@ -66,14 +78,18 @@ class CalibrationOptions:
             raise BwacalError("--act-bwa needs --act-bits")
         if self.protocol not in PROTOCOLS:
             raise BwacalError(f"unknown protocol {self.protocol!r}")
-        if self.weight_method not in ("auto", "mse", "minmax"):
-            raise BwacalError(f"--weight-method must be 'auto', 'mse' or 'minmax', got {self.weight_method!r}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise BwacalError(f"--weight-method must be one of {', '.join(WEIGHT_METHODS)}, got {self.weight_method!r}")
+        if self.split not in SPLIT_MODES:
+            raise BwacalError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {self.split!r}")
         if self.act_method not in ("mse", "percentile"):
             raise BwacalError(f"--act-method must be 'mse' or 'percentile', got {self.act_method!r}")
         if self.epochs < 0:
             raise BwacalError(f"--epochs must be 0 or more, got {self.epochs}")
         if self.batch_size < 1:
             raise BwacalError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise BwacalError(f"--micro-batch must be at least 1, got {self.micro_batch}")
         if not self.lr > 0:
             raise BwacalError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.holdout < 1:
@@ -175,10 +191,11 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
     loss_mode = options.loss
     if loss_mode in ("ce", "both") and not data.has_labels:
         raise BwacalError(f"{data.path}: --loss {loss_mode} needs 'labels', which the file does not have")
-    rng = np.random.default_rng(options.seed)
-    perm = rng.permutation(data.n)
-    n_hold = int(round(data.n * options.holdout)) if data.n > 1 else 0
-    held_idx, train_idx = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    try:
+        train_idx, held_idx = holdout_split(data.n, options.holdout if data.n > 1 else 0.0, options.seed,
+                                            data.sources, options.split)
+    except ValueError as exc:
+        raise BwacalError(f"{data.path}: {exc}") from None
     in_memory = data.n * int(np.prod(model.input_shape)) * 4 <= IN_MEMORY_LIMIT
     train, held = _Split(data, train_idx, in_memory), _Split(data, held_idx, in_memory)
     bs = options.batch_size
@@ -202,8 +219,17 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         limit = min(len(train), 256)
         samples = collect_activation_samples(model, names, (x for x, _, _ in train.batches(bs, np.arange(limit))),
                                              seed=options.seed)
-    baselines = {method: quantize_network(model, layers, method, samples, options.act_method, options.act_bwa)
-                 for method in ("mse", "minmax")}
+    starts = ("mse", "minmax") + (("output",) if options.weight_method in ("auto", "output") else ())
+    steps = None
+    if "output" in starts:
+        limit = min(len(train), OUTPUT_STEP_IMAGES)
+        images = np.concatenate([x for x, _, _ in train.batches(bs, np.arange(limit))])
+        t0 = time.perf_counter()
+        steps = output_aware_steps(model, layers, images, bs, options.seed)
+        say(f"output-aware steps from {limit} images: {time.perf_counter() - t0:.1f} s")
+    baselines = {method: quantize_network(model, layers, method, samples, options.act_method, options.act_bwa,
+                                          steps=steps)
+                 for method in starts}
 
     def batches_of(split, name, order=None):
         for x, y, p in split.batches(bs, order):
@@ -215,10 +241,10 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         # per-channel weight MSE is not the task loss, and at 2-3 bits it can clip far too hard
         split, name = (held, "held") if len(held) else (train, "train")
         losses = {m: evaluate_loss(baselines[m], baselines[m].params(), batches_of(split, name), loss_mode)[0]
-                  for m in ("mse", "minmax")}
+                  for m in starts}
         start = min(losses, key=losses.get)
-        say(f"start: uniform {start} (loss {losses['mse']:.4f} with MSE steps, {losses['minmax']:.4f} with min-max)")
-    net = quantize_network(model, layers, start, samples, options.act_method, options.act_bwa)
+        say(f"start: uniform {start} (loss " + ", ".join(f"{losses[m]:.4f} with {m} steps" for m in starts) + ")")
+    net = quantize_network(model, layers, start, samples, options.act_method, options.act_bwa, steps=steps)
     minmax, mse = baselines["minmax"], baselines["mse"]
 
     eval_data = None
@@ -232,12 +258,15 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
             return _top1(forward, evaluation, bs) if len(evaluation) else None
 
         acc = {"fp": accuracy(model.forward)}
-        for key, base in (("uniform_minmax", minmax), ("uniform_mse", mse)):
+        uniform = [("uniform_minmax", minmax), ("uniform_mse", mse)]
+        if "output" in baselines:
+            uniform.append(("uniform_output", baselines["output"]))
+        for key, base in uniform:
             params = base.params()  # composed once, not per batch
             acc[key] = accuracy(lambda x, base=base, params=params: base.forward(x, params))
         say(_acc_line("before fitting", acc))
 
-        fit_opts = FitOptions(options.epochs, bs, options.lr, loss_mode, options.seed)
+        fit_opts = FitOptions(options.epochs, bs, options.lr, loss_mode, options.seed, micro_batch=options.micro_batch)
         epoch_rng = np.random.default_rng(options.seed + 1)
 
         def train_batches(epoch):
@@ -271,6 +300,9 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         params = net.params()
         acc[options.method] = accuracy(lambda x: net.forward(x, params))
         say(_acc_line(f"after fitting (best epoch {fit.best_epoch})", acc))
+        divergence = divergence_note(fit.history) if len(held) else None
+        if divergence:
+            say(divergence)
     finally:
         if eval_data is not None:
             eval_data.close()
@@ -297,6 +329,9 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
                          "alpha": (a.alpha.tolist() if a.alpha is not None else None)}
                         for a in net.acts],
         "adaround": rounding,
+        "split": options.split,
+        "micro_batch": fit.micro_batch,
+        "divergence": divergence,
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
     }

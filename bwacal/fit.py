@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bwacal.memory import DEFAULT_BUDGET, chunks, micro_batch_size, recording_cost
 from bwacal.quant.rounding import annealed_beta, rounding_regularizer
 from bwacal.quantize import QuantizedNetwork
 
@@ -77,12 +78,17 @@ class FitOptions:
     rounding_lambda: float = 0.01  # weight of the rounding regulariser (mean per tensor) on learned codes
     rounding_lr: float = 0.05  # Adam's rate on the rounding variables (end to end has few steps)
     rounding_warmup: float = 0.2  # fraction of the steps before the regulariser starts
+    # images per recorded forward; None: the largest micro-batch whose recording for backward fits
+    # ``memory_budget`` bytes (bwacal/memory.py). Gradients are summed over a batch's micro-batches.
+    micro_batch: int | None = None
+    memory_budget: int = DEFAULT_BUDGET
 
 
 @dataclass
 class FitResult:
     best_epoch: int
     history: list = field(default_factory=list)  # per epoch: train_loss, heldout_loss, heldout_top1
+    micro_batch: int | None = None  # images per recorded forward (the batch size when it fitted whole)
 
 
 def _owners(net: QuantizedNetwork) -> list:
@@ -145,6 +151,14 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
     if progress:
         progress(0, 0, 0, loss0, top0, True)
     total_steps, step_no = None, 0
+    micro = options.micro_batch
+    if micro is None and options.epochs:
+        _set_parameters(owners, theta)
+        params = net.params()
+        fixed, per_image = recording_cost(
+            lambda x: net.engine.run({net.model.input_name: x}, params=params, record=True, wrt=wrt)[1],
+            net.model.input_shape)
+        micro = micro_batch_size(options.batch_size, per_image, options.memory_budget, fixed)
     for epoch in range(1, options.epochs + 1):
         batches = train_batches(epoch)
         if steps_per_epoch is None and not hasattr(batches, "__len__"):
@@ -155,10 +169,7 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
         losses = []
         for i, (x, y, t) in enumerate(batches):
             _set_parameters(owners, theta)
-            values, tape = net.engine.run({net.model.input_name: x}, params=net.params(), record=True, wrt=wrt)
-            logits = net.model.logits(values)
-            loss, dlogits = classification_loss(logits, y, t, options.loss)
-            grads = net.engine.backward(tape, net.model.output_seed(dlogits), wrt=wrt)
+            loss, grads = _batch_gradients(net, net.params(), x, y, t, options.loss, wrt, micro)
             gtheta = {}
             for qw in net.weights:
                 if grads.get(qw.name) is not None:
@@ -191,4 +202,25 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
     _set_parameters(owners, best)
     for qw in rounding:
         qw.harden()
-    return FitResult(best_epoch, history)
+    return FitResult(best_epoch, history, micro)
+
+
+def _batch_gradients(net: QuantizedNetwork, params, x, y, t, mode, wrt, micro) -> tuple[float, dict]:
+    """The batch's mean loss and its gradients for ``wrt``, one recorded forward per micro-batch of
+    at most ``micro`` images (each micro-batch's mean-loss gradient weighted by its share of the batch)."""
+    parts = chunks(len(x), micro or len(x))
+    loss, grads = 0.0, {}
+    for part in parts:
+        values, tape = net.engine.run({net.model.input_name: x[part]}, params=params, record=True, wrt=wrt)
+        part_loss, dlogits = classification_loss(net.model.logits(values), None if y is None else y[part],
+                                                 None if t is None else t[part], mode)
+        share = (part.stop - part.start) / len(x)
+        if len(parts) > 1:
+            dlogits = dlogits * np.float32(share)
+        g = net.engine.backward(tape, net.model.output_seed(dlogits), wrt=wrt)
+        del tape  # NOTE: free this micro-batch's recording before the next one is made
+        loss += part_loss * share
+        for name, value in g.items():
+            if value is not None:
+                grads[name] = value if grads.get(name) is None else grads[name] + value
+    return (loss if len(parts) > 1 else part_loss), grads

@@ -135,15 +135,17 @@ class QuantizedNetwork:
 
 
 def quantize_network(model: Model, layers: list[QuantLayer], weight_method: str = "mse",
-                     act_samples: dict | None = None, act_method: str = "mse", act_bwa: bool = False
-                     ) -> QuantizedNetwork:
+                     act_samples: dict | None = None, act_method: str = "mse", act_bwa: bool = False,
+                     steps: dict | None = None) -> QuantizedNetwork:
     """Quantize the selected weights (uniform, round to nearest) and insert activation quantizers.
 
     ``act_samples`` maps each quantized layer's data-input name to a sample of its FP values; it is
-    required when any layer has ``act_bits``.
+    required when any layer has ``act_bits``. ``steps`` (weight name -> per-channel steps) goes with
+    ``weight_method="output"``.
     """
     weights = [quantize_weights(model.graph.initializers[layer.weight], layer.bits, method=weight_method,
-                                axis=layer.axis, node=layer.node, name=layer.weight) for layer in layers]
+                                axis=layer.axis, node=layer.node, name=layer.weight,
+                                step=(steps or {}).get(layer.weight)) for layer in layers]
     net = QuantizedNetwork(model, layers, weights)
     graph = model.graph
     if any(layer.act_bits for layer in layers):

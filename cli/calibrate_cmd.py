@@ -56,10 +56,12 @@ def calibrate_cmd(
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Report accuracies on this HDF5 file instead of the held-out split.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the calibration set.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per fitting step.")] = 64,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Images per recorded forward of a step (gradients are summed over the step's micro-batches); default: the largest whose recording for backward stays under 1 GiB, so 224x224 models fit in memory.")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate on the normalised bit weights (cosine decay).")] = 1e-3,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the calibration set held out to pick the best epoch.")] = 0.2,
+    split: Annotated[str, typer.Option("--split", help="How the held-out part is drawn: random, source (whole sources on one side: needs the file's 'sources'), blocks (contiguous blocks of the file), or auto (source when the file has sources, else random).")] = "auto",
     loss: Annotated[str, typer.Option("--loss", help="kl (distil the full-precision model; no labels needed), ce (cross-entropy with the labels) or both.")] = "kl",
-    weight_method: Annotated[str, typer.Option("--weight-method", help="The uniform grid BWA starts from: mse (per-channel step minimising weight error), minmax, or auto (whichever gives the lower held-out loss).")] = "auto",
+    weight_method: Annotated[str, typer.Option("--weight-method", help="The uniform grid fitting starts from: mse (per-channel step minimising weight error), minmax, output (per-channel step minimising the layer's output error on calibration activations), or auto (whichever of the three gives the lowest held-out loss).")] = "auto",
     act_method: Annotated[str, typer.Option("--act-method", help="Activation step calibration: mse or percentile.")] = "mse",
     method: Annotated[str, typer.Option("--method", help="bwa: bit weights on round-to-nearest codes (the paper); adaround: learned rounding layer by layer, uniform levels; bwa-codes: bit weights and the codes' rounding fitted together end to end; adaround-bwa: AdaRound's codes, then bit weights end to end.")] = "bwa",
     adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", help="AdaRound iterations per layer (adaround, adaround-bwa).")] = 1000,
@@ -83,7 +85,7 @@ def calibrate_cmd(
     opts = CalibrationOptions(bits=bits, act_bits=act_bits, act_bwa=act_bwa,
                               protocol="all-layers" if all_layers else "first-last-8bit",
                               weight_method=weight_method, act_method=act_method, epochs=epochs,
-                              batch_size=batch_size, lr=lr, holdout=holdout, loss=loss, seed=seed, method=method,
+                              batch_size=batch_size, micro_batch=micro_batch, lr=lr, holdout=holdout, split=split, loss=loss, seed=seed, method=method,
                               adaround_iterations=adaround_iterations, adaround_images=adaround_images,
                               input_shape=input_shape)
     out = output or default_output(model, bits, act_bits)
@@ -132,10 +134,14 @@ def _print_summary(rep, out):
     where = "held-out split" if rep["eval"] == "heldout" else rep["eval"]
     typer.echo(f"top-1 on {where} ({rep['eval_images']} images):")
     names = {"fp": "full precision", "uniform_minmax": "uniform min-max", "uniform_mse": "uniform MSE",
-             rep["method"]: METHOD_LABELS[rep["method"]]}
+             "uniform_output": "uniform output", rep["method"]: METHOD_LABELS[rep["method"]]}
     for key, label in names.items():
+        if key == "uniform_output" and key not in acc:
+            continue
         value = acc.get(key)
         typer.echo(f"  {label:<16} {'n/a' if value is None else f'{100 * value:6.2f}%'}")
+    if rep.get("divergence"):
+        typer.echo(f"note: {rep['divergence']}")
     opts = rep["options"]
     typer.echo(f"bits W{opts['bits']}" + (f"A{opts['act_bits']}" if opts["act_bits"] else "")
                + f" ({opts['protocol']}), best epoch {rep['best_epoch']}, {rep['seconds']:.1f} s")

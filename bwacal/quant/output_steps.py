@@ -296,3 +296,48 @@ def input_covariances(model, nodes, images, batch_size: int = 64, rows: int = DE
             sums[node.name] = part if node.name not in sums else sums[node.name] + part
             counts[node.name] += len(x)
     return {name: sums[name] / max(counts[name], 1) for name in nodes}
+
+
+# H of the layers collected in one pass over the images, at most this many bytes (float64): ResNet-50's
+# 3x3 convs of 512 channels have K = 4608, an H of 170 MB each
+PASS_BYTES = 256 << 20
+
+
+def _hessian_bytes(node, weight_shape) -> int:
+    if node.op_type == "Conv":
+        groups = int(node.attrs.get("group", 1))
+        k = int(np.prod(weight_shape[1:]))
+        return groups * k * k * 8
+    k = int(weight_shape[0] if node.op_type == "MatMul" or not node.attrs.get("transB", 0) else weight_shape[1])
+    return k * k * 8
+
+
+def output_aware_steps(model, layers, images, batch_size: int = 64, seed: int = 0,
+                       pass_bytes: int = PASS_BYTES) -> dict[str, np.ndarray]:
+    """Per quantized layer (``bwacal.quantize.QuantLayer``; keyed by weight name) the float32 steps of
+    :func:`output_error_steps` at the layer's bits, with ``H`` from the FP ``model`` on ``images``.
+
+    ``H`` is collected for as many layers at a time as fit ``pass_bytes`` (one pass over the images
+    each) and dropped once their steps are found, so memory stays bounded on 224x224 models.
+    """
+    from bwacal.quant.weights import channels_first
+
+    graph = model.graph
+    by_name = {node.name: node for node in graph.nodes}
+    passes, current, used = [], [], 0
+    for layer in layers:
+        size = _hessian_bytes(by_name[layer.node], graph.initializers[layer.weight].shape)
+        if current and used + size > pass_bytes:
+            passes.append(current)
+            current, used = [], 0
+        current.append(layer)
+        used += size
+    if current:
+        passes.append(current)
+    steps = {}
+    for group in passes:
+        hessians = input_covariances(model, [layer.node for layer in group], images, batch_size, seed=seed)
+        for layer in group:
+            w2d = channels_first(graph.initializers[layer.weight], layer.axis)
+            steps[layer.weight] = output_error_steps(w2d, layer.bits, hessians.pop(layer.node))
+    return steps

@@ -247,11 +247,13 @@ def mse_steps(w2d, bits: int, ratios=MSE_RATIOS) -> np.ndarray:
 
 
 def quantize_weights(w, bits: int, method: str = "mse", axis: int = 0, node: str | None = None,
-                     name: str | None = None) -> QuantizedWeight:
+                     name: str | None = None, step=None) -> QuantizedWeight:
     """Quantize ``w`` per output channel (``axis``), signed symmetric, ``bits`` in 2..8, round to nearest,
     with uniform bit weights; ``node`` and ``name`` say which layer and initializer it is.
 
-    ``method``: ``"mse"`` (step searched on a grid of clipping ratios, the default) or ``"minmax"``.
+    ``method``: ``"mse"`` (step searched on a grid of clipping ratios, the default), ``"minmax"``, or
+    ``"output"`` with the steps given as ``step`` (float32 (C,), from
+    :func:`bwacal.quant.output_steps.output_aware_steps`, which needs the layer's activations).
     """
     bits = check_bits(bits)
     w = np.asarray(w)
@@ -265,8 +267,13 @@ def quantize_weights(w, bits: int, method: str = "mse", axis: int = 0, node: str
         step = mse_steps(w2d, bits)
     elif method == "minmax":
         step = minmax_steps(w2d, bits)
+    elif method == "output":
+        if step is None or np.shape(step) != (w2d.shape[0],):
+            raise ValueError(f"method 'output' needs one step per output channel ({w2d.shape[0]}), got "
+                             f"{None if step is None else np.shape(step)}")
+        step = np.asarray(step, dtype=np.float32)
     else:
-        raise ValueError(f"unknown step search method {method!r}; use 'mse' or 'minmax'")
+        raise ValueError(f"unknown step search method {method!r}; use 'mse', 'minmax' or 'output'")
     qmin, qmax = qrange(bits, signed=True)
     q = quantize(w2d, step[:, None], qmin, qmax)
     codes = (q + 2 ** (bits - 1)).astype(np.uint8)
