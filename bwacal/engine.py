@@ -24,8 +24,9 @@ class Tape:
     """What a recorded forward pass keeps for backward.
 
     ``entries`` holds, per recorded node, the op's context, the shapes its inputs had as the op saw
-    them and how each input was re-laid-out for it (see ``_to_op``); ``cnhw`` names the values that
-    were stored channel-major.
+    them, how each input was re-laid-out for it (see ``_to_op``) and the name of the output whose
+    gradient its backward takes (a tuple of every output's name for an op with
+    ``grads_all_outputs``); ``cnhw`` names the values that were stored channel-major.
     """
 
     entries: list = field(default_factory=list)
@@ -74,6 +75,18 @@ def _sum(a, b):
         add_clip(a, b, -np.inf, np.inf, out)
         return out
     return a + b
+
+
+def _output_grads(out_names, grads, wrt):
+    """The gradients of a multi-output node's outputs (None for one no gradient reached), taken out
+    of ``grads`` unless asked for; None when no output has a gradient."""
+    dys = tuple(grads.get(name) if name else None for name in out_names)
+    if all(g is None for g in dys):
+        return None
+    for name in out_names:
+        if name and name not in wrt:
+            grads.pop(name, None)
+    return dys
 
 
 def _grad_back(g, how):
@@ -243,9 +256,14 @@ class Engine:
             if record:
                 needs = any(name in tape.requires_grad for name in node.inputs if name)
                 if needs and op.differentiable:
-                    tape.requires_grad.update(n for n in out_names[:1] if n)
+                    if op.grads_all_outputs:  # a tuple of names: see _output_grads
+                        out_key = tuple(out_names)
+                        tape.requires_grad.update(n for n in out_key if n)
+                    else:
+                        out_key = out_names[0]
+                        tape.requires_grad.update(n for n in out_names[:1] if n)
                     tape.entries.append((i, ctx, [None if a is None else np.shape(a) for a in args], hows,
-                                         out_names[0]))
+                                         out_key))
             drop(i)
         if record:
             tape.cnhw = cnhw
@@ -318,8 +336,14 @@ class Engine:
             node, op = self.graph.nodes[i], self.ops[i]
             dy = grads.get(out_name)
             if dy is None:
-                continue
-            if out_name not in wrt:
+                # NOTE: an op taking every output's gradient is recorded under a tuple of names,
+                # never a key of grads: it lands here, so the single-output path pays nothing for it
+                if out_name.__class__ is not tuple:
+                    continue
+                dy = _output_grads(out_name, grads, wrt)
+                if dy is None:
+                    continue
+            elif out_name not in wrt:
                 del grads[out_name]
             need = tuple(bool(name) and name in tape.requires_grad for name in node.inputs)
             gin = op.backward(ctx, dy, need)

@@ -143,3 +143,77 @@ def winograd_weight_grad(acc):
     """(O, C, 3, 3): G^T acc G for the (16, O, C) sums ``acc``."""
     o, c = acc.shape[1:]
     return np.einsum("ia,abop,jb->opij", WINOGRAD_G.T, acc.reshape(4, 4, o, c), WINOGRAD_G.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# element-wise activations (bwacal/ops/_pointwise.py): plain NumPy/SciPy in float64, several passes
+
+
+def _erf64(x):
+    from scipy.special import erf
+
+    return erf(np.asarray(x, dtype=np.float64))
+
+
+def erf(x):
+    return _erf64(x)
+
+
+def erf_grad(x, dy):
+    x = np.asarray(x, dtype=np.float64)
+    return dy * 2 / np.sqrt(np.pi) * np.exp(-x * x)
+
+
+def gelu(x, tanh_approx):
+    """Phi by scipy's ndtr; 0.5 (1 + tanh(u)) written as sigmoid(2u), which does not cancel."""
+    from scipy.special import expit, ndtr
+
+    x = np.asarray(x, dtype=np.float64)
+    if tanh_approx:
+        return x * expit(2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))
+    return x * ndtr(x)
+
+
+def gelu_grad(x, dy, tanh_approx):
+    from scipy.special import expit, ndtr
+
+    x = np.asarray(x, dtype=np.float64)
+    if tanh_approx:
+        k = np.sqrt(2 / np.pi)
+        s = expit(2 * k * (x + 0.044715 * x**3))
+        return dy * (s + 2 * x * s * (1 - s) * k * (1 + 3 * 0.044715 * x**2))
+    pdf = np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    return dy * (ndtr(x) + x * pdf)
+
+
+def softplus(x):
+    return np.logaddexp(0, np.asarray(x, dtype=np.float64))
+
+
+def _sigmoid(x):
+    return np.exp(-np.logaddexp(0, -x))
+
+
+def softplus_grad(x, dy):
+    return dy * _sigmoid(np.asarray(x, dtype=np.float64))
+
+
+def mish(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x * np.tanh(softplus(x))
+
+
+def mish_grad(x, dy):
+    x = np.asarray(x, dtype=np.float64)
+    t = np.tanh(softplus(x))
+    return dy * (t + x * (1 - t**2) * _sigmoid(x))
+
+
+def elu(x, alpha):
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, x, alpha * (np.exp(np.minimum(x, 0)) - 1))
+
+
+def elu_grad(x, dy, alpha):
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, dy, dy * alpha * np.exp(np.minimum(x, 0)))

@@ -9,6 +9,9 @@ spec's defaults (plus ``opset`` when the semantics depend on it), so the signatu
   one per input, saying which input gradients are wanted; it returns one gradient per input, in input
   order, ``None`` where there is none or it is not needed. Gradients may have the broadcast shape:
   the engine un-broadcasts and accumulates them.
+- An op with several differentiable outputs (Split) sets ``grads_all_outputs = True``: its
+  ``backward`` then gets a tuple ``dys``, one gradient per node output, ``None`` for an output no
+  gradient reached. Every other op keeps the single ``dy`` of its first output.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Op:
     max_outputs = 1  # node outputs the op can produce; more is refused at load
     layout = None  # "cnhw", "follow" or None: see the layout notes in bwacal/engine.py
     follow_inputs = 1 << 30  # with layout "follow": how many leading inputs share the data layout
+    grads_all_outputs = False  # backward takes a tuple of dys, one per output (see the docstring)
 
     def backward(self, ctx, dy, need):
         raise NotImplementedError(f"{type(self).__name__} has no backward")
@@ -57,4 +61,6 @@ def make_op(op_type: str, attrs: dict, opset: int, n_outputs: int = 1):
     kwargs = dict(attrs)
     if "opset" in params:
         kwargs["opset"] = opset
+    if "n_outputs" in params:  # ops whose output count is their semantics (Split without sizes)
+        kwargs["n_outputs"] = n_outputs
     return cls(**kwargs)

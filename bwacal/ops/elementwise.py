@@ -1,10 +1,11 @@
-"""Element-wise ops: arithmetic with broadcasting and activations."""
+"""Element-wise ops: arithmetic with broadcasting, variadic Sum/Mean/Max/Min, unary math and activations."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from bwacal.graph import ONNX_DTYPES
+from bwacal.ops import _pointwise
 from bwacal.ops._frames import add_clip, clip_grad
 from bwacal.ops.base import Op, Unsupported, register
 
@@ -243,3 +244,312 @@ class Cast(Op):
 
     def forward(self, x):
         return np.asarray(x).astype(self.dtype), None
+
+
+# variadic, broadcasting
+
+
+@register("Sum")
+class Sum(Op):
+    layout = "follow"
+
+    def forward(self, *xs):
+        y = xs[0]
+        for x in xs[1:]:
+            y = y + x
+        return y, len(xs)
+
+    def backward(self, ctx, dy, need):
+        return tuple(dy if wanted else None for wanted in need)
+
+
+@register("Mean")
+class Mean(Op):
+    layout = "follow"
+
+    def forward(self, *xs):
+        y = xs[0]
+        for x in xs[1:]:
+            y = y + x
+        return y / y.dtype.type(len(xs)), len(xs)
+
+    def backward(self, ctx, dy, need):
+        g = dy / dy.dtype.type(ctx)
+        return tuple(g if wanted else None for wanted in need)
+
+
+class _Extremum(Op):
+    """Max or Min of any number of broadcasting inputs. The gradient goes to the input that holds
+    the result; where k inputs tie for it, each gets ``dy / k`` (torch.maximum/minimum split a
+    two-way tie the same way, so the gradients sum to ``dy`` either way)."""
+
+    layout = "follow"
+    pick = None  # np.maximum or np.minimum
+
+    def forward(self, *xs):
+        y = xs[0]
+        for x in xs[1:]:
+            y = type(self).pick(y, x)
+        return y, (xs, y)
+
+    def backward(self, ctx, dy, need):
+        xs, y = ctx
+        if len(xs) == 1:
+            return (dy,)
+        won = [x == y for x in xs]
+        ties = won[0].astype(dy.dtype)
+        for w in won[1:]:
+            ties = ties + w
+        share = dy / np.maximum(ties, 1)  # 0 winners only where y is NaN
+        return tuple(np.where(w, share, 0).astype(dy.dtype, copy=False) if wanted else None
+                     for w, wanted in zip(won, need))
+
+
+@register("Max")
+class Max(_Extremum):
+    pick = np.maximum
+
+
+@register("Min")
+class Min(_Extremum):
+    pick = np.minimum
+
+
+@register("Mod")
+class Mod(Op):
+    """``fmod=0``: the remainder takes the divisor's sign (Python's %); ``fmod=1``: the dividend's (C's
+    fmod). The gradient is dy for the dividend and ``-dy * q`` for the divisor, q the integer
+    quotient the remainder was taken with (floor(a/b) or trunc(a/b))."""
+
+    layout = "follow"
+
+    def __init__(self, fmod=0):
+        self.fmod = bool(fmod)
+
+    def forward(self, a, b):
+        y = np.fmod(a, b) if self.fmod else np.mod(a, b)
+        return y, (a, b)
+
+    def backward(self, ctx, dy, need):
+        a, b = ctx
+        db = None
+        if need[1]:
+            q = a / b
+            db = -dy * (np.trunc(q) if self.fmod else np.floor(q))
+        return dy, db
+
+
+@register("Pow")
+class Pow(Op):
+    """``a ** b`` in the base's type (from opset 12 the exponent may have another type). The gradient
+    for the exponent is ``dy * y * log(a)`` where ``a > 0`` and 0 elsewhere: a real power of a
+    non-positive base has no derivative in the exponent (torch gives NaN for ``a < 0``)."""
+
+    layout = "follow"
+
+    def forward(self, a, b):
+        y = np.power(a, b)
+        if y.dtype != a.dtype:
+            y = y.astype(a.dtype)
+        return y, (a, b, y)
+
+    def backward(self, ctx, dy, need):
+        a, b, y = ctx
+        da = db = None
+        if need[0]:
+            da = dy * b * np.power(a, b - 1)
+        if need[1]:
+            pos = a > 0
+            db = dy * np.where(pos, y, 0) * np.log(np.where(pos, a, 1))
+        return da, db
+
+
+# unary math
+
+
+class _Unary(Op):
+    layout = "follow"
+
+
+@register("Neg")
+class Neg(_Unary):
+    def forward(self, x):
+        return np.negative(x), None
+
+    def backward(self, ctx, dy, need):
+        return (-dy,)
+
+
+@register("Abs")
+class Abs(_Unary):
+    def forward(self, x):
+        return np.abs(x), x
+
+    def backward(self, ctx, dy, need):
+        return (dy * np.sign(ctx),)
+
+
+@register("Exp")
+class Exp(_Unary):
+    def forward(self, x):
+        y = np.exp(x)
+        return y, y
+
+    def backward(self, ctx, dy, need):
+        return (dy * ctx,)
+
+
+@register("Log")
+class Log(_Unary):
+    def forward(self, x):
+        return np.log(x), x
+
+    def backward(self, ctx, dy, need):
+        return (dy / ctx,)
+
+
+@register("Sqrt")
+class Sqrt(_Unary):
+    def forward(self, x):
+        y = np.sqrt(x)
+        return y, y
+
+    def backward(self, ctx, dy, need):
+        return (dy / (2 * ctx),)
+
+
+@register("Reciprocal")
+class Reciprocal(_Unary):
+    def forward(self, x):
+        y = np.reciprocal(x)
+        return y, y
+
+    def backward(self, ctx, dy, need):
+        return (-dy * ctx * ctx,)
+
+
+class _Piecewise(_Unary):
+    """Sign, Floor, Ceil, Round: piecewise constant, so the gradient is zero (as torch gives)."""
+
+    fn = None
+
+    def forward(self, x):
+        return type(self).fn(x), None
+
+    def backward(self, ctx, dy, need):
+        return (np.zeros_like(dy),)
+
+
+@register("Sign")
+class Sign(_Piecewise):
+    fn = np.sign
+
+
+@register("Floor")
+class Floor(_Piecewise):
+    fn = np.floor
+
+
+@register("Ceil")
+class Ceil(_Piecewise):
+    fn = np.ceil
+
+
+@register("Round")
+class Round(_Piecewise):
+    fn = np.round  # half to even, as ONNX rounds
+
+
+# activations (the one-pass kernels are in _pointwise.py)
+
+
+@register("Erf")
+class Erf(_Unary):
+    def forward(self, x):
+        return _pointwise.erf(x), x
+
+    def backward(self, ctx, dy, need):
+        return (_pointwise.erf_grad(ctx, dy),)
+
+
+@register("Gelu")
+class Gelu(_Unary):
+    def __init__(self, approximate="none"):
+        if approximate not in ("none", "tanh"):
+            raise Unsupported(f"approximate='{approximate}' (supported: 'none', 'tanh')")
+        self.tanh_approx = approximate == "tanh"
+
+    def forward(self, x):
+        return _pointwise.gelu(x, self.tanh_approx), x
+
+    def backward(self, ctx, dy, need):
+        return (_pointwise.gelu_grad(ctx, dy, self.tanh_approx),)
+
+
+@register("Softplus")
+class Softplus(_Unary):
+    def forward(self, x):
+        return _pointwise.softplus(x), x
+
+    def backward(self, ctx, dy, need):
+        return (_pointwise.softplus_grad(ctx, dy),)
+
+
+@register("Mish")
+class Mish(_Unary):
+    def forward(self, x):
+        return _pointwise.mish(x), x
+
+    def backward(self, ctx, dy, need):
+        return (_pointwise.mish_grad(ctx, dy),)
+
+
+@register("Elu")
+class Elu(_Unary):
+    def __init__(self, alpha=1.0):
+        self.alpha = alpha
+
+    def forward(self, x):
+        return _pointwise.elu(x, self.alpha), x
+
+    def backward(self, ctx, dy, need):
+        return (_pointwise.elu_grad(ctx, dy, self.alpha),)
+
+
+@register("Selu")
+class Selu(_Unary):
+    """``gamma * elu(x, alpha)``: the spec's ``x <= 0`` branch and Elu's ``x < 0`` agree at 0."""
+
+    def __init__(self, alpha=1.67326319217681884765625, gamma=1.05070102214813232421875):
+        self.alpha, self.gamma = alpha, gamma
+
+    def forward(self, x):
+        return _pointwise.elu(x, self.alpha) * x.dtype.type(self.gamma), x
+
+    def backward(self, ctx, dy, need):
+        return (_pointwise.elu_grad(ctx, dy, self.alpha) * dy.dtype.type(self.gamma),)
+
+
+@register("Celu")
+class Celu(_Unary):
+    """``max(0, x) + min(0, alpha (exp(x / alpha) - 1))`` = ``alpha * elu(x / alpha, 1)``."""
+
+    def __init__(self, alpha=1.0):
+        self.alpha = alpha
+
+    def forward(self, x):
+        a = x.dtype.type(self.alpha)
+        return _pointwise.elu(x / a, 1.0) * a, x
+
+    def backward(self, ctx, dy, need):
+        return (_pointwise.elu_grad(ctx / ctx.dtype.type(self.alpha), dy, 1.0),)
+
+
+@register("Softsign")
+class Softsign(_Unary):
+    def forward(self, x):
+        return x / (1 + np.abs(x)), x
+
+    def backward(self, ctx, dy, need):
+        d = 1 + np.abs(ctx)
+        return (dy / (d * d),)

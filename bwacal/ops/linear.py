@@ -43,13 +43,25 @@ class Gemm(Op):
 
 @register("MatMul")
 class MatMul(Op):
-    """NumPy matmul semantics: 1-D operands are promoted, leading dims broadcast."""
+    """NumPy matmul semantics: 1-D operands are promoted, leading dims broadcast.
+
+    A stack of rows times one matrix ((N, T, D) @ (D, E): a transformer's Linear) is one 2-D GEMM
+    on the (N*T, D) view, forward and backward, and dL/dB one GEMM over all rows; np.matmul would
+    run N small GEMMs and leave the engine an (N, D, E) gradient to sum.
+    """
 
     def forward(self, a, b):
+        if a.ndim > 2 and b.ndim == 2:
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + b.shape[1:]), (a, b)
         return np.matmul(a, b), (a, b)
 
     def backward(self, ctx, dy, need):
         a, b = ctx
+        if a.ndim > 2 and b.ndim == 2:
+            g = np.asarray(dy).reshape(-1, b.shape[1])
+            da = (g @ b.T).reshape(a.shape) if need[0] else None
+            db = a.reshape(-1, a.shape[-1]).T @ g if need[1] else None
+            return da, db
         # NOTE: restore the axes that 1-D operands drop (b first: both 1-D gives a scalar dy);
         # the engine sums the broadcast batch dims away
         g = np.asarray(dy)

@@ -208,3 +208,125 @@ class GatherElements(Op):
         axis = self.axis + data.ndim if self.axis < 0 else self.axis
         idx = np.where(indices < 0, indices + data.shape[axis], indices)
         return np.take_along_axis(data, idx, axis=axis), None
+
+
+def _slice_of(start, end, step, dim):
+    """One axis of ONNX Slice as a Python slice: negative indices count from the end, then start is
+    clamped to [0, dim] ([0, dim-1] stepping back) and end to [0, dim] ([-1, dim-1] stepping back),
+    so INT64_MAX/MIN mean "to the end"/"to the start". (Python's own clamping differs stepping back:
+    x[-20::-1] is empty where ONNX starts at 0.)"""
+    if step == 0:
+        raise ValueError("Slice step 0")
+    if start < 0:
+        start += dim
+    if end < 0:
+        end += dim
+    if step > 0:
+        return slice(min(max(start, 0), dim), min(max(end, 0), dim), step)
+    start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    return slice(start, None if end < 0 else end, step)
+
+
+@register("Slice")
+class Slice(Op):
+    """Slice; starts, ends and axes are attributes before opset 10 and inputs (plus steps) from 10 on."""
+
+    def __init__(self, starts=None, ends=None, axes=None):
+        self.starts_attr, self.ends_attr, self.axes_attr = starts, ends, axes
+
+    def forward(self, x, starts=None, ends=None, axes=None, steps=None):
+        starts = _axes(starts) if starts is not None else self.starts_attr
+        ends = _axes(ends) if ends is not None else self.ends_attr
+        if starts is None or ends is None:
+            raise ValueError("Slice needs starts and ends")
+        axes = _axes(axes) if axes is not None else self.axes_attr
+        if axes is None:
+            axes = list(range(len(starts)))
+        steps = _axes(steps) if steps is not None else [1] * len(starts)
+        if not len(starts) == len(ends) == len(axes) == len(steps):
+            raise ValueError(f"Slice starts {starts}, ends {ends}, axes {axes} and steps {steps} differ in length")
+        index = [slice(None)] * x.ndim
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            axis = axis + x.ndim if axis < 0 else axis
+            index[axis] = _slice_of(start, end, step, x.shape[axis])
+        index = tuple(index)
+        return x[index], (x.shape, index)
+
+    def backward(self, ctx, dy, need):
+        shape, index = ctx
+        dx = np.zeros(shape, dtype=dy.dtype)
+        dx[index] = dy
+        return dx, None, None, None, None
+
+
+@register("Split")
+class Split(Op):
+    """Split along ``axis``: sizes from the ``split`` attribute (before opset 13) or input (13 on),
+    else ``num_outputs`` chunks of ceil(dim / num_outputs), the last smaller (opset 18 on), else as
+    many equal parts as the node has outputs."""
+
+    max_outputs = 1 << 30
+    grads_all_outputs = True
+
+    def __init__(self, axis=0, split=None, num_outputs=None, n_outputs=1):
+        self.axis, self.split_attr, self.num_outputs, self.n_outputs = axis, split, num_outputs, n_outputs
+
+    def _sizes(self, dim, split):
+        sizes = _axes(split) if split is not None else self.split_attr
+        if sizes is not None:
+            sizes = list(sizes)
+            if sum(sizes) != dim or len(sizes) != self.n_outputs:
+                raise ValueError(f"Split sizes {sizes} do not cut a dim of {dim} into {self.n_outputs} outputs")
+            return sizes
+        if self.num_outputs is not None:
+            chunk = -(-dim // self.num_outputs)
+            sizes = [chunk] * (self.num_outputs - 1) + [dim - chunk * (self.num_outputs - 1)]
+            if sizes[-1] < 0:
+                raise ValueError(f"Split cannot cut a dim of {dim} into {self.num_outputs} chunks of {chunk}")
+            return sizes
+        if dim % self.n_outputs:
+            raise ValueError(f"Split cannot cut a dim of {dim} into {self.n_outputs} equal parts")
+        return [dim // self.n_outputs] * self.n_outputs
+
+    def forward(self, x, split=None):
+        axis = self.axis + x.ndim if self.axis < 0 else self.axis
+        sizes = self._sizes(x.shape[axis], split)
+        return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis)), (x.shape, axis, sizes)
+
+    def backward(self, ctx, dys, need):
+        shape, axis, sizes = ctx
+        dtype = next(g for g in dys if g is not None).dtype
+        parts = []
+        for g, n in zip(dys, sizes):
+            if g is None:
+                g = np.zeros(shape[:axis] + (n,) + shape[axis + 1:], dtype=dtype)
+            parts.append(g)
+        return np.concatenate(parts, axis=axis), None
+
+
+@register("Expand")
+class Expand(Op):
+    """Broadcast ``x`` against ``shape`` (NumPy rules: either side may hold the 1)."""
+
+    def forward(self, x, shape):
+        target = np.broadcast_shapes(x.shape, tuple(int(s) for s in np.asarray(shape).reshape(-1)))
+        # a copy: consumers may take the output as a writable array of its own
+        return np.array(np.broadcast_to(x, target)), None
+
+    def backward(self, ctx, dy, need):
+        return dy, None  # the engine sums the broadcast axes away
+
+
+@register("Tile")
+class Tile(Op):
+    def forward(self, x, repeats):
+        reps = _axes(repeats)
+        if len(reps) != x.ndim:
+            raise ValueError(f"Tile repeats {reps} do not match a rank-{x.ndim} input")
+        return np.tile(x, reps), (x.shape, reps)
+
+    def backward(self, ctx, dy, need):
+        shape, reps = ctx
+        # the output viewed as (r0, d0, r1, d1, ...): sum over every repeat axis
+        split = [n for pair in zip(reps, shape) for n in pair]
+        return dy.reshape(split).sum(axis=tuple(range(0, 2 * len(shape), 2))), None
