@@ -21,13 +21,22 @@ from tests.torch_models import _randomize_batchnorm
 
 
 def _finish(model: nn.Module, seed: int) -> nn.Module:
-    """Randomise BatchNorm statistics and LayerNorm affine parameters; eval mode."""
+    """Randomise BatchNorm statistics, LayerNorm affine parameters and every other parameter that
+    starts constant (nn.MultiheadAttention's biases start at zero); eval mode.
+
+    No two parameters may hold equal values: the dynamo exporter stores equal initializers once
+    (two zero biases become one initializer read by both layers), and the gradient tests map
+    initializers to parameters by their values.
+    """
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.4 - 0.2)
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.2 - 0.1)
     return _randomize_batchnorm(model, seed + 1)
 
 
