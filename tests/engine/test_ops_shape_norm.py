@@ -12,11 +12,16 @@ import pytest
 import torch
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
+from torch import nn
 
+import bwacal
 from bwacal.engine import Engine
+from bwacal.errors import UnsupportedOpError
 from bwacal.onnx_io import read_model
 from bwacal.ops import REGISTRY
+from tests import torch_models as tm
 from tests.engine.test_gradients import _model, away, check_graph_grad, check_grad, const, distinct, ints, rnd
+from tests.engine.test_models import _rel_err
 
 I64_MAX, I64_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min
 X4 = rnd(2, 3, 4, 5, seed=1)
@@ -371,3 +376,90 @@ def test_attention_block_against_torch():
     np.testing.assert_allclose(values["y"], y.detach().numpy(), rtol=1e-12, atol=1e-12)
     for k, tensor in tensors.items():
         np.testing.assert_allclose(grads[k], tensor.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+# whole small models as torch.onnx writes them: forward and every gradient against torch autograd
+class _ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: chunk into halves, convolve one, concatenate, shuffle the channels."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.branch = nn.Conv2d(c // 2, c // 2, 3, padding=1)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, torch.relu(self.branch(b))], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+class _TinyViT(nn.Module):
+    """Patch embedding, class token, one pre-norm encoder block (ReLU MLP), head on the class token."""
+
+    def __init__(self, d=16, heads=2, patch=4, size=8):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, d, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, d))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(n, t, d))
+        x = x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+        return self.head(x[:, 0])
+
+
+def _initializer_of(model, p):
+    """The initializer holding torch parameter ``p``, as is or transposed (the dynamo exporter
+    stores a Linear's weight as the (in, out) operand of a MatMul): (name, transposed)."""
+    q = p.detach().numpy()
+    for name, value in model.graph.initializers.items():
+        for transposed, want in ((False, q), (True, q.T)):
+            if value.shape == want.shape and np.allclose(value, want, rtol=1e-6, atol=0):
+                return name, transposed
+    raise AssertionError(f"no initializer holds a parameter of shape {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("build", [_ShuffleUnit, _TinyViT], ids=["shufflenet_unit", "tiny_vit"])
+def test_exported_model_against_torch(tmp_path, build, exporter):
+    torch.manual_seed(0)
+    torch_model = build().eval()
+    with torch.no_grad():  # distinct values everywhere (LayerNorm's ones and zeros get shared)
+        for p in torch_model.parameters():
+            p.normal_(0.0, 0.5)
+    path = tmp_path / "m.onnx"
+    tm.export(torch_model, path, torch.randn(2, 3, 8, 8), exporter=exporter)
+    try:
+        model = bwacal.load_model(path)
+    except UnsupportedOpError as exc:  # torchscript's ViT: Equal, Where, Pow, ConstantOfShape
+        pytest.skip(str(exc).split(". Supported ops")[0])
+    params = {pname: _initializer_of(model, p) for pname, p in torch_model.named_parameters()}
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    r = np.random.default_rng(2).standard_normal((2, 10)).astype(np.float32)
+    wrt = [model.input_name, *(name for name, _ in params.values())]
+    logits, tape = model.forward(x, record=True, wrt=wrt)
+    grads = model.backward(tape, r, wrt=wrt)
+
+    xt = torch.tensor(x, requires_grad=True)
+    want = torch_model(xt)
+    (torch.tensor(r) * want).sum().backward()
+    assert _rel_err(logits, want.detach().numpy()) <= 1e-5
+    assert _rel_err(grads[model.input_name], xt.grad.numpy()) <= 1e-4, "input"
+    for pname, p in torch_model.named_parameters():
+        name, transposed = params[pname]
+        got = grads[name].T if transposed else grads[name]
+        assert _rel_err(got, p.grad.numpy()) <= 1e-4, pname
