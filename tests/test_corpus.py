@@ -191,7 +191,7 @@ def _matched_parameters(model, torch_model) -> dict:
 
 
 def check_gradients(corpus: Corpus, arch, exporter):
-    """Input gradient and the gradient of every initializer that is a torch parameter, against
+    """Input gradient and the gradient of every torch parameter (each one an initializer), against
     torch autograd on a float64 copy. BatchNorm stays unfolded so the initializers are the
     parameters; the dynamo exporter fuses Conv-BatchNorm itself, so its oracle is the fused model."""
     import torch
@@ -204,6 +204,8 @@ def check_gradients(corpus: Corpus, arch, exporter):
     weights = {n.inputs[1] for n in model.graph.nodes
                if n.op_type in ("Conv", "Gemm", "MatMul") and n.inputs[1] in model.graph.initializers}
     assert weights <= set(matched), f"weights {sorted(weights - set(matched))} match no torch parameter"
+    unmatched = {k for k, _ in torch_model.named_parameters()} - {k for k, _ in matched.values()}
+    assert not unmatched, f"torch parameters {sorted(unmatched)} are no initializer"
 
     size = corpus.size(arch)
     x = _batch(2, size, seed=7)
@@ -266,6 +268,8 @@ def check_calibrate(corpus: Corpus, arch, exporter):
     want = fitted[0].net.forward(x)
     err = _rel_err(got, want)
     assert err <= QUANT_TOL, f"written model in ONNX Runtime differs from bwacal's quantized forward by {err:.2e}"
+    full_precision = _ort(path).run(None, {"input": x})[0]
+    assert _rel_err(got, full_precision) > 10 * QUANT_TOL, "the written model computes the full-precision logits"
 
 
 CHECKS = {"loads": check_loads, "forward": check_forward, "grads": check_gradients, "calibrate": check_calibrate}
