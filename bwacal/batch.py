@@ -37,7 +37,7 @@ SUMMARY_COLUMNS = ("model", "width", "act_bits", "fp", "uniform", "bwa", "drop",
 # manifest keys that go straight into CalibrationOptions, with the types TOML must give them
 _OPTION_TYPES = {"act_bits": int, "act_bwa": bool, "protocol": str, "epochs": int, "batch_size": int,
                  "lr": (int, float), "holdout": (int, float), "loss": str, "seed": int, "weight_method": str,
-                 "act_method": str}
+                 "act_method": str, "input_shape": (list, str)}
 _MODEL_KEYS = {"path", "name", "calib", "eval", "bits", "all_layers", "format"} | set(_OPTION_TYPES)
 
 

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from bwacal import __version__
-from bwacal.data import open_dataset
+from bwacal.data import open_dataset, peek_image_shape
 from bwacal.errors import BwacalError
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
-from bwacal.model import Model, load_model
+from bwacal.model import Model, check_input_shape, load_model
 from bwacal.quantize import PROTOCOLS, QuantizedNetwork, collect_activation_samples, quantize_network, select_layers
 
 IN_MEMORY_LIMIT = 512 << 20  # calibration images up to this many bytes are read once and kept
@@ -39,6 +39,8 @@ class CalibrationOptions:
     # kl is the default because it measured better with labels present too (README, "Defaults").
     loss: str = "kl"
     seed: int = 0
+    # (C, H, W) for a model with dynamic image dims; None: the calibration file's image size
+    input_shape: tuple | None = None
 
     def validate(self):
         """Raise ``BwacalError`` naming the first bad option."""
@@ -64,6 +66,7 @@ class CalibrationOptions:
             raise BwacalError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.loss not in ("ce", "kl", "both"):
             raise BwacalError(f"--loss must be kl, ce or both, got {self.loss!r}")
+        self.input_shape = check_input_shape(self.input_shape)
 
 
 @dataclass
@@ -134,8 +137,14 @@ def calibrate(model_path, calib_path, options: CalibrationOptions | None = None,
     options.validate()
     say = log or (lambda message: None)
     started = time.perf_counter()
-    model = load_model(model_path)
-    data = open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes)
+    data_shape = None
+    if options.input_shape is None:
+        try:
+            data_shape = peek_image_shape(calib_path)
+        except BwacalError:
+            pass  # a model with fixed dims needs none; open_dataset reports the file's problem after the model's
+    model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
+    data = open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes, layout=model.layout)
     try:
         return _calibrate(model, data, options, eval_path, progress, say, started, str(model_path))
     finally:
@@ -194,7 +203,8 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
 
     eval_data = None
     if eval_path is not None:
-        eval_data = open_dataset(eval_path, input_shape=model.input_shape, num_classes=model.num_classes)
+        eval_data = open_dataset(eval_path, input_shape=model.input_shape, num_classes=model.num_classes,
+                                 layout=model.layout)
     try:
         evaluation = _Split(eval_data, np.arange(eval_data.n), False) if eval_data is not None else held
 

@@ -2,14 +2,19 @@
 
 Layout
 ------
-- ``images``: shape (N, C, H, W), either
+- ``images``: shape (N, C, H, W), or (N, H, W, C) for a channels-last model (the file is in the
+  model's own layout, see ``bwacal.model.detect_layout``), either
 
   - float32, model-ready (float16/float64 are accepted and converted), no attributes, or
   - uint8 with attributes ``scale`` (default 1/255) and optional per-channel ``mean`` and ``std``
-    (length C); the reader returns ``(x * scale - mean) / std`` as float32.
+    (length C, applied along the layout's channel axis); the reader returns ``(x * scale - mean) / std``
+    as float32.
 
 - ``labels`` (optional): shape (N,), integer class ids in [0, num_classes). Without labels,
   calibration is label-free.
+- ``sources`` (optional): shape (N,), integer ids >= 0 of the source each image came from (a photo,
+  a video, the original image of a set of crops); a held-out split can then keep whole sources apart
+  (``bwacal.split``).
 
 The reader streams: ``CalibrationData.batches`` reads one batch worth of rows at a time, so a
 50,000-image file never sits whole in memory. Every problem with a file raises ``DataError`` with a
@@ -46,13 +51,16 @@ def _h5_reason(exc: BaseException) -> str:
 class CalibrationData:
     """An open calibration file. Use ``open_dataset`` to create one; close it (or use ``with``).
 
-    Attributes: ``path``, ``n`` (number of images), ``image_shape`` (C, H, W), ``has_labels``,
-    ``num_classes_seen`` (largest label + 1, or None without labels).
+    Attributes: ``path``, ``n`` (number of images), ``image_shape`` (C, H, W, or H, W, C when ``layout``
+    is "nhwc"), ``layout``, ``has_labels``, ``num_classes_seen`` (largest label + 1, or None without labels),
+    ``sources`` (int64 (N,) source ids, or None).
     """
 
     def __init__(self, path: Path, file: h5py.File, images: h5py.Dataset, labels: np.ndarray | None,
-                 scale: float | None, mean: np.ndarray | None, std: np.ndarray | None):
+                 scale: float | None, mean: np.ndarray | None, std: np.ndarray | None,
+                 sources: np.ndarray | None = None, layout: str = "nchw"):
         self.path = path
+        self.layout = layout
         self._file = file
         self._images = images
         self._labels = labels
@@ -63,6 +71,7 @@ class CalibrationData:
         self.image_shape = tuple(int(d) for d in images.shape[1:])
         self.has_labels = labels is not None
         self.num_classes_seen = int(labels.max()) + 1 if labels is not None else None
+        self.sources = sources
 
     def __len__(self) -> int:
         return self.n
@@ -83,7 +92,7 @@ class CalibrationData:
 
     def batches(self, batch_size: int, indices: Sequence[int] | np.ndarray | None = None
                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """Yield ``(x float32 (B, C, H, W), y int64 (B,) or None)``, reading one batch at a time.
+        """Yield ``(x float32 (B, *image_shape), y int64 (B,) or None)``, reading one batch at a time.
 
         Without ``indices`` the file is walked in order. With ``indices`` the batches follow that
         order (e.g. a shuffled epoch); each batch is read in ascending row order and put back.
@@ -145,19 +154,21 @@ class CalibrationData:
         if self._scale is None:
             return raw.astype(np.float32, copy=False)
         x = raw.astype(np.float32) * np.float32(self._scale)
+        per_channel = (-1, 1, 1) if self.layout == "nchw" else (-1,)
         if self._mean is not None:
-            x -= self._mean[:, None, None]
+            x -= self._mean.reshape(per_channel)
         if self._std is not None:
-            x /= self._std[:, None, None]
+            x /= self._std.reshape(per_channel)
         return x
 
 
 def open_dataset(path: str | os.PathLike, input_shape: Sequence[int] | None = None,
-                 num_classes: int | None = None, check_finite: bool = True) -> CalibrationData:
+                 num_classes: int | None = None, check_finite: bool = True, layout: str = "nchw") -> CalibrationData:
     """Open and validate a calibration file.
 
-    ``input_shape`` is the model's (C, H, W) and ``num_classes`` its number of outputs; when given,
-    the file must match them. Float images are scanned for NaN/Inf chunk by chunk (``check_finite``).
+    ``input_shape`` is the model's per-image shape, (C, H, W) or (H, W, C) as ``layout`` ("nchw" or
+    "nhwc", the model's) says, and ``num_classes`` its number of outputs; when given, the file must
+    match them. Float images are scanned for NaN/Inf chunk by chunk (``check_finite``).
     Raises ``DataError`` naming the file, the field and what was expected.
     """
     path = Path(path)
@@ -170,7 +181,7 @@ def open_dataset(path: str | os.PathLike, input_shape: Sequence[int] | None = No
     except _H5_ERRORS:
         raise DataError(f"{path}: not an HDF5 file (expected datasets 'images' and optionally 'labels')") from None
     try:
-        return _validate(path, file, input_shape, num_classes, check_finite)
+        return _validate(path, file, input_shape, num_classes, check_finite, layout)
     except _H5_ERRORS as exc:
         file.close()
         raise DataError(f"{path}: corrupt or unreadable HDF5 file ({_h5_reason(exc)})") from exc
@@ -179,7 +190,7 @@ def open_dataset(path: str | os.PathLike, input_shape: Sequence[int] | None = No
         raise
 
 
-def _validate(path: Path, file: h5py.File, input_shape, num_classes, check_finite) -> CalibrationData:
+def _validate(path: Path, file: h5py.File, input_shape, num_classes, check_finite, layout) -> CalibrationData:
     if "images" not in file:
         found = ", ".join(repr(k) for k in file.keys()) or "nothing"
         raise DataError(f"{path}: no 'images' dataset (found {found}); expected images of shape (N, C, H, W)")
@@ -190,12 +201,14 @@ def _validate(path: Path, file: h5py.File, input_shape, num_classes, check_finit
         raise DataError(f"{path}: 'images' has shape {images.shape}, expected rank 4 (N, C, H, W)")
     if images.shape[0] == 0:
         raise DataError(f"{path}: 'images' is empty (shape {images.shape}), expected at least one image")
-    c, h, w = (int(d) for d in images.shape[1:])
-    if min(c, h, w) == 0:
+    dims = tuple(int(d) for d in images.shape[1:])
+    if min(dims) == 0:
         raise DataError(f"{path}: 'images' has shape {images.shape}, expected non-zero C, H and W")
-    if input_shape is not None and tuple(int(d) for d in input_shape) != (c, h, w):
-        raise DataError(f"{path}: 'images' are {c}x{h}x{w} (C x H x W) but the model expects "
+    if input_shape is not None and tuple(int(d) for d in input_shape) != dims:
+        axes = "C x H x W" if layout == "nchw" else "H x W x C, channels last"
+        raise DataError(f"{path}: 'images' are {'x'.join(map(str, dims))} ({axes}) but the model expects "
                         + "x".join(str(int(d)) for d in input_shape))
+    c = dims[_channel_axis(layout) - 1]
 
     dtype = images.dtype
     if dtype == np.uint8:
@@ -214,7 +227,32 @@ def _validate(path: Path, file: h5py.File, input_shape, num_classes, check_finit
     labels = None
     if "labels" in file:
         labels = _read_labels(path, file["labels"], int(images.shape[0]), num_classes)
-    return CalibrationData(path, file, images, labels, scale, mean, std)
+    sources = None
+    if "sources" in file:
+        sources = _read_sources(path, file["sources"], int(images.shape[0]))
+    return CalibrationData(path, file, images, labels, scale, mean, std, sources, layout)
+
+
+def _channel_axis(layout: str) -> int:
+    if layout not in ("nchw", "nhwc"):
+        raise ValueError(f"layout must be 'nchw' or 'nhwc', got {layout!r}")
+    return 1 if layout == "nchw" else 3
+
+
+def peek_image_shape(path: str | os.PathLike) -> tuple:
+    """The per-image shape of a calibration file's images, as stored; the file is checked in full
+    when it is opened for the model (``open_dataset``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as file:
+            images = file.get("images")
+            if not isinstance(images, h5py.Dataset) or images.ndim != 4:
+                raise DataError(f"{path}: no 'images' dataset of rank 4 (N, C, H, W) or (N, H, W, C)")
+            return tuple(int(d) for d in images.shape[1:])
+    except _H5_ERRORS:
+        raise DataError(f"{path}: not an HDF5 file (expected datasets 'images' and optionally 'labels')") from None
 
 
 def _normalisation(path: Path, images: h5py.Dataset, channels: int):
@@ -290,19 +328,37 @@ def _read_labels(path: Path, labels, n: int, num_classes: int | None) -> np.ndar
     return values
 
 
+def _read_sources(path: Path, sources, n: int) -> np.ndarray:
+    if not isinstance(sources, h5py.Dataset):
+        raise DataError(f"{path}: 'sources' is a group, expected a dataset of shape ({n},)")
+    if sources.ndim != 1:
+        raise DataError(f"{path}: 'sources' has shape {sources.shape}, expected ({n},)")
+    if not np.issubdtype(sources.dtype, np.integer):
+        raise DataError(f"{path}: 'sources' has dtype {sources.dtype}, expected integer source ids")
+    if sources.shape[0] != n:
+        raise DataError(f"{path}: 'sources' has {sources.shape[0]} entries but 'images' has {n}")
+    values = sources[()].astype(np.int64)
+    if values.min() < 0:
+        raise DataError(f"{path}: 'sources' contains {int(values.min())} (at index {int(values.argmin())}), "
+                        "expected source ids >= 0")
+    return values
+
+
 def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
                   scale: float | None = None, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> Path:
+                  std: Sequence[float] | None = None, sources: np.ndarray | None = None,
+                  layout: str = "nchw") -> Path:
     """Write a calibration file atomically (temporary file in the same folder, then rename).
 
-    ``images`` (N, C, H, W) is uint8 (``scale`` defaults to 1/255; ``mean``/``std`` per channel) or
-    float (stored as float32, model-ready, no normalisation attributes). Returns the path.
+    ``images`` (N, C, H, W), or (N, H, W, C) with ``layout="nhwc"``, is uint8 (``scale`` defaults to
+    1/255; ``mean``/``std`` per channel) or float (stored as float32, model-ready, no normalisation
+    attributes); ``sources`` (N,) optional integer source ids >= 0. Returns the path.
     """
     path = Path(path)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] == 0:
         raise DataError(f"{path}: 'images' has shape {images.shape}, expected non-empty (N, C, H, W)")
-    n, c = images.shape[:2]
+    n, c = images.shape[0], images.shape[_channel_axis(layout)]
     attrs: dict[str, object] = {}
     if images.dtype == np.uint8:
         attrs["scale"] = np.float64(DEFAULT_SCALE if scale is None else scale)
@@ -331,6 +387,12 @@ def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
             raise DataError(f"{path}: 'labels' has shape {labels.shape} dtype {labels.dtype}, "
                             f"expected ({n},) non-negative integers")
         labels = labels.astype(np.int64)
+    if sources is not None:
+        sources = np.asarray(sources)
+        if sources.shape != (n,) or not np.issubdtype(sources.dtype, np.integer) or (n and sources.min() < 0):
+            raise DataError(f"{path}: 'sources' has shape {sources.shape} dtype {sources.dtype}, "
+                            f"expected ({n},) non-negative integers")
+        sources = sources.astype(np.int64)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -344,6 +406,8 @@ def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
                 ds.attrs[name] = value
             if labels is not None:
                 f.create_dataset("labels", data=labels)
+            if sources is not None:
+                f.create_dataset("sources", data=sources)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private; give it the usual mode

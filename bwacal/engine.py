@@ -237,8 +237,9 @@ class Engine:
                 raise ModelError(f"node '{node.name}' ({node.op_type}) reads '{exc.args[0]}', "
                                  "which no input, initializer or earlier node provides") from None
             start = time.perf_counter() if profile is not None else 0.0
-            args, hows, out_cnhw = self._to_op(op, node.inputs, stored, cnhw, relaid)
-            try:
+            args = stored
+            try:  # NOTE: re-laying-out is inside: a rank-5 operand of a channel-major op fails here
+                args, hows, out_cnhw = self._to_op(op, node.inputs, stored, cnhw, relaid)
                 out, ctx = op.forward(*args, clip=fused[i][1]) if i in fused else op.forward(*args)
             except (ValueError, IndexError) as exc:
                 shapes = [None if a is None else tuple(np.shape(a)) for a in args]

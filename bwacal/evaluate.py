@@ -114,17 +114,20 @@ def evaluate(forward: Callable, data, batch_size: int = 256, reference: Callable
 
 
 class OnnxRuntimeForward:
-    """``x -> logits`` on ONNX Runtime (CPU); ``input_shape`` (C, H, W) and ``num_classes`` as on ``Model``."""
+    """``x -> logits`` on ONNX Runtime (CPU); ``input_shape``, ``layout`` and ``num_classes`` as on ``Model``
+    (dynamic image dims fixed by ``input_shape`` (C, H, W) or ``data_shape`` as in ``load_model``, logits
+    of shape (batch, K, 1, 1) or (batch, 1, K) squeezed to (batch, K))."""
 
-    def __init__(self, path):
+    def __init__(self, path, input_shape=None, data_shape=None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise BwacalError("the onnxruntime runtime needs the onnxruntime package: pip install onnxruntime") from None
+        from bwacal.model import detect_layout, image_dims
         from bwacal.onnx_io import read_model
 
         self.path = Path(path)
-        read_model(self.path)  # bwacal's checks on untrusted files (sizes, external data) come first
+        graph = read_model(self.path)  # bwacal's checks on untrusted files (sizes, external data) come first
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         try:
@@ -136,17 +139,21 @@ class OnnxRuntimeForward:
             raise ModelError(f"{self.path}: expected one image input and one logits output, found "
                              f"{len(inputs)} inputs and {len(outputs)} outputs")
         shape = inputs[0].shape
-        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        if len(shape) != 4 or len(graph.inputs) != 1:
             raise ModelError(f"{self.path}: input '{inputs[0].name}' has shape {shape}; expected (batch, C, H, W) "
-                             "with fixed C, H, W")
+                             "or (batch, H, W, C)")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-        self.input_shape = tuple(shape[1:])
-        logits = np.asarray(self(np.zeros((2,) + self.input_shape, np.float32)))
-        if logits.ndim != 2 or logits.shape[0] != 2:
-            raise ModelError(f"{self.path}: output '{self.output_name}' has shape {logits.shape} for a batch of 2; "
-                             "expected (batch, classes) logits")
-        self.num_classes = int(logits.shape[1])
+        self.layout = detect_layout(graph)
+        self.input_shape = image_dims(graph.inputs[0], self.layout, input_shape, data_shape, str(self.path))
+        self.num_classes = None
+        logits = self(np.zeros((2,) + self.input_shape, np.float32))
+        out = logits.shape
+        if not (len(out) == 2 or (len(out) == 4 and out[2:] == (1, 1)) or (len(out) == 3 and out[1] == 1)) \
+                or out[0] != 2:
+            raise ModelError(f"{self.path}: output '{self.output_name}' has shape {out} for a batch of 2; "
+                             "expected (batch, classes) logits, or (batch, classes, 1, 1) or (batch, 1, classes)")
+        self.num_classes = int(np.prod(out[1:]))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -156,7 +163,11 @@ class OnnxRuntimeForward:
                      for i in range(0, len(x), step)]
         except Exception as exc:
             raise ModelError(f"{self.path}: onnxruntime failed to run the model ({_first_line(exc)})") from None
-        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+        logits = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return logits if self.num_classes is None else logits.reshape(len(logits), self.num_classes)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self(x)
 
 
 def _first_line(exc) -> str:
@@ -168,25 +179,25 @@ def _with_path(path, message: str) -> str:
     return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
-def onnxruntime_forward(path) -> OnnxRuntimeForward:
+def onnxruntime_forward(path, input_shape=None, data_shape=None) -> OnnxRuntimeForward:
     """A callable ``x -> logits`` running ``path`` on ONNX Runtime; BwacalError if it is not installed."""
-    return OnnxRuntimeForward(path)
+    return OnnxRuntimeForward(path, input_shape, data_shape)
 
 
-def load_forward(path, runtime: str = "bwacal"):
-    """``(forward, input_shape, num_classes)`` for ``path`` on ``runtime`` ("bwacal" or "onnxruntime")."""
+def load_forward(path, runtime: str = "bwacal", input_shape=None, data_shape=None):
+    """``path`` loaded on ``runtime`` ("bwacal": a ``Model``, or "onnxruntime"): an object with ``forward``,
+    ``input_shape``, ``layout`` and ``num_classes``. ``input_shape``/``data_shape`` as in ``load_model``."""
     if runtime == "bwacal":
         from bwacal.model import load_model
 
         try:
-            model = load_model(path)
+            model = load_model(path, input_shape=input_shape, data_shape=data_shape)
         except UnsupportedOpError as exc:
             hint = " (ONNX Runtime may run it: --runtime onnxruntime)"
             raise ModelError(_with_path(path, str(exc)) + hint) from None
         except ModelError as exc:
             raise ModelError(_with_path(path, str(exc))) from None
-        return model.forward, model.input_shape, model.num_classes
+        return model
     if runtime == "onnxruntime":
-        f = onnxruntime_forward(path)
-        return f, f.input_shape, f.num_classes
+        return onnxruntime_forward(path, input_shape, data_shape)
     raise BwacalError(f"unknown runtime '{runtime}', expected one of: {', '.join(RUNTIMES)}")

@@ -148,9 +148,9 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
             bws, acts = _from_theta(net, theta)
             params = net.params(bws, acts)
             values, tape = net.engine.run({net.model.input_name: x}, params=params, record=True, wrt=wrt)
-            logits = values[net.model.output_name]
+            logits = net.model.logits(values)
             loss, dlogits = classification_loss(logits, y, t, options.loss)
-            grads = net.engine.backward(tape, {net.model.output_name: dlogits}, wrt=wrt)
+            grads = net.engine.backward(tape, net.model.output_seed(dlogits), wrt=wrt)
             gtheta = {}
             for layer in net.layers:
                 wq = net.weights[layer.weight]

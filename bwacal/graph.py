@@ -65,12 +65,34 @@ class Graph:
         return {out: node for node in self.nodes for out in node.outputs}
 
 
+def reads(node: Node) -> list[str]:
+    """Every value ``node`` reads: its inputs and the enclosing-graph names its subgraphs (If branches) use."""
+    names = [n for n in node.inputs if n]
+    for value in node.attrs.values():
+        for sub in (value if isinstance(value, list) else [value]):
+            if isinstance(sub, Graph):
+                names += sorted(outer_names(sub))
+    return names
+
+
+def outer_names(graph: Graph) -> set:
+    """Names a subgraph reads but does not define: they come from the graph that encloses it."""
+    defined = set(graph.initializers) | {v.name for v in graph.inputs}
+    outer = set()
+    for node in graph.nodes:
+        outer.update(n for n in reads(node) if n not in defined)
+        defined.update(node.outputs)
+    outer.update(v.name for v in graph.outputs if v.name not in defined)
+    return outer
+
+
 def toposort(nodes: list[Node], available: set[str]) -> list[Node]:
-    """Order ``nodes`` so every input is produced before it is read (iterative Kahn's algorithm)."""
+    """Order ``nodes`` so every value is produced before it is read, by an input or by a subgraph
+    (iterative Kahn's algorithm)."""
     produced_by = {out: i for i, n in enumerate(nodes) for out in n.outputs}
     deps = []
     for n in nodes:
-        deps.append({produced_by[x] for x in n.inputs if x and x not in available and x in produced_by})
+        deps.append({produced_by[x] for x in reads(n) if x not in available and x in produced_by})
     users: dict[int, list[int]] = {}
     for i, d in enumerate(deps):
         for j in d:

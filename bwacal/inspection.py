@@ -16,7 +16,7 @@ from bwacal import passes
 from bwacal.errors import BwacalError, UnsupportedOpError
 from bwacal.graph import Graph, toposort
 from bwacal.onnx_io import read_model
-from bwacal.quantize import PROTOCOLS, select_layers
+from bwacal.quantize import PROTOCOLS, select_layers, skipped_layers
 
 METADATA_KEYS = ("bwacal_version", "bwacal_format", "bwacal_bits", "bwacal_act_bits", "bwacal_act_bwa",
                  "bwacal_protocol", "bwacal_calib_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
@@ -24,12 +24,14 @@ METADATA_KEYS = ("bwacal_version", "bwacal_format", "bwacal_bits", "bwacal_act_b
 
 @dataclass
 class WeightLayer:
-    """A layer calibration would quantize: node, weight name and shape, parameters (with bias), output channels."""
+    """A layer calibration would quantize: node, weight name and shape, output-channel axis, parameters
+    (with bias), output channels."""
 
     name: str
     op_type: str
     weight: str
     shape: tuple
+    axis: int
     params: int
     channels: int
 
@@ -43,7 +45,7 @@ def weight_layers(graph: Graph) -> list[WeightLayer]:
         w = graph.initializers[q.weight]
         bias = graph.initializers.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
         params = int(w.size) + (int(bias.size) if bias is not None else 0)
-        layers.append(WeightLayer(q.node, q.op_type, q.weight, tuple(int(d) for d in w.shape), params,
+        layers.append(WeightLayer(q.node, q.op_type, q.weight, tuple(int(d) for d in w.shape), q.axis, params,
                                   int(w.shape[q.axis])))
     return layers
 
@@ -119,14 +121,15 @@ def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
     return out, warnings
 
 
-def describe_model(path, bits: int = 3) -> dict:
+def describe_model(path, bits: int = 3, input_shape=None) -> dict:
     """Everything ``bwacal inspect`` shows, as a JSON-ready dict.
 
     Raises ``ModelError`` only when the file cannot be parsed at all; later problems (unsupported
     ops, a graph that is not a classifier) are reported under ``"error"`` with the rest filled in.
-    ``"unsupported"`` lists every unsupported node.
+    ``"unsupported"`` lists every node left unsupported after load-time folding; ``"layers"`` the
+    layers calibration quantizes and ``"skipped"`` every other Conv, Gemm and MatMul with the reason.
+    ``input_shape`` (C, H, W) fixes dims the model leaves dynamic.
     """
-    from bwacal.engine import build_ops
     from bwacal.model import load_model
 
     bits = check_inspect_bits(bits)
@@ -135,34 +138,39 @@ def describe_model(path, bits: int = 3) -> dict:
             "inputs": [_value(v) for v in raw.inputs], "outputs": [_value(v) for v in raw.outputs],
             "ops": dict(sorted(Counter(n.op_type for n in raw.nodes).items())),
             "parameters": int(sum(a.size for a in raw.initializers.values())),
-            "num_classes": None, "batchnorm_folded": False, "unsupported": [], "error": None, "warnings": []}
+            "layout": None, "num_classes": None, "batchnorm_folded": False, "unsupported": [], "error": None,
+            "warnings": []}
 
     graph = raw
     try:
-        graph = replace(raw, nodes=toposort(raw.nodes, set(raw.initializers) | {v.name for v in raw.inputs}))
-        graph = passes.remove_identities(passes.constants_to_initializers(graph))
-        build_ops(graph)
-    except ValueError:
-        info["error"] = f"{path}: the graph has a cycle"
+        model = load_model(path, input_shape=input_shape)
+        graph = model.graph
+        info.update(num_classes=model.num_classes, layout=model.layout, batchnorm_folded=True)
     except UnsupportedOpError as exc:
         info["unsupported"] = [{"op": op, "node": name, "reason": why} for op, name, why in exc.problems]
-        info["error"] = str(exc).replace("unsupported op", f"{path}: unsupported op", 1)
-    if info["error"] is None:
-        try:
-            model = load_model(path)
-            graph = model.graph
-            info["num_classes"] = model.num_classes
-            info["batchnorm_folded"] = True
-        except BwacalError as exc:
-            info["error"] = str(exc)
+        info["error"] = str(exc)
+    except BwacalError as exc:
+        info["error"] = str(exc)
+    if info["error"] is not None:
+        graph = _constants_folded(raw)
 
     layers = weight_layers(graph)
     widths = {p: layer_bits(graph, bits, p) for p in PROTOCOLS}
     info["bits"] = bits
     info["layers"] = [{"layer": layer.name, "op": layer.op_type, "weight": layer.weight, "shape": list(layer.shape),
-                       "params": layer.params, "channels": layer.channels,
+                       "axis": layer.axis, "params": layer.params, "channels": layer.channels,
                        "bits": {p: widths[p][i] for p in PROTOCOLS}} for i, layer in enumerate(layers)]
+    info["skipped"] = [{"layer": s.node, "op": s.op_type, "reason": s.reason} for s in skipped_layers(graph)]
     info["bwacal"], info["warnings"] = bwacal_metadata(raw.metadata)
     info["metadata"] = {k: v for k, v in raw.metadata.items() if k not in METADATA_KEYS}
     return info
 
+
+def _constants_folded(raw: Graph) -> Graph:
+    """The graph with its constant subgraphs folded (weights written as ConstantOfShape, transposed
+    weights), for listing layers of a model that does not load; the graph as read if even that fails."""
+    try:
+        graph = replace(raw, nodes=toposort(raw.nodes, set(raw.initializers) | {v.name for v in raw.inputs}))
+        return passes.remove_identities(passes.fold_constants(graph))
+    except Exception:  # a graph too broken to fold is still listed as read
+        return raw

@@ -6,6 +6,10 @@ Three sources are understood:
 - a folder with one subfolder of images per class (``read_image_folder``; needs Pillow);
 - an ``.npz`` archive holding ``images`` and ``labels`` (``read_npz``).
 
+Source ids (which photo, video or original image each image came from, for a held-out split by
+source) are stored as ``sources`` when the input gives them: an ``.npz`` ``sources`` array, or for a
+folder the part of each file name before a separator (``sources_from_names``).
+
 ``make_calibration_file`` picks a (optionally class-balanced) seeded subset and writes it
 atomically with ``bwacal.data.write_dataset``. Every problem with the input raises ``DataError``.
 """
@@ -135,6 +139,37 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(images), labels
 
 
+def read_npz_sources(path: str | Path, n: int) -> np.ndarray | None:
+    """The optional ``sources`` array (N,) of non-negative integer source ids of an ``.npz``, as int64."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            sources = archive["sources"] if "sources" in archive.files else None
+    except Exception as exc:  # np.load reports a damaged archive through many exception types
+        raise DataError(f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    if sources is None:
+        return None
+    if sources.ndim != 1 or not np.issubdtype(sources.dtype, np.integer):
+        raise DataError(f"{path}: 'sources' has shape {sources.shape} dtype {sources.dtype}, expected integer (N,)")
+    if len(sources) != n:
+        raise DataError(f"{path}: 'sources' has {len(sources)} entries but 'images' has {n}")
+    if sources.size and sources.min() < 0:
+        raise DataError(f"{path}: 'sources' contains {int(sources.min())}, expected source ids >= 0")
+    return sources.astype(np.int64)
+
+
+def sources_from_names(files: list[Path], separator: str) -> np.ndarray:
+    """int64 source ids from file names: files whose stems agree before the first ``separator`` share
+    a source (``photo12_crop3.png`` and ``photo12_crop4.png`` with ``"_"``); ids number the distinct
+    prefixes in sorted order. A stem without the separator is its own source."""
+    if not separator:
+        raise DataError("--source-separator is empty, expected a string such as '_'")
+    keys = [f.stem.split(separator, 1)[0] for f in files]
+    names = sorted(set(keys))
+    index = {k: i for i, k in enumerate(names)}
+    return np.asarray([index[k] for k in keys], np.int64)
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -234,12 +269,15 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
                           idx_labels: str | Path | None = None, source: str | Path | None = None,
                           count: int | None = None, balanced: bool = True, seed: int = 0,
                           size: int | None = None, mean: list[float] | None = None,
-                          std: list[float] | None = None, force: bool = False) -> dict:
-    """Build a calibration file from one source; returns a summary (path, n, shape, classes).
+                          std: list[float] | None = None, force: bool = False,
+                          source_separator: str | None = None) -> dict:
+    """Build a calibration file from one source; returns a summary (path, n, shape, classes, sources).
 
     The source is either an IDX pair (``idx_images`` + ``idx_labels``) or ``source``: a folder of
-    class subfolders (needs ``size``) or an ``.npz`` file. The output is written atomically and an
-    existing file is only replaced with ``force``.
+    class subfolders (needs ``size``) or an ``.npz`` file. Source ids are stored when the input gives
+    them: the ``.npz``'s ``sources`` array, or for a folder with ``source_separator`` the file-name
+    prefixes (``sources_from_names``). The output is written atomically and an existing file is only
+    replaced with ``force``.
     """
     from bwacal.data import write_dataset
 
@@ -252,7 +290,10 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
         raise DataError("an IDX source needs both --idx-images and --idx-labels")
     if (idx_images is None) == (source is None):
         raise DataError("give exactly one source: --idx-images/--idx-labels, a folder of class subfolders, or an .npz file")
+    if source_separator is not None and (source is None or not Path(source).is_dir()):
+        raise DataError("--source-separator applies to image folders only (an .npz gives its own 'sources')")
 
+    sources = None
     if idx_images is not None:
         images, labels = read_idx_pair(idx_images, idx_labels)
         described = f"idx:{idx_images},{idx_labels}"
@@ -262,9 +303,12 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
         files, all_labels, _ = list_image_folder(source)
         keep = choose(all_labels, len(files), count, balanced, seed)
         images, labels = load_images([files[i] for i in keep], size), all_labels[keep]
+        if source_separator is not None:
+            sources = sources_from_names(files, source_separator)[keep]
         described = f"folder:{source}"
     elif Path(source).suffix.lower() == ".npz":
         images, labels = read_npz(source)
+        sources = read_npz_sources(source, len(images))
         described = f"npz:{source}"
     else:
         raise DataError(f"{source}: expected a folder of class subfolders or an .npz file")
@@ -276,6 +320,7 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
         keep = choose(labels, len(images), count, balanced, seed)
         images = images[keep]
         labels = labels[keep] if labels is not None else None
+        sources = sources[keep] if sources is not None else None
 
     if images.dtype != np.uint8 and (mean is not None or std is not None):
         raise DataError(f"{described}: images are {images.dtype} (stored model-ready); --mean/--std apply only to uint8 images")
@@ -283,7 +328,7 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
     for option, values in (("--mean", mean), ("--std", std)):
         if values is not None and len(values) != channels:
             raise DataError(f"{option} has {len(values)} values but the images have {channels} channel(s)")
-    write_dataset(out, images, labels, mean=mean, std=std)
+    write_dataset(out, images, labels, mean=mean, std=std, sources=sources)
     return {
         "path": out,
         "n": len(images),
@@ -291,4 +336,5 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
         "dtype": str(images.dtype),
         "classes": None if labels is None else np.bincount(labels).tolist(),
         "source": described,
+        "sources": None if sources is None else len(np.unique(sources)),
     }

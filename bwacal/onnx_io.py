@@ -19,6 +19,7 @@ from bwacal.graph import Graph, Node, ValueInfo
 
 MIN_OPSET, MAX_OPSET = 7, 28
 MAX_TENSOR_ELEMENTS = 1 << 31  # 8 GiB of float32: far beyond any classifier we calibrate
+MAX_SUBGRAPH_DEPTH = 16  # If branches within If branches: exporters nest two or three levels
 
 
 def read_model(source) -> Graph:
@@ -115,11 +116,13 @@ def tensor_to_array(tensor, base_dir=None, label="model") -> np.ndarray:
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
-def _attr_value(attr, base_dir, label):
+def _attr_value(attr, base_dir, label, opset, depth):
     if attr.type == onnx.AttributeProto.TENSOR:
         return tensor_to_array(attr.t, base_dir, label)
-    if attr.type == onnx.AttributeProto.GRAPH or attr.type == onnx.AttributeProto.GRAPHS:
-        return _Subgraph()
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return _subgraph(attr.g, base_dir, label, opset, depth + 1)
+    if attr.type == onnx.AttributeProto.GRAPHS:
+        return [_subgraph(g, base_dir, label, opset, depth + 1) for g in attr.graphs]
     value = helper.get_attribute_value(attr)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
@@ -128,8 +131,14 @@ def _attr_value(attr, base_dir, label):
     return value
 
 
-class _Subgraph:
-    """Marks a control-flow attribute; no op bwacal supports takes one."""
+def _subgraph(g, base_dir, label, opset, depth) -> Graph:
+    """A control-flow body (an If branch) as a ``Graph``: its inputs, outputs, initializers and nodes.
+
+    Names it reads but does not define come from the enclosing graph, as in ONNX.
+    """
+    if depth > MAX_SUBGRAPH_DEPTH:
+        raise ModelError(f"{label}: subgraphs nest more than {MAX_SUBGRAPH_DEPTH} levels deep")
+    return _graph_body(g, base_dir, label, opset, depth)
 
 
 def _value_info(vi) -> ValueInfo:
@@ -147,29 +156,48 @@ def _value_info(vi) -> ValueInfo:
 
 
 def _graph_from_proto(proto, base_dir, label) -> Graph:
-    opset = _opset_of(proto, label)
-    g = proto.graph
+    graph = _graph_body(proto.graph, base_dir, label, _opset_of(proto, label), 0)
+    graph.metadata = {p.key: p.value for p in proto.metadata_props}
+    return graph
+
+
+def _graph_body(g, base_dir, label, opset, depth) -> Graph:
     inits = {}
     for t in g.initializer:
         inits[t.name] = tensor_to_array(t, base_dir, label)
     nodes = []
     for i, n in enumerate(g.node):
-        attrs = {a.name: _attr_value(a, base_dir, label) for a in n.attribute}
+        attrs = {a.name: _attr_value(a, base_dir, label, opset, depth) for a in n.attribute}
         op_type = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
         nodes.append(Node(op_type, n.name or f"{n.op_type}_{i}", list(n.input), list(n.output), attrs))
     inputs = [_value_info(v) for v in g.input if v.name not in inits]
     outputs = [_value_info(v) for v in g.output]
-    meta = {p.key: p.value for p in proto.metadata_props}
-    return Graph(nodes, inputs, outputs, inits, opset, meta)
+    return Graph(nodes, inputs, outputs, inits, opset)
 
 
 def graph_to_proto(graph: Graph, producer="bwacal") -> onnx.ModelProto:
     """Build a ``ModelProto`` from a ``Graph`` (used to write calibrated models)."""
+    model = helper.make_model(_graph_proto(graph, "bwacal"), opset_imports=[helper.make_opsetid("", graph.opset)],
+                              producer_name=producer)
+    model.ir_version = min(model.ir_version, 8 if graph.opset <= 17 else 9)
+    for k, v in graph.metadata.items():
+        model.metadata_props.add(key=k, value=str(v))
+    return model
+
+
+def _graph_proto(graph: Graph, name: str) -> onnx.GraphProto:
+    def attr(v, key):
+        if isinstance(v, np.ndarray):
+            return numpy_helper.from_array(v)
+        if isinstance(v, Graph):
+            return _graph_proto(v, key)
+        if isinstance(v, list) and v and all(isinstance(g, Graph) for g in v):
+            return [_graph_proto(g, key) for g in v]
+        return v
+
     nodes = []
     for n in graph.nodes:
-        attrs = {}
-        for k, v in n.attrs.items():
-            attrs[k] = numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v
+        attrs = {k: attr(v, k) for k, v in n.attrs.items()}
         op_type, domain = n.op_type, ""
         if "::" in op_type:
             domain, op_type = op_type.split("::", 1)
@@ -177,16 +205,13 @@ def graph_to_proto(graph: Graph, producer="bwacal") -> onnx.ModelProto:
 
     def vi(v: ValueInfo):
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(v.dtype or np.float32))
-        shape = None if v.shape is None else [d if d is not None else "N" for d in v.shape]
+        # unknown dims get distinct names: one shared name would tell a runtime they are equal
+        shape = None if v.shape is None else [d if d is not None else ("N" if i == 0 else f"{v.name}_d{i}")
+                                              for i, d in enumerate(v.shape)]
         return helper.make_tensor_value_info(v.name, elem, shape)
 
-    inits = [numpy_helper.from_array(np.asarray(a), name) for name, a in graph.initializers.items()]
-    gp = helper.make_graph(nodes, "bwacal", [vi(v) for v in graph.inputs], [vi(v) for v in graph.outputs], inits)
-    model = helper.make_model(gp, opset_imports=[helper.make_opsetid("", graph.opset)], producer_name=producer)
-    model.ir_version = min(model.ir_version, 8 if graph.opset <= 17 else 9)
-    for k, v in graph.metadata.items():
-        model.metadata_props.add(key=k, value=str(v))
-    return model
+    inits = [numpy_helper.from_array(np.asarray(a), k) for k, a in graph.initializers.items()]
+    return helper.make_graph(nodes, name, [vi(v) for v in graph.inputs], [vi(v) for v in graph.outputs], inits)
 
 
 def write_model(graph: Graph, path, check=True) -> None:

@@ -1,4 +1,4 @@
-"""Graph passes run at load: constant folding, shape-subgraph folding, BatchNorm folding, cleanup.
+"""Graph passes run at load: constant folding, shape-subgraph folding, If inlining, BatchNorm folding, cleanup.
 
 Each pass takes a ``Graph`` and returns a new one; initializer arrays are shared, never mutated.
 """
@@ -9,84 +9,235 @@ from dataclasses import replace
 
 import numpy as np
 
-from bwacal.graph import Graph, Node
+from bwacal.engine import Engine
+from bwacal.errors import UnsupportedOpError
+from bwacal.graph import Graph, Node, ValueInfo, reads
 from bwacal.ops import Unsupported, make_op
 
-# ops whose output depends only on input shapes, never on input values
-_SHAPE_SOURCES = {"Shape"}
+# ops whose output depends only on their input's shape, never on its values
+_SHAPE_SOURCES = {"Shape", "Size"}
 
 
-def constants_to_initializers(graph: Graph) -> Graph:
-    """Turn every node whose inputs are all initializers (Constant included) into an initializer."""
-    inits = dict(graph.initializers)
-    graph_inputs = {v.name for v in graph.inputs}
-    outputs = {v.name for v in graph.outputs}
+def runnable(graph: Graph, nodes: list[Node], exclude=frozenset()) -> list[Node]:
+    """The nodes of ``nodes`` the engine can instantiate (and not named in ``exclude``) whose inputs do
+    not come from one it cannot."""
+    blocked, keep = set(), []
+    for node in nodes:
+        if node.name in exclude or any(n in blocked for n in reads(node)):
+            blocked.update(node.outputs)
+            continue
+        try:
+            make_op(node.op_type, node.attrs, graph.opset, len([o for o in node.outputs if o]))
+        except (Unsupported, TypeError):
+            blocked.update(node.outputs)
+            continue
+        keep.append(node)
+    return keep
+
+
+def _static_values(graph: Graph) -> tuple[set, set]:
+    """(constant, shape-derived) value names: computed from initializers alone, or also from tensor shapes.
+
+    Neither depends on the input's values, so both can be computed once at load.
+    """
+    const, shaped = set(graph.initializers), set()
+    for node in graph.nodes:
+        ins = reads(node)
+        if node.op_type in _SHAPE_SOURCES:
+            shaped.update(node.outputs)
+        elif all(n in const for n in ins):
+            const.update(node.outputs)
+        elif all(n in const or n in shaped for n in ins):
+            shaped.update(node.outputs)
+    return const - set(graph.initializers), shaped
+
+
+def _needed_by_others(graph: Graph, names: set) -> set:
+    """Values of ``names`` read by a node outside ``names``' producers, or that are graph outputs."""
+    producers = {out for node in graph.nodes if set(node.outputs) & names for out in node.outputs}
+    needed = {v.name for v in graph.outputs} & names
+    for node in graph.nodes:
+        if not set(node.outputs) <= producers:
+            needed.update(n for n in reads(node) if n in names)
+    return needed
+
+
+def evaluate_values(graph: Graph, wanted: set, feeds: dict) -> dict:
+    """Run the ancestors of ``wanted`` on the engine; returns the wanted values it could compute."""
+    needed, order = set(wanted), []
+    for node in reversed(graph.nodes):
+        if set(node.outputs) & needed:
+            order.append(node)
+            needed.update(reads(node))
+    excluded = set()
+    while True:
+        nodes = runnable(graph, order[::-1], excluded)
+        produced = {out for node in nodes for out in node.outputs}
+        targets = sorted(n for n in wanted if n in produced)
+        if not targets:
+            return {}
+        sub = replace(graph, nodes=nodes, outputs=[ValueInfo(n, None, None) for n in targets])
+        try:
+            engine = Engine(sub)
+        except UnsupportedOpError as exc:  # an op refusing its input shapes (``check``): run without it
+            excluded.update(name for _, name, _ in exc.problems)
+            continue
+        values, _ = engine.run(feeds, outputs=targets)
+        return values
+
+
+def fold_constants(graph: Graph) -> Graph:
+    """Evaluate, once and on the engine's own ops, every node whose inputs are all constants.
+
+    Whatever the op: ConstantOfShape weights, a Transpose of a weight, Constant chains. Nodes the
+    engine has no op for stay in the graph (and are reported as unsupported if they remain).
+    """
+    const, _ = _static_values(graph)
+    wanted = _needed_by_others(graph, const) - {v.name for v in graph.outputs}
+    if not wanted:
+        return graph
+    values = evaluate_values(graph, wanted, {})
+    return _replace_by_initializers(graph, {k: np.asarray(v) for k, v in values.items()})
+
+
+def _replace_by_initializers(graph: Graph, values: dict) -> Graph:
+    """Turn ``values`` into initializers and drop the nodes no longer needed."""
+    if not values:
+        return graph
+    values = dict(values)
+    read = {v.name for v in graph.outputs} | {n for node in graph.nodes for n in reads(node)}
     nodes = []
     for node in graph.nodes:
-        ins = [n for n in node.inputs if n]
-        foldable = all(n in inits and n not in graph_inputs for n in ins) and len(node.outputs) == 1 \
-            and node.outputs[0] not in outputs
-        if foldable:
-            try:
-                op = make_op(node.op_type, node.attrs, graph.opset)
-                out, _ = op.forward(*[inits[n] if n else None for n in node.inputs])
-            except (Unsupported, ValueError, TypeError, IndexError):
-                nodes.append(node)
-                continue
-            inits[node.outputs[0]] = np.asarray(out[0] if isinstance(out, tuple) else out)
-        else:
-            nodes.append(node)
-    return replace(graph, nodes=nodes, initializers=inits)
-
-
-def shape_derived_values(graph: Graph) -> set:
-    """Values computed only from tensor shapes and constants (what ``x.view(x.size(0), -1)`` exports)."""
-    derived = set()
-    for node in graph.nodes:
-        ins = [n for n in node.inputs if n]
-        if node.op_type in _SHAPE_SOURCES or (ins and all(n in derived or n in graph.initializers for n in ins)):
-            derived.update(node.outputs)
-    return derived
+        outs = [o for o in node.outputs if o]
+        if outs and all(o in values or o not in read for o in outs):
+            continue
+        nodes.append(node)
+        for o in outs:  # a node with one output left to compute keeps all of them
+            values.pop(o, None)
+    inits = dict(graph.initializers)
+    inits.update(values)
+    return remove_dead_nodes(replace(graph, nodes=nodes, initializers=inits))
 
 
 def fold_shape_subgraphs(graph: Graph, evaluate) -> Graph:
-    """Replace shape subgraphs that feed data ops with constants, keeping the batch dim dynamic.
+    """Replace values computed from tensor shapes (what ``x.view(x.size(0), -1)`` exports) by constants,
+    keeping the batch dim dynamic.
 
-    ``evaluate(batch, names)`` runs the graph on a batch of the given size and returns the named
-    values. Entries that change with the batch size become 0 (copy the input's dim) at position 0 of
-    a Reshape target, or -1 elsewhere; a subgraph that cannot be expressed so is left to run.
+    ``evaluate(batch, names)`` runs the graph on a batch of the given size and returns those of the
+    named values it can compute. A value equal at batch 1 and 2 becomes a constant. A value that
+    changes with the batch and is read only as a Reshape target becomes a constant with 0 (copy the
+    input's dim) at position 0, or -1 elsewhere; any other batch-dependent value stays computed at
+    run time.
     """
-    derived = shape_derived_values(graph)
-    if not derived:
+    _, shaped = _static_values(graph)
+    shaped -= {v.name for v in graph.outputs}
+    if not shaped:
         return graph
-    boundary = sorted({n for node in graph.nodes if not set(node.outputs) <= derived
-                       for n in node.inputs if n in derived})
-    if not boundary:
-        return graph
-    v1, v2 = evaluate(1, boundary), evaluate(2, boundary)
-    reshape_targets = {node.inputs[1] for node in graph.nodes if node.op_type == "Reshape"}
-    consumers = graph.consumers()
-    inits = dict(graph.initializers)
-    for name in boundary:
+    names = sorted(shaped)
+    v1, v2 = evaluate(1, names), evaluate(2, names)
+    consumers = {}
+    for node in graph.nodes:
+        for n in reads(node):
+            consumers.setdefault(n, []).append(node)
+    folded = {}
+    for name in names:
+        if name not in v1 or name not in v2:
+            continue
         a, b = np.asarray(v1[name]), np.asarray(v2[name])
         if a.shape == b.shape and np.array_equal(a, b):
-            inits[name] = a
+            folded[name] = a
             continue
-        only_reshape = all(c.op_type == "Reshape" and c.inputs[1] == name and c.inputs[0] != name
-                           for c in consumers.get(name, []))
-        if name not in reshape_targets or not only_reshape or a.ndim != 1 or a.shape != b.shape:
+        users = consumers.get(name, [])
+        only_reshape = users and all(c.op_type == "Reshape" and c.inputs[1] == name and c.inputs[0] != name
+                                     and not c.attrs.get("allowzero", 0) for c in users)
+        if not only_reshape or a.ndim != 1 or a.shape != b.shape:
             continue
         diff = np.flatnonzero(a != b)
         if len(diff) != 1 or (-1 in a and diff[0] != 0):
             continue
         fixed = a.copy()
         fixed[diff[0]] = 0 if diff[0] == 0 else -1
-        if diff[0] == 0 and any(c.attrs.get("allowzero", 0) for c in consumers[name]):
+        folded[name] = fixed
+    return _replace_by_initializers(graph, folded)
+
+
+def inline_constant_ifs(graph: Graph) -> Graph:
+    """Replace every ``If`` whose condition is a constant by the nodes of the branch it takes.
+
+    tf2onnx wraps batch normalization in such nodes. Branch nodes and values get names prefixed with
+    the If's name (made unique), names from the enclosing graph are kept, and the branch's outputs
+    are renamed to the If's outputs. Returns ``graph`` itself when there is nothing to inline.
+    """
+    taken = {}
+    for node in graph.nodes:
+        if node.op_type == "If" and node.inputs and node.inputs[0] in graph.initializers:
+            cond = np.asarray(graph.initializers[node.inputs[0]])
+            if cond.size != 1:
+                continue
+            branch = node.attrs.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+            if isinstance(branch, Graph) and len(branch.outputs) == len(node.outputs):
+                taken[node.name] = branch
+    if not taken:
+        return graph
+    used_values = {name for node in graph.nodes for name in node.outputs + node.inputs} | set(graph.initializers) \
+        | {v.name for v in graph.inputs}
+    used_nodes = {n.name for n in graph.nodes}
+    inits = dict(graph.initializers)
+    nodes = []
+    for node in graph.nodes:
+        branch = taken.get(node.name)
+        if branch is None:
+            nodes.append(node)
             continue
-        inits[name] = fixed
-    produced_constant = {n for n in boundary if n in inits}
-    nodes = [n for n in graph.nodes if not (set(n.outputs) & produced_constant)]
-    return remove_dead_nodes(replace(graph, nodes=nodes, initializers=inits))
+        rename = {}
+
+        def fresh(name, used=used_values):
+            candidate, k = f"{node.name}/{name}", 1
+            while candidate in used:
+                candidate, k = f"{node.name}/{name}.{k}", k + 1
+            used.add(candidate)
+            return candidate
+
+        for name, value in branch.initializers.items():
+            rename[name] = fresh(name)
+            inits[rename[name]] = value
+        produced = {o for n in branch.nodes for o in n.outputs if o}
+        for k, out in enumerate(branch.outputs):
+            if out.name in produced and out.name not in rename and node.outputs[k]:
+                rename[out.name] = node.outputs[k]
+        for name in produced:
+            if name not in rename:
+                rename[name] = fresh(name)
+        for n in branch.nodes:
+            nodes.append(Node(n.op_type, fresh(n.name, used_nodes), [rename.get(i, i) for i in n.inputs],
+                              [rename.get(o, o) for o in n.outputs], _rename_attrs(n.attrs, rename)))
+        for k, out in enumerate(branch.outputs):
+            # an output read from outside the branch, or a branch constant, or one value given twice
+            if node.outputs[k] and rename.get(out.name, out.name) != node.outputs[k]:
+                nodes.append(Node("Identity", fresh(f"output{k}", used_nodes), [rename.get(out.name, out.name)],
+                                  [node.outputs[k]]))
+    return replace(graph, nodes=nodes, initializers=inits)
+
+
+def _rename_attrs(attrs: dict, rename: dict) -> dict:
+    """Apply ``rename`` to the enclosing-graph names a nested subgraph reads."""
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, Graph):
+            value = _rename_outer(value, rename)
+        elif isinstance(value, list) and value and all(isinstance(g, Graph) for g in value):
+            value = [_rename_outer(g, rename) for g in value]
+        out[key] = value
+    return out
+
+
+def _rename_outer(sub: Graph, rename: dict) -> Graph:
+    defined = set(sub.initializers) | {v.name for v in sub.inputs} | {o for n in sub.nodes for o in n.outputs}
+    local = {k: v for k, v in rename.items() if k not in defined}
+    nodes = [replace(n, inputs=[local.get(i, i) for i in n.inputs], attrs=_rename_attrs(n.attrs, local))
+             for n in sub.nodes]
+    outputs = [v if v.name in defined else replace(v, name=local.get(v.name, v.name)) for v in sub.outputs]
+    return replace(sub, nodes=nodes, outputs=outputs)
 
 
 def remove_dead_nodes(graph: Graph) -> Graph:
@@ -96,7 +247,7 @@ def remove_dead_nodes(graph: Graph) -> Graph:
     for node in reversed(graph.nodes):
         if any(o in needed for o in node.outputs):
             keep.append(node)
-            needed.update(n for n in node.inputs if n)
+            needed.update(reads(node))
     keep.reverse()
     inits = {k: v for k, v in graph.initializers.items() if k in needed}
     return replace(graph, nodes=keep, initializers=inits)

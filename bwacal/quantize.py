@@ -40,29 +40,73 @@ def select_layers(graph: Graph, bits: int, protocol: str = "first-last-8bit",
                   act_bits: int | None = None) -> list[QuantLayer]:
     """Conv, Gemm and MatMul nodes whose weight is an initializer, in graph order.
 
-    Under ``first-last-8bit`` the first and the last of them stay at 8 bits (weights and input
-    activations); under ``all-layers`` every one gets the requested widths.
+    A MatMul's weight is its second operand, 2-D (a linear layer, also on the 3-D activations of a
+    transformer); a MatMul of two activations (attention) is never quantized. ``skipped_layers``
+    gives the reason for every candidate left out. Under ``first-last-8bit`` the first and the last
+    of them stay at 8 bits (weights and input activations); under ``all-layers`` every one gets the
+    requested widths.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     layers = []
     for node in graph.nodes:
-        if node.op_type == "Conv" and node.inputs[1] in graph.initializers:
-            axis = 0
-        elif node.op_type == "Gemm" and node.inputs[1] in graph.initializers and not node.attrs.get("transA", 0):
-            axis = 0 if node.attrs.get("transB", 0) else 1
-        elif node.op_type == "MatMul" and node.inputs[1] in graph.initializers \
-                and graph.initializers[node.inputs[1]].ndim == 2:
-            axis = 1
-        else:
-            continue
-        layers.append(QuantLayer(node.name, node.op_type, node.inputs[1], axis, bits, node.inputs[0], act_bits))
+        axis, _ = _weight_axis(graph, node)
+        if axis is not None:
+            layers.append(QuantLayer(node.name, node.op_type, node.inputs[1], axis, bits, node.inputs[0], act_bits))
     if protocol == "first-last-8bit" and layers:
         for edge in {0, len(layers) - 1}:
             layers[edge].bits = max(bits, EDGE_BITS)
             if act_bits is not None:
                 layers[edge].act_bits = max(act_bits, EDGE_BITS)
     return layers
+
+
+@dataclass
+class SkippedLayer:
+    """A Conv, Gemm or MatMul ``select_layers`` does not quantize, and why."""
+
+    node: str
+    op_type: str
+    reason: str
+
+
+def skipped_layers(graph: Graph) -> list[SkippedLayer]:
+    """Every Conv, Gemm and MatMul node ``select_layers`` leaves out, in graph order, with the reason."""
+    out = []
+    for node in graph.nodes:
+        axis, reason = _weight_axis(graph, node)
+        if axis is None and reason is not None:
+            out.append(SkippedLayer(node.name, node.op_type, reason))
+    return out
+
+
+def _weight_axis(graph: Graph, node) -> tuple[int | None, str | None]:
+    """(output-channel axis of the weight, None) for a layer to quantize, (None, reason) for a Conv,
+    Gemm or MatMul that is not, (None, None) for any other op."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return None, None
+    inits = graph.initializers
+    data, weight = node.inputs[0], node.inputs[1]
+    if weight not in inits:
+        if data in inits:
+            return None, "the constant operand is the first one (its weight layout is not a layer's)"
+        if node.op_type == "MatMul":
+            return None, "MatMul of two activations"
+        return None, "weight is not a constant"
+    if data in inits:
+        return None, "both operands are constants"
+    w = inits[weight]
+    if w.dtype.kind != "f":
+        return None, f"weight is {w.dtype}, not floating point"
+    if node.op_type == "Conv":
+        return 0, None
+    if node.op_type == "Gemm":
+        if node.attrs.get("transA", 0):
+            return None, "Gemm with transA"
+        return (0 if node.attrs.get("transB", 0) else 1), None
+    if w.ndim != 2:
+        return None, f"weight is {w.ndim}-D (a linear layer's is 2-D)"
+    return 1, None
 
 
 @dataclass
@@ -102,7 +146,7 @@ class QuantizedNetwork:
 
     def forward(self, x, params=None):
         values, _ = self.engine.run({self.model.input_name: x}, params=params or self.params())
-        return values[self.model.output_name]
+        return self.model.logits(values)
 
 
 def quantize_network(model: Model, layers: list[QuantLayer], weight_method: str = "mse",

@@ -11,7 +11,7 @@ import typer
 
 from cli.common import EXIT_CHECK_FAILED, user_errors
 from cli.main import app
-from cli.options import Quiet, Verbose
+from cli.options import InputShape, Quiet, Verbose
 
 
 def parse_bits(text: str) -> list[int]:
@@ -46,6 +46,7 @@ def batch_cmd(
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the calibration set per job.")] = 5,
     act_bits: Annotated[Optional[int], typer.Option("--act-bits", help="Quantize activations too, to this many bits.")] = None,
     all_layers: Annotated[bool, typer.Option("--all-layers", help="Quantize the first and last layers at the requested width too.")] = False,
+    input_shape: InputShape = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ):
@@ -66,7 +67,8 @@ def batch_cmd(
             if output.exists() and not output.is_dir():
                 raise BwacalError(f"{output}: exists and is not a directory")
             base = CalibrationOptions(act_bits=act_bits, epochs=epochs,
-                                      protocol="all-layers" if all_layers else "first-last-8bit")
+                                      protocol="all-layers" if all_layers else "first-last-8bit",
+                                      input_shape=input_shape)
             jobs = plan_jobs(source, parse_bits(bits), output, calib=calib, eval_path=eval_data, options=base, fmt=fmt)
             output.mkdir(parents=True, exist_ok=True)
             if scheduler:

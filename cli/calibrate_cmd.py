@@ -13,7 +13,7 @@ import typer
 
 from cli.common import user_errors
 from cli.main import app
-from cli.options import Quiet, Verbose
+from cli.options import InputShape, Quiet, Verbose
 
 
 def default_output(model: Path, bits: int, act_bits: int | None) -> Path:
@@ -62,6 +62,7 @@ def calibrate_cmd(
     weight_method: Annotated[str, typer.Option("--weight-method", help="The uniform grid BWA starts from: mse (per-channel step minimising weight error), minmax, or auto (whichever gives the lower held-out loss).")] = "auto",
     act_method: Annotated[str, typer.Option("--act-method", help="Activation step calibration: mse or percentile.")] = "mse",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split and shuffling; same seed, same output bytes.")] = 0,
+    input_shape: InputShape = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -78,7 +79,8 @@ def calibrate_cmd(
     opts = CalibrationOptions(bits=bits, act_bits=act_bits, act_bwa=act_bwa,
                               protocol="all-layers" if all_layers else "first-last-8bit",
                               weight_method=weight_method, act_method=act_method, epochs=epochs,
-                              batch_size=batch_size, lr=lr, holdout=holdout, loss=loss, seed=seed)
+                              batch_size=batch_size, lr=lr, holdout=holdout, loss=loss, seed=seed,
+                              input_shape=input_shape)
     out = output or default_output(model, bits, act_bits)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

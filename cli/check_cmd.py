@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import EXIT_CHECK_FAILED, user_errors
-from cli.evaluate_cmd import load_pair
+from cli.evaluate_cmd import load_pair, open_for
 from cli.main import app
-from cli.options import DEFAULT_BATCH_SIZE, BatchSize, Data, Json, Quiet, Runtime, Verbose
+from cli.options import DEFAULT_BATCH_SIZE, BatchSize, Data, InputShape, Json, Quiet, Runtime, Verbose
 from cli.progress import progress_bar
 
 
@@ -30,6 +30,7 @@ def check_cmd(
     runtime: Runtime = "bwacal",
     json_out: Json = False,
     batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    input_shape: InputShape = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ):
@@ -39,7 +40,6 @@ def check_cmd(
 
     Example: bwacal check data/zoo/resnet20.onnx --reference data/zoo/resnet20.onnx --data data/fmnist_val.h5 --max-drop 1.0
     """
-    from bwacal.data import open_dataset
     from bwacal.evaluate import evaluate
     from bwacal.gate import check_max_drop, check_output_path, choose_metric, judge, write_junit
 
@@ -48,11 +48,11 @@ def check_cmd(
         max_drop = check_max_drop(max_drop)
         if junit is not None:
             check_output_path(junit, inputs=(model, reference, data))
-        forward, ref_forward, input_shape, num_classes = load_pair(model, reference, runtime)
-        with open_dataset(data, input_shape=input_shape, num_classes=num_classes) as ds:
+        loaded, ref = load_pair(model, reference, runtime, data, input_shape)
+        with open_for(data, loaded) as ds:
             chosen = choose_metric(metric, ds.has_labels, str(data))
             with progress_bar("checking", ds.n, quiet) as progress:
-                result = evaluate(forward, ds, batch_size=batch_size, reference=ref_forward, progress=progress)
+                result = evaluate(loaded.forward, ds, batch_size=batch_size, reference=ref.forward, progress=progress)
         verdict = judge(result, chosen, max_drop, str(model), str(reference), str(data))
         if junit is not None:
             try:

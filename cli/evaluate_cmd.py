@@ -10,25 +10,44 @@ import typer
 
 from cli.common import user_errors
 from cli.main import app
-from cli.options import DEFAULT_BATCH_SIZE, BatchSize, Data, Json, Quiet, Reference, Runtime, Verbose
+from cli.options import DEFAULT_BATCH_SIZE, BatchSize, Data, InputShape, Json, Quiet, Reference, Runtime, Verbose
 from cli.progress import progress_bar
 
 
-def load_pair(model: Path, reference: Path | None, runtime: str):
-    """Forwards for a model and its optional reference on one runtime; both must take the same input and classes."""
+def load_pair(model: Path, reference: Path | None, runtime: str, data: Path, input_shape: str | None = None):
+    """A model and its optional reference loaded on one runtime (see ``bwacal.evaluate.load_forward``); both
+    must take the same input and give the same classes. Dynamic image dims come from ``input_shape``
+    (CxHxW) or else from the images in ``data``."""
+    from bwacal.data import peek_image_shape
     from bwacal.errors import BwacalError, ModelError
     from bwacal.evaluate import RUNTIMES, load_forward
+    from bwacal.model import parse_input_shape
 
     if runtime not in RUNTIMES:
         raise BwacalError(f"--runtime must be one of: {', '.join(RUNTIMES)}; got '{runtime}'")
-    forward, input_shape, num_classes = load_forward(model, runtime)
-    ref_forward = None
+    shape = parse_input_shape(input_shape) if input_shape is not None else None
+    data_shape = None
+    if shape is None:
+        try:
+            data_shape = peek_image_shape(data)
+        except BwacalError:
+            pass  # opening the data for the model reports its problem, after the model's own
+    loaded = load_forward(model, runtime, shape, data_shape)
+    ref = None
     if reference is not None:
-        ref_forward, ref_shape, ref_classes = load_forward(reference, runtime)
-        if (ref_shape, ref_classes) != (input_shape, num_classes):
-            raise ModelError(f"{reference}: takes {ref_shape} and gives {ref_classes} classes but {model} takes "
-                             f"{input_shape} and gives {num_classes}; a reference must match the model")
-    return forward, ref_forward, input_shape, num_classes
+        ref = load_forward(reference, runtime, shape, data_shape)
+        if (ref.input_shape, ref.num_classes) != (loaded.input_shape, loaded.num_classes):
+            raise ModelError(f"{reference}: takes {ref.input_shape} and gives {ref.num_classes} classes but {model} "
+                             f"takes {loaded.input_shape} and gives {loaded.num_classes}; a reference must match "
+                             "the model")
+    return loaded, ref
+
+
+def open_for(data: Path, loaded):
+    """``data`` opened and checked against a loaded model's input, layout and classes."""
+    from bwacal.data import open_dataset
+
+    return open_dataset(data, input_shape=loaded.input_shape, num_classes=loaded.num_classes, layout=loaded.layout)
 
 
 def pct(x) -> str:
@@ -44,6 +63,7 @@ def evaluate_cmd(
     runtime: Runtime = "bwacal",
     json_out: Json = False,
     batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    input_shape: InputShape = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ):
@@ -51,18 +71,18 @@ def evaluate_cmd(
 
     Example: bwacal evaluate data/zoo/resnet20.onnx --data data/fmnist_val.h5
     """
-    from bwacal.data import open_dataset
     from bwacal.evaluate import evaluate
 
     with user_errors(verbose):
-        forward, ref_forward, input_shape, num_classes = load_pair(model, reference, runtime)
-        with open_dataset(data, input_shape=input_shape, num_classes=num_classes) as ds:
+        loaded, ref = load_pair(model, reference, runtime, data, input_shape)
+        with open_for(data, loaded) as ds:
             with progress_bar("evaluating", ds.n, quiet) as progress:
-                result = evaluate(forward, ds, batch_size=batch_size, reference=ref_forward, progress=progress)
+                result = evaluate(loaded.forward, ds, batch_size=batch_size, reference=ref and ref.forward,
+                                  progress=progress)
 
     if json_out:
         out = {"model": str(model), "data": str(data), "runtime": runtime,
-               "reference": None if reference is None else str(reference), "num_classes": num_classes,
+               "reference": None if reference is None else str(reference), "num_classes": loaded.num_classes,
                **result.to_dict()}
         typer.echo(json.dumps(out, indent=2))
         return

@@ -10,7 +10,7 @@ import typer
 
 from cli.common import EXIT_BAD_INPUT, user_errors
 from cli.main import app
-from cli.options import Json, Quiet, Verbose
+from cli.options import InputShape, Json, Quiet, Verbose
 
 
 def _table(headers, rows, right=()) -> list[str]:
@@ -36,17 +36,23 @@ def render(info: dict) -> list[str]:
     lines = [f"model: {info['model']}", f"opset: {info['opset']}"]
     lines += [f"input: {v['name']} {v['dtype']} {_shape(v)}" for v in info["inputs"]]
     lines += [f"output: {v['name']} {v['dtype']} {_shape(v)}" for v in info["outputs"]]
+    if info["layout"] is not None:
+        lines.append(f"layout: {info['layout'].upper()}")
     if info["num_classes"] is not None:
         lines.append(f"classes: {info['num_classes']}")
     lines.append("ops: " + ", ".join(f"{k} x{n}" for k, n in info["ops"].items()))
     lines.append(f"parameters: {info['parameters']}")
     layers = info["layers"]
     folded = ", after BatchNorm folding" if info["batchnorm_folded"] else ""
-    lines.append(f"weight layers: {len(layers)}{folded}; weight bits per protocol at --bits {info['bits']}:")
+    lines.append(f"quantized layers: {len(layers)}{folded}; weight bits per protocol at --bits {info['bits']}:")
     if layers:
-        rows = [(r["layer"], r["op"], "x".join(map(str, r["shape"])), r["params"], r["bits"]["first-last-8bit"],
-                 r["bits"]["all-layers"]) for r in layers]
-        lines += _table(("layer", "op", "weight", "params", "first-last-8bit", "all-layers"), rows, right=(3, 4, 5))
+        rows = [(r["layer"], r["op"], "x".join(map(str, r["shape"])), r["axis"], r["params"],
+                 r["bits"]["first-last-8bit"], r["bits"]["all-layers"]) for r in layers]
+        lines += _table(("layer", "op", "weight", "axis", "params", "first-last-8bit", "all-layers"), rows,
+                        right=(3, 4, 5, 6))
+    if info["skipped"]:
+        lines.append(f"not quantized: {len(info['skipped'])}")
+        lines += _table(("layer", "op", "reason"), [(r["layer"], r["op"], r["reason"]) for r in info["skipped"]])
     if info["unsupported"]:
         lines.append(f"unsupported ops ({len(info['unsupported'])} nodes):")
         lines += [f"  {u['op']} (node '{u['node']}'): {u['reason']}" for u in info["unsupported"]]
@@ -81,12 +87,14 @@ def inspect_model(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     *,
     bits: Annotated[int, typer.Option("--bits", help="Weight width (2-8) for the per-protocol plan.")] = 3,
+    input_shape: InputShape = None,
     json_out: Json = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ):
-    """Show a model's inputs, outputs, op counts, parameters per layer, the bit width each layer would get
-    under each protocol, every unsupported op, and the calibration record of a model bwacal wrote.
+    """Show a model's inputs, outputs, op counts, the layers calibration quantizes (weight shape, axis, the bit
+    width under each protocol) and why every other Conv, Gemm and MatMul is not, every op left unsupported
+    after load-time folding, and the calibration record of a model bwacal wrote.
 
     Exits 2 (after printing the rest) when the model has unsupported ops or is not a classifier bwacal can run.
 
@@ -94,10 +102,12 @@ def inspect_model(
     """
     from bwacal.errors import BwacalError, ModelError
     from bwacal.inspection import describe_model
+    from bwacal.model import parse_input_shape
 
     with user_errors(verbose):
+        shape = parse_input_shape(input_shape) if input_shape is not None else None
         try:
-            info = describe_model(model, bits=bits)
+            info = describe_model(model, bits=bits, input_shape=shape)
         except BwacalError:
             raise
         except Exception as exc:  # the analysis met a graph too malformed to describe

@@ -27,6 +27,10 @@ def make_calib(
         help="Image folders: resize the shorter side to SIZE, then centre-crop SIZE x SIZE.")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Per-channel mean after scaling to [0, 1], e.g. 0.2860.")] = None,
     std: Annotated[Optional[str], typer.Option(help="Per-channel std after scaling to [0, 1], e.g. 0.3530.")] = None,
+    source_separator: Annotated[Optional[str], typer.Option(
+        help="Image folders: files whose names agree before SEP come from one source (photo, video), "
+             "e.g. '_' for photo12_crop3.png; stored as 'sources' so the held-out split keeps sources apart. "
+             "An .npz gives its own 'sources' array.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
 ):
@@ -41,9 +45,11 @@ def make_calib(
         summary = make_calibration_file(
             out, idx_images=idx_images, idx_labels=idx_labels, source=source, count=count,
             balanced=balanced, seed=seed, size=size, mean=parse_channels(mean, "--mean"),
-            std=parse_channels(std, "--std"), force=force,
+            std=parse_channels(std, "--std"), force=force, source_separator=source_separator,
         )
     c, h, w = summary["image_shape"]
     typer.echo(f"wrote {summary['path']}: {summary['n']} images {c}x{h}x{w} {summary['dtype']}")
     if summary["classes"] is not None:
         typer.echo("per class: " + ", ".join(f"{k}:{v}" for k, v in enumerate(summary["classes"])))
+    if summary["sources"] is not None:
+        typer.echo(f"sources: {summary['sources']} distinct")

@@ -44,8 +44,12 @@ def plot_cmd(
             raise BwacalError(f"{report}: not a JSON report ({exc})") from None
         if isinstance(data, dict) and "layers" in data and "model" in data:
             from bwacal import load_model
+            from bwacal.data import peek_image_shape
 
-            model = load_model(data["model"])
+            shape = (data.get("options") or {}).get("input_shape")
+            calib = data.get("calib")
+            data_shape = peek_image_shape(calib) if shape is None and calib and Path(calib).is_file() else None
+            model = load_model(data["model"], input_shape=shape, data_shape=data_shape)
             png = plot_calibration(data, model.graph.initializers, layers.split(",") if layers else None)
         elif isinstance(data, dict) and isinstance(data.get("jobs"), list):
             png = plot_summary(data["jobs"])

@@ -217,3 +217,18 @@ def elu(x, alpha):
 def elu_grad(x, dy, alpha):
     x = np.asarray(x, dtype=np.float64)
     return np.where(x >= 0, dy, dy * alpha * np.exp(np.minimum(x, 0)))
+
+def output_errors(w, steps, hessians, qmin, qmax):
+    """``e^T H e`` per (row, candidate step), H of row c being ``hessians[c // (C // G)]``."""
+    w = np.asarray(w, dtype=np.float64)
+    steps = np.asarray(steps, dtype=np.float64)
+    hessians = np.asarray(hessians, dtype=np.float64).reshape(-1, w.shape[1], w.shape[1])
+    per_group = w.shape[0] // hessians.shape[0]
+    out = np.zeros(steps.shape)
+    for c in range(steps.shape[0]):
+        h = hessians[c // per_group]
+        for r in range(steps.shape[1]):
+            s = steps[c, r]
+            e = w[c] - s * np.clip(np.round(w[c] / s), qmin, qmax)
+            out[c, r] = e @ h @ e
+    return out

@@ -11,9 +11,10 @@ from tests import naive
 X = np.concatenate([np.random.default_rng(0).standard_normal(3000) * 4,
                     [0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 40.0, -40.0, 88.0, -88.0, 700.0, -700.0]])
 TOL = {np.float32: dict(rtol=2e-6, atol=1e-37), np.float64: dict(rtol=1e-13, atol=1e-300)}
-# the derivatives of Gelu and Mish are sums of terms of opposite sign for negative x, so the kernel's
-# and the twin's libm roundings differ there by more, relatively, than their values do
-GRAD_TOL = {np.float32: TOL[np.float32], np.float64: dict(rtol=1e-11, atol=1e-300)}
+# the derivatives of Gelu and Mish are sums of terms of opposite sign for negative x and cross zero
+# (Gelu's at -0.75, Mish's at -1.19), so near there only an absolute error means anything: dy is
+# about 1, the float32 kernels' Phi is good to 1.2e-7 relative
+GRAD_TOL = {np.float32: dict(rtol=2e-6, atol=1e-7), np.float64: dict(rtol=1e-11, atol=1e-300)}
 
 FORWARD = {
     "erf": ((), ()),

@@ -87,8 +87,8 @@ def test_several_graph_inputs(valid, tiny_proto, tmp_path, out_dir):
 def test_output_that_is_not_batch_by_classes(valid, tiny_proto, tmp_path, out_dir):
     g = tiny_proto.graph
     del g.output[:]
-    g.output.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, None))  # (N, 16, 1, 1)
-    path = save(tiny_proto, tmp_path / "pooled.onnx")
+    g.output.append(helper.make_tensor_value_info("r3", TensorProto.FLOAT, None))  # (N, 16, 6, 6)
+    path = save(tiny_proto, tmp_path / "features.onnx")
     assert_bad_input(calibrate(path, valid[1], out_dir), path, "(batch, classes)", out_dir=out_dir)
 
 
