@@ -31,13 +31,14 @@ from bwacal.errors import BwacalError
 
 FORMATS = ("fake", "packed")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-SUMMARY_COLUMNS = ("model", "width", "act_bits", "fp", "uniform", "bwa", "drop", "size_ratio", "seconds",
-                   "status", "error")
+SUMMARY_COLUMNS = ("model", "width", "act_bits", "method", "fp", "uniform", "bwa", "drop", "size_ratio",
+                   "seconds", "status", "error")
 
 # manifest keys that go straight into CalibrationOptions, with the types TOML must give them
 _OPTION_TYPES = {"act_bits": int, "act_bwa": bool, "protocol": str, "epochs": int, "batch_size": int,
                  "lr": (int, float), "holdout": (int, float), "loss": str, "seed": int, "weight_method": str,
-                 "act_method": str, "input_shape": (list, str)}
+                 "act_method": str, "method": str, "adaround_iterations": int, "adaround_images": int,
+                 "input_shape": (list, str)}
 _MODEL_KEYS = {"path", "name", "calib", "eval", "bits", "all_layers", "format"} | set(_OPTION_TYPES)
 
 
@@ -257,8 +258,10 @@ def summary_row(job: Job, report: dict, status: str) -> dict:
     def pct(v):
         return None if v is None else round(100 * v, 4)
 
-    fp, bwa = pct(acc.get("fp")), pct(acc.get("bwa"))
-    return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits, "fp": fp,
+    method = report.get("method", "bwa")
+    # the "bwa" column holds the calibrated network's top-1, whichever method calibrated it
+    fp, bwa = pct(acc.get("fp")), pct(acc.get(method))
+    return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits, "method": method, "fp": fp,
             "uniform": pct(acc.get("uniform_mse")), "bwa": bwa,
             "drop": None if fp is None or bwa is None else round(fp - bwa, 4),
             "size_ratio": round(report["size_ratio"], 4), "seconds": round(report["batch_seconds"], 3),
@@ -271,7 +274,8 @@ def failed_row(job: Job, exc: BaseException, seconds: float | None = None) -> di
     else:
         message = f"{type(exc).__name__}: {exc}".rstrip(": ")
     lines = message.strip().splitlines()
-    return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits, "fp": None,
+    return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits,
+            "method": job.options.method, "fp": None,
             "uniform": None, "bwa": None, "drop": None, "size_ratio": None,
             "seconds": None if seconds is None else round(seconds, 3), "status": "failed",
             "error": lines[0] if lines else type(exc).__name__, "output": str(job.output)}
@@ -424,12 +428,12 @@ def _fmt(value, digits=2):
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    lines = ["| model | width | FP | uniform | BWA | drop | size ratio | seconds | status |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | width | method | FP | uniform | calibrated | drop | size ratio | seconds | status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         width = f"W{r['width']}" + (f"A{r['act_bits']}" if r["act_bits"] else "")
         ratio = "" if r["size_ratio"] is None else f"{r['size_ratio']:.2f}x"
-        lines.append(f"| {r['model']} | {width} | {_fmt(r['fp'])} | {_fmt(r['uniform'])} | {_fmt(r['bwa'])} | "
+        lines.append(f"| {r['model']} | {width} | {r.get('method', 'bwa')} | {_fmt(r['fp'])} | {_fmt(r['uniform'])} | {_fmt(r['bwa'])} | "
                      f"{_fmt(r['drop'])} | {ratio} | {_fmt(r['seconds'], 1)} | {r['status']} |")
     failures = [r for r in rows if r["status"] == "failed"]
     if failures:

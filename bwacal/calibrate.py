@@ -1,4 +1,4 @@
-"""BWA calibration end to end: load, quantize, fit the bit weights, report.
+"""Calibration end to end: load, quantize, fit (bit weights, learned rounding or both), report.
 
 ``calibrate(model_path, calib_path, options)`` returns a ``Calibration`` holding the fitted
 quantized network and the report; ``bwacal.export.write_quantized`` writes it as ONNX.
@@ -12,13 +12,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from bwacal import __version__
+from bwacal.adaround import AdaRoundOptions, adaround
 from bwacal.data import open_dataset, peek_image_shape
 from bwacal.errors import BwacalError
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
 from bwacal.model import Model, check_input_shape, load_model
+from bwacal.quant.bwa import bit_scale
 from bwacal.quantize import PROTOCOLS, QuantizedNetwork, collect_activation_samples, quantize_network, select_layers
 
 IN_MEMORY_LIMIT = 512 << 20  # calibration images up to this many bytes are read once and kept
+METHODS = ("bwa", "adaround", "bwa-codes", "adaround-bwa")
 
 
 @dataclass
@@ -41,6 +44,17 @@ class CalibrationOptions:
     seed: int = 0
     # (C, H, W) for a model with dynamic image dims; None: the calibration file's image size
     input_shape: tuple | None = None
+    # bwa: the paper's bit weights on round-to-nearest codes; adaround: learned rounding, layer by
+    # layer (uniform levels); bwa-codes: bit weights and the rounding of the codes fitted together end
+    # to end; adaround-bwa: AdaRound's codes, then bit weights end to end on them.
+    method: str = "bwa"
+    # per layer; AIMET's default is 10,000 (the choice is measured in benchmarks/RESULTS.md,
+    # "Learned rounding")
+    adaround_iterations: int = 1000
+    adaround_images: int = 256  # calibration images (of the fitting split) AdaRound reconstructs on
+    # bwa-codes: the forward takes the hard codes, V's gradient the relaxation's (False: the soft
+    # relaxation end to end, which measured worse: benchmarks/RESULTS.md, "Learned rounding")
+    codes_straight_through: bool = True
 
     def validate(self):
         """Raise ``BwacalError`` naming the first bad option."""
@@ -67,6 +81,12 @@ class CalibrationOptions:
         if self.loss not in ("ce", "kl", "both"):
             raise BwacalError(f"--loss must be kl, ce or both, got {self.loss!r}")
         self.input_shape = check_input_shape(self.input_shape)
+        if self.method not in METHODS:
+            raise BwacalError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.adaround_iterations < 1:
+            raise BwacalError(f"--adaround-iterations must be at least 1, got {self.adaround_iterations}")
+        if self.adaround_images < 1:
+            raise BwacalError(f"--adaround-images must be at least 1, got {self.adaround_images}")
 
 
 @dataclass
@@ -225,13 +245,31 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
             return _Sized(batches_of(train, "train", order), -(-len(train) // bs))
 
         fit_started = time.perf_counter()
+        rounding = None
+        if options.method in ("adaround", "adaround-bwa"):
+            limit = min(len(train), options.adaround_images)
+            images = np.concatenate([x for x, _, _ in train.batches(bs, np.arange(limit))])
+            say(f"AdaRound: {len(net.weights)} layers, {options.adaround_iterations} iterations each, "
+                f"{len(images)} images")
+            rounding = adaround(net, images, AdaRoundOptions(iterations=options.adaround_iterations,
+                                                             seed=options.seed),
+                                lambda i, n, s: say(f"AdaRound {i + 1}/{n} {s['node']}: reconstruction "
+                                                    f"{s['loss_nearest']:.4g} -> {s['loss']:.4g}, "
+                                                    f"{s['codes_moved']} codes moved, {s['seconds']:.1f} s"))
+        if options.method == "adaround":
+            for qw in net.weights:
+                qw.train_bit_weights = False  # AdaRound's levels stay uniform
+            fit_opts.epochs = 0
+        if options.method == "bwa-codes":
+            for qw in net.weights:
+                qw.start_rounding(model.graph.initializers[qw.name], straight_through=options.codes_straight_through)
         if len(held) == 0:
             say("no held-out split (--holdout 0): the last epoch is kept")
         fit = fit_bit_weights(net, train_batches, lambda: batches_of(held, "held"), fit_opts, progress,
                               keep_best=len(held) > 0)
         fit_seconds = time.perf_counter() - fit_started
         params = net.params()
-        acc["bwa"] = accuracy(lambda x: net.forward(x, params))
+        acc[options.method] = accuracy(lambda x: net.forward(x, params))
         say(_acc_line(f"after fitting (best epoch {fit.best_epoch})", acc))
     finally:
         if eval_data is not None:
@@ -249,14 +287,16 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         "eval_images": len(evaluation),
         "options": asdict(options),
         "loss": loss_mode,
+        "method": options.method,
         "start": start,
         "accuracy": acc,
         "best_epoch": fit.best_epoch,
         "history": fit.history,
-        "layers": [_layer_report(net, layer) for layer in net.layers],
+        "layers": [_layer_report(qw, layer) for qw, layer in zip(net.weights, net.layers)],
         "activations": [{"value": a.value, "bits": a.bits, "signed": a.signed, "step": float(a.step),
-                         "alpha": (net.act_alpha[a.alpha_name].tolist() if a.alpha_name else None)}
+                         "alpha": (a.alpha.tolist() if a.alpha is not None else None)}
                         for a in net.acts],
+        "adaround": rounding,
         "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
     }
@@ -268,19 +308,17 @@ def _acc_line(what, acc):
     return f"top-1 {what}: " + (", ".join(parts) if parts else "n/a (no labels)")
 
 
-def _layer_report(net: QuantizedNetwork, layer) -> dict:
+def _layer_report(qw, layer) -> dict:
     """Bits, channels, the learned bit weights and how far the levels moved from the uniform grid."""
-    bw = net.bit_weights[layer.weight]
-    wq = net.weights[layer.weight]
-    levels = bw.levels(wq.step).astype(np.float64) / wq.step.astype(np.float64)[:, None]
+    levels = qw.levels().astype(np.float64) / qw.step.astype(np.float64)[:, None]
     gaps = np.diff(np.sort(levels, axis=1), axis=1)
-    rel = bw.alpha / 2.0 ** np.arange(bw.bits)
+    rel = qw.alpha / bit_scale(qw.bits)
     return {
         "layer": layer.node, "op_type": layer.op_type, "weight": layer.weight, "bits": layer.bits,
-        "act_bits": layer.act_bits, "channels": wq.channels,
+        "act_bits": layer.act_bits, "channels": qw.channels,
         "alpha_rel_min": float(rel.min()), "alpha_rel_max": float(rel.max()),
         "level_gap_min": float(gaps.min()) if gaps.size else None,
         "level_gap_max": float(gaps.max()) if gaps.size else None,
-        "alpha": np.round(bw.alpha, 6).tolist(), "gamma": np.round(bw.gamma, 6).tolist(),
-        "step": wq.step.tolist(),
+        "alpha": np.round(qw.alpha, 6).tolist(), "gamma": np.round(qw.gamma, 6).tolist(),
+        "step": qw.step.tolist(),
     }

@@ -22,7 +22,6 @@ from bwacal import __version__
 from bwacal.errors import BwacalError
 from bwacal.graph import Graph, Node
 from bwacal.onnx_io import write_model
-from bwacal.ops.quant import activation_levels
 from bwacal.quantize import QuantizedNetwork
 
 FORMATS = ("fake", "packed")
@@ -36,58 +35,55 @@ def quantized_graph(net: QuantizedNetwork, fmt: str = "fake") -> Graph:
     inits = dict(graph.initializers)
     params = net.params()
     extra_nodes = []
-    for layer in net.layers:
+    for qw in net.weights:
+        if qw.rounding is not None:
+            raise ValueError(f"weight '{qw.name}' of node '{qw.node}' still has soft rounding; harden() it first")
         if fmt == "fake":
-            inits[layer.weight] = params[layer.weight].astype(np.float32)
+            inits[qw.name] = params[qw.name].astype(np.float32)
         else:
-            del inits[layer.weight]
-            extra_nodes += _packed_weight(net, layer, inits)
+            del inits[qw.name]
+            extra_nodes += _packed_weight(qw, inits)
     nodes = list(extra_nodes)
     for node in graph.nodes:
         if node.op_type == "bwacal::ActQuant":
             nodes += _act_quant_nodes(net, node, inits)
         else:
             nodes.append(node)
-    for spec in net.acts:
-        if spec.alpha_name:
-            inits.pop(spec.alpha_name, None)
+    for aq in net.acts:
+        if aq.alpha_name:
+            inits.pop(aq.alpha_name, None)
     return replace(graph, nodes=nodes, initializers=inits)
 
 
-def _packed_weight(net, layer, inits) -> list[Node]:
-    wq = net.weights[layer.weight]
-    levels = net.bit_weights[layer.weight].levels(wq.step)  # (C, 2**b) float32
-    base = layer.weight
-    inits[f"{base}.codes"] = np.ascontiguousarray(wq.codes, dtype=np.uint8)
-    inits[f"{base}.levels"] = levels
-    moved = (wq.shape[layer.axis],) + tuple(d for i, d in enumerate(wq.shape) if i != layer.axis)
+def _packed_weight(qw, inits) -> list[Node]:
+    base = qw.name
+    inits[f"{base}.codes"] = np.ascontiguousarray(qw.codes, dtype=np.uint8)
+    inits[f"{base}.levels"] = qw.levels()  # (C, 2**b) float32
+    moved = (qw.shape[qw.axis],) + tuple(d for i, d in enumerate(qw.shape) if i != qw.axis)
     inits[f"{base}.shape"] = np.array(moved, dtype=np.int64)
     nodes = [
         Node("Cast", f"{base}.cast", [f"{base}.codes"], [f"{base}.index"], {"to": 7}),
         Node("GatherElements", f"{base}.gather", [f"{base}.levels", f"{base}.index"], [f"{base}.values"], {"axis": 1}),
     ]
-    if layer.axis == 0:
+    if qw.axis == 0:
         nodes.append(Node("Reshape", f"{base}.reshape", [f"{base}.values", f"{base}.shape"], [base]))
     else:
         perm = list(range(1, len(moved)))
-        perm.insert(layer.axis, 0)
+        perm.insert(qw.axis, 0)
         nodes.append(Node("Reshape", f"{base}.reshape", [f"{base}.values", f"{base}.shape"], [f"{base}.moved"]))
         nodes.append(Node("Transpose", f"{base}.transpose", [f"{base}.moved"], [base], {"perm": perm}))
     return nodes
 
 
 def _act_quant_nodes(net, node, inits) -> list[Node]:
-    spec = next(a for a in net.acts if a.node == node.name)
-    qmin = -(2 ** (spec.bits - 1)) if spec.signed else 0
-    qmax = qmin + 2**spec.bits - 1
-    step = np.float32(spec.step)
+    aq = next(a for a in net.acts if a.node == node.name)
+    qmin, qmax, step = aq.qmin, aq.qmax, aq.step
     name, x = node.name, node.inputs[0]
     inits[f"{name}.lo"] = np.array(np.float32(qmin) * step, dtype=np.float32)
     inits[f"{name}.hi"] = np.array(np.float32(qmax) * step, dtype=np.float32)
     inits[f"{name}.scale"] = np.array(step, dtype=np.float32)
     inits[f"{name}.zero_point"] = np.array(-qmin, dtype=np.uint8)
-    alpha = net.act_alpha[spec.alpha_name] if spec.alpha_name else None
-    inits[f"{name}.levels"] = activation_levels(step, spec.bits, spec.signed, alpha)
+    inits[f"{name}.levels"] = aq.levels()
     # NOTE: no DequantizeLinear, even for uniform levels: after a DequantizeLinear, ONNX Runtime's
     # default optimizations re-quantize the next Conv's float weights to int8, which moves the
     # logits by about 1% here. A Gather from the level table is exact in every runtime.
@@ -101,7 +97,8 @@ def _act_quant_nodes(net, node, inits) -> list[Node]:
 
 
 def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
-    """The ``bwacal_*`` metadata_props every written model carries."""
+    """The ``bwacal_*`` metadata_props every written model carries (``bwacal_method`` only for methods
+    other than ``bwa``, so a BWA file is byte for byte what it was before methods existed)."""
     opts = report.get("options", {})
     return {
         "bwacal_version": __version__,
@@ -110,6 +107,7 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
         "bwacal_act_bits": str(opts.get("act_bits") or "none"),
         "bwacal_act_bwa": str(bool(opts.get("act_bwa"))).lower(),
         "bwacal_protocol": str(opts.get("protocol")),
+        **({"bwacal_method": opts["method"]} if opts.get("method", "bwa") != "bwa" else {}),
         "bwacal_calib_sha256": report.get("calib_sha256", ""),
         "bwacal_accuracy": json.dumps(report.get("accuracy", {})),
         "bwacal_layers": json.dumps([{k: r[k] for k in ("layer", "weight", "bits", "channels", "alpha", "gamma")}

@@ -1,10 +1,11 @@
-"""Fitting the bit weights end to end on the classification loss (METHOD.md section 4).
+"""Fitting the quantizers end to end on the classification loss (METHOD.md sections 4 and 7).
 
-All alpha and gamma of all quantized layers (and activation bit weights, with BWA on activations)
-are trained together through one full backward pass per batch with Adam and a cosine-decaying rate.
-A held-out part of the calibration set picks the best epoch (epoch 0 is the uniform start).
+All alpha and gamma of all quantized layers (and activation bit weights, with BWA on activations,
+and the rounding variables of learned codes) are trained together through one full backward pass
+per batch with Adam and a cosine-decaying rate. A held-out part of the calibration set picks the
+best epoch (epoch 0 is the start).
 
-Parameters are trained in a normalised form, ``alpha_k / 2**k`` and ``gamma / 2**(b-1)``, so one
+Parameters are trained in the normalised form each quantizer hands out (``parameters()``), so one
 learning rate suits every bit position and width.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bwacal.quant.bwa import BitWeights
+from bwacal.quant.rounding import annealed_beta, rounding_regularizer
 from bwacal.quantize import QuantizedNetwork
 
 
@@ -55,13 +56,15 @@ class Adam:
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
 
-    def step(self, params: dict, grads: dict, lr: float):
+    def step(self, params: dict, grads: dict, lr: float, lr_of=None):
+        """One update; ``lr_of(key)``, if given, is the rate of that key (default ``lr``)."""
         self.t += 1
         c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
         for k, g in grads.items():
             self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
             self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
-            params[k] -= lr * (self.m[k] / c1) / (np.sqrt(self.v[k] / c2) + self.eps)
+            rate = lr if lr_of is None else lr_of(k)
+            params[k] -= rate * (self.m[k] / c1) / (np.sqrt(self.v[k] / c2) + self.eps)
 
 
 @dataclass
@@ -71,6 +74,9 @@ class FitOptions:
     lr: float = 1e-3
     loss: str = "kl"  # kl | ce | both
     seed: int = 0
+    rounding_lambda: float = 0.01  # weight of the rounding regulariser (mean per tensor) on learned codes
+    rounding_lr: float = 0.05  # Adam's rate on the rounding variables (end to end has few steps)
+    rounding_warmup: float = 0.2  # fraction of the steps before the regulariser starts
 
 
 @dataclass
@@ -79,25 +85,20 @@ class FitResult:
     history: list = field(default_factory=list)  # per epoch: train_loss, heldout_loss, heldout_top1
 
 
-def _to_theta(net: QuantizedNetwork) -> dict:
-    theta = {}
-    for name, bw in net.bit_weights.items():
-        b = bw.bits
-        theta[f"{name}.alpha"] = bw.alpha / 2.0 ** np.arange(b)
-        theta[f"{name}.gamma"] = bw.gamma / 2.0 ** (b - 1)
-    for name, a in net.act_alpha.items():
-        theta[name] = a / 2.0 ** np.arange(a.size)
-    return theta
+def _owners(net: QuantizedNetwork) -> list:
+    """(quantizer, key prefix, parameter names) for every quantizer with trainable parameters."""
+    owners = [(qw, qw.name, list(qw.parameters())) for qw in net.weights]
+    owners += [(aq, aq.node, list(aq.parameters())) for aq in net.acts]
+    return [o for o in owners if o[2]]
 
 
-def _from_theta(net: QuantizedNetwork, theta: dict):
-    bws, acts = {}, {}
-    for name, bw in net.bit_weights.items():
-        b = bw.bits
-        bws[name] = BitWeights(theta[f"{name}.alpha"] * 2.0 ** np.arange(b), theta[f"{name}.gamma"] * 2.0 ** (b - 1))
-    for name, a in net.act_alpha.items():
-        acts[name] = theta[name] * 2.0 ** np.arange(a.size)
-    return bws, acts
+def _parameters(owners) -> dict:
+    return {f"{prefix}.{k}": v for q, prefix, _ in owners for k, v in q.parameters().items()}
+
+
+def _set_parameters(owners, theta: dict):
+    for q, prefix, keys in owners:
+        q.set_parameters({k: theta[f"{prefix}.{k}"] for k in keys})
 
 
 def evaluate_loss(net: QuantizedNetwork, params, batches, mode) -> tuple[float, float | None]:
@@ -116,21 +117,29 @@ def evaluate_loss(net: QuantizedNetwork, params, batches, mode) -> tuple[float, 
 
 def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, options: FitOptions,
                     progress=None, keep_best: bool = True) -> FitResult:
-    """Train ``net``'s bit weights in place; ``*_batches()`` return iterables of (x, y, teacher_logp).
+    """Train ``net``'s parameters in place; ``*_batches()`` return iterables of (x, y, teacher_logp).
+
+    The parameters are those of every quantizer (``QuantizedWeight.parameters``,
+    ``ActivationQuantizer.parameters``): bit weights, and the rounding variables of weights whose
+    rounding is being learned, which get AdaRound's regulariser (``options.rounding_lambda`` times
+    its mean per tensor, exponent annealed over all steps) and are hardened at the end.
 
     ``train_batches(epoch)`` yields the shuffled training batches of one epoch; ``progress`` is
     called as ``progress(epoch, step, steps, loss, heldout_top1, heldout)``: after every step with
-    the batch loss (``heldout`` False), and after every epoch (epoch 0: the uniform start) with the
+    the batch loss (``heldout`` False), and after every epoch (epoch 0: the start) with the
     held-out loss and top-1 (``heldout`` True). Without ``keep_best`` (no
     held-out data) the last epoch is kept.
     """
-    theta = _to_theta(net)
+    owners = _owners(net)
+    theta = _parameters(owners)
     best = {k: v.copy() for k, v in theta.items()}
     adam = Adam(theta, options.lr)
-    wrt = [layer.weight for layer in net.layers] + list(net.act_alpha)
+    rounding = [qw for qw in net.weights if qw.rounding is not None]
+    wrt = [qw.name for qw in net.weights if qw.parameters()] + [aq.alpha_name for aq in net.acts if aq.alpha is not None]
     steps_per_epoch = None
     history = []
-    loss0, top0 = evaluate_loss(net, net.params(), heldout_batches(), options.loss)
+    # held out: learned codes as they would harden, the network the fit would hand back
+    loss0, top0 = evaluate_loss(net, net.params(hard=True), heldout_batches(), options.loss)
     history.append({"epoch": 0, "train_loss": None, "heldout_loss": loss0, "heldout_top1": top0})
     best_loss, best_epoch = loss0, 0
     if progress:
@@ -145,39 +154,41 @@ def fit_bit_weights(net: QuantizedNetwork, train_batches, heldout_batches, optio
             total_steps = steps_per_epoch * options.epochs
         losses = []
         for i, (x, y, t) in enumerate(batches):
-            bws, acts = _from_theta(net, theta)
-            params = net.params(bws, acts)
-            values, tape = net.engine.run({net.model.input_name: x}, params=params, record=True, wrt=wrt)
+            _set_parameters(owners, theta)
+            values, tape = net.engine.run({net.model.input_name: x}, params=net.params(), record=True, wrt=wrt)
             logits = net.model.logits(values)
             loss, dlogits = classification_loss(logits, y, t, options.loss)
             grads = net.engine.backward(tape, net.model.output_seed(dlogits), wrt=wrt)
             gtheta = {}
-            for layer in net.layers:
-                wq = net.weights[layer.weight]
-                g = grads[layer.weight]
-                if g is None:
-                    continue
-                g2d = np.ascontiguousarray(np.moveaxis(g, layer.axis, 0).reshape(wq.channels, -1))
-                da, dg = bws[layer.weight].grads(net.planes[layer.weight], g2d, wq.step)
-                b = layer.bits
-                gtheta[f"{layer.weight}.alpha"] = da * 2.0 ** np.arange(b)
-                gtheta[f"{layer.weight}.gamma"] = dg * 2.0 ** (b - 1)
-            for name in net.act_alpha:
-                if grads.get(name) is not None:
-                    gtheta[name] = np.asarray(grads[name], dtype=np.float64) * 2.0 ** np.arange(theta[name].size)
-            lr = options.lr * 0.5 * (1 + np.cos(np.pi * step_no / max(total_steps, 1)))
-            adam.step(theta, gtheta, lr)
+            for qw in net.weights:
+                if grads.get(qw.name) is not None:
+                    gtheta.update({f"{qw.name}.{k}": g for k, g in qw.gradients(grads[qw.name]).items()})
+            for aq in net.acts:
+                if aq.alpha is not None and grads.get(aq.alpha_name) is not None:
+                    gtheta.update({f"{aq.node}.{k}": g for k, g in aq.gradients(grads[aq.alpha_name]).items()})
+            beta = annealed_beta(step_no, total_steps, options.rounding_warmup) if rounding else None
+            for qw in rounding:
+                if beta is not None:
+                    _, dv = rounding_regularizer(qw.rounding.v, beta)
+                    scale = options.rounding_lambda / qw.rounding.v.size
+                    gtheta[f"{qw.name}.v"] = gtheta.get(f"{qw.name}.v", 0.0) + scale * dv
+            decay = 0.5 * (1 + np.cos(np.pi * step_no / max(total_steps, 1)))
+            lr = options.lr * decay
+            adam.step(theta, gtheta, lr,
+                      (lambda k: options.rounding_lr * decay if k.endswith(".v") else lr) if rounding else None)
             step_no += 1
             losses.append(loss)
             if progress:
                 progress(epoch, i + 1, steps_per_epoch, loss, None, False)
-        bws, acts = _from_theta(net, theta)
-        hl, ht = evaluate_loss(net, net.params(bws, acts), heldout_batches(), options.loss)
+        _set_parameters(owners, theta)
+        hl, ht = evaluate_loss(net, net.params(hard=True), heldout_batches(), options.loss)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "heldout_loss": hl, "heldout_top1": ht})
         if progress:
             progress(epoch, steps_per_epoch, steps_per_epoch, hl, ht, True)
         if hl < best_loss or not keep_best:
             best_loss, best_epoch = hl, epoch
             best = {k: v.copy() for k, v in theta.items()}
-    net.bit_weights, net.act_alpha = _from_theta(net, best)
+    _set_parameters(owners, best)
+    for qw in rounding:
+        qw.harden()
     return FitResult(best_epoch, history)

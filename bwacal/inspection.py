@@ -19,7 +19,7 @@ from bwacal.onnx_io import read_model
 from bwacal.quantize import PROTOCOLS, select_layers, skipped_layers
 
 METADATA_KEYS = ("bwacal_version", "bwacal_format", "bwacal_bits", "bwacal_act_bits", "bwacal_act_bwa",
-                 "bwacal_protocol", "bwacal_calib_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
+                 "bwacal_protocol", "bwacal_method", "bwacal_calib_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
 
 
 @dataclass
@@ -87,6 +87,7 @@ def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
     warnings = []
     out = {k[len("bwacal_"):]: meta.get(k) for k in METADATA_KEYS}
     out.update(accuracy=None, layers=None, activations=None)
+    out["method"] = meta.get("bwacal_method", "bwa")  # written only for other methods than the paper's
     if "bwacal_accuracy" in meta:
         try:
             acc = json.loads(meta["bwacal_accuracy"])

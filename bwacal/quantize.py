@@ -1,9 +1,10 @@
 """Which layers get quantized, and the quantized network the fitting loop trains.
 
 A ``QuantizedNetwork`` wraps a loaded (BatchNorm-folded) model: every selected Conv/Gemm/MatMul
-weight is uniformly quantized once (fixed codes and steps) and dequantized through per-channel bit
-weights; with activation bits, a ``bwacal::ActQuant`` node is inserted at each quantized layer's
-data input. The weights never live in the graph: ``params()`` composes them for each forward.
+weight becomes a ``QuantizedWeight`` (grid, codes, bit weights, learned rounding); with activation
+bits, a ``bwacal::ActQuant`` node is inserted at each quantized layer's data input, its state an
+``ActivationQuantizer``. The weights never live in the graph: ``params()`` composes them for each
+forward.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import numpy as np
 from bwacal.engine import Engine
 from bwacal.graph import Graph, Node
 from bwacal.model import Model
-from bwacal.quant.activations import calibrate_activation_step
-from bwacal.quant.bwa import BitWeights
-from bwacal.quant.weights import WeightQuant, quantize_weights
+from bwacal.quant.activations import ActivationQuantizer, calibrate_activation_step
+from bwacal.quant.bwa import bit_scale
+from bwacal.quant.weights import QuantizedWeight, quantize_weights
 
 PROTOCOLS = ("first-last-8bit", "all-layers")
 EDGE_BITS = 8  # first and last layer width under the default protocol (BRECQ/QDrop convention)
@@ -110,38 +111,22 @@ def _weight_axis(graph: Graph, node) -> tuple[int | None, str | None]:
 
 
 @dataclass
-class ActQuantSpec:
-    """An activation quantizer inserted before the layers reading ``value``."""
-
-    node: str
-    value: str
-    bits: int
-    signed: bool
-    step: np.float32
-    alpha_name: str | None = None  # initializer holding the activation bit weights (with BWA)
-
-
-@dataclass
 class QuantizedNetwork:
+    """A model whose selected weights are ``QuantizedWeight``s (one per layer, in layer order) and
+    whose quantized layers read their inputs through ``ActivationQuantizer``s (``acts``)."""
+
     model: Model
     layers: list[QuantLayer]
-    weights: dict[str, WeightQuant]
-    planes: dict[str, np.ndarray]
-    bit_weights: dict[str, BitWeights]
-    acts: list[ActQuantSpec] = field(default_factory=list)
+    weights: list[QuantizedWeight]
+    acts: list[ActivationQuantizer] = field(default_factory=list)
     graph: Graph | None = None
     engine: Engine | None = None
-    act_alpha: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def params(self, bit_weights=None, act_alpha=None) -> dict:
-        """Initializer overrides for one forward: composed weights (+ activation bit weights)."""
-        bit_weights = bit_weights or self.bit_weights
-        out = {}
-        for layer in self.layers:
-            wq = self.weights[layer.weight]
-            w2d = bit_weights[layer.weight].compose(self.planes[layer.weight], wq.step)
-            out[layer.weight] = wq.restore(w2d)
-        out.update(act_alpha if act_alpha is not None else self.act_alpha)
+    def params(self, hard: bool = False) -> dict:
+        """Initializer overrides for one forward: composed weights (+ activation bit weights); ``hard``:
+        learned codes as they would harden (what the network is once fitting ends)."""
+        out = {qw.name: qw.compose(hard) for qw in self.weights}
+        out.update({aq.alpha_name: aq.alpha for aq in self.acts if aq.alpha is not None})
         return out
 
     def forward(self, x, params=None):
@@ -152,21 +137,17 @@ class QuantizedNetwork:
 def quantize_network(model: Model, layers: list[QuantLayer], weight_method: str = "mse",
                      act_samples: dict | None = None, act_method: str = "mse", act_bwa: bool = False
                      ) -> QuantizedNetwork:
-    """Quantize the selected weights (uniform, fixed codes) and insert activation quantizers.
+    """Quantize the selected weights (uniform, round to nearest) and insert activation quantizers.
 
     ``act_samples`` maps each quantized layer's data-input name to a sample of its FP values; it is
     required when any layer has ``act_bits``.
     """
-    weights, planes, bws = {}, {}, {}
-    for layer in layers:
-        wq = quantize_weights(model.graph.initializers[layer.weight], layer.bits, method=weight_method, axis=layer.axis)
-        weights[layer.weight] = wq
-        planes[layer.weight] = wq.planes()
-        bws[layer.weight] = BitWeights.uniform(wq.channels, layer.bits)
-    net = QuantizedNetwork(model, layers, weights, planes, bws)
+    weights = [quantize_weights(model.graph.initializers[layer.weight], layer.bits, method=weight_method,
+                                axis=layer.axis, node=layer.node, name=layer.weight) for layer in layers]
+    net = QuantizedNetwork(model, layers, weights)
     graph = model.graph
     if any(layer.act_bits for layer in layers):
-        graph, net.acts, net.act_alpha = _insert_act_quant(graph, layers, act_samples, act_method, act_bwa)
+        graph, net.acts = _insert_act_quant(graph, layers, act_samples, act_method, act_bwa)
     net.graph = graph
     net.engine = Engine(graph)
     return net
@@ -174,33 +155,31 @@ def quantize_network(model: Model, layers: list[QuantLayer], weight_method: str 
 
 def _insert_act_quant(graph: Graph, layers, samples, method, bwa):
     """One ActQuant per (value, width), shared by every quantized layer that reads the value."""
-    specs: dict[tuple, ActQuantSpec] = {}
+    quantizers: dict[tuple, ActivationQuantizer] = {}
     by_node = {layer.node: layer for layer in layers if layer.act_bits}
     inits = dict(graph.initializers)
-    alphas = {}
     nodes = []
     for node in graph.nodes:
         layer = by_node.get(node.name)
         if layer is not None:
             key = (layer.data_input, layer.act_bits)
-            if key not in specs:
+            if key not in quantizers:
                 sample = samples[layer.data_input]
                 signed = bool(np.min(sample) < 0)
                 step = calibrate_activation_step(sample, layer.act_bits, signed, method=method)
                 name = f"{layer.data_input}.actq{layer.act_bits}"
-                alpha_name = f"{name}.alpha" if bwa else None
-                spec = ActQuantSpec(name, layer.data_input, layer.act_bits, signed, step, alpha_name)
-                specs[key] = spec
-                inputs = [layer.data_input] + ([alpha_name] if bwa else [])
+                aq = ActivationQuantizer(layer.act_bits, signed, step, value=layer.data_input, node=name)
+                inputs = [layer.data_input]
                 if bwa:
-                    alphas[alpha_name] = 2.0 ** np.arange(layer.act_bits)
-                    inits[alpha_name] = alphas[alpha_name]
+                    aq.alpha, aq.alpha_name = bit_scale(layer.act_bits), f"{name}.alpha"
+                    inits[aq.alpha_name] = aq.alpha
+                    inputs.append(aq.alpha_name)
+                quantizers[key] = aq
                 nodes.append(Node("bwacal::ActQuant", name, inputs, [name],
                                   {"step": float(step), "bits": layer.act_bits, "signed": int(signed)}))
-            spec = specs[key]
-            node = replace(node, inputs=[spec.node] + node.inputs[1:])
+            node = replace(node, inputs=[quantizers[key].node] + node.inputs[1:])
         nodes.append(node)
-    return replace(graph, nodes=nodes, initializers=inits), list(specs.values()), alphas
+    return replace(graph, nodes=nodes, initializers=inits), list(quantizers.values())
 
 
 def collect_activation_samples(model: Model, names, batches, max_values: int = 1 << 20, seed: int = 0) -> dict:

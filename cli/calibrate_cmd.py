@@ -61,13 +61,17 @@ def calibrate_cmd(
     loss: Annotated[str, typer.Option("--loss", help="kl (distil the full-precision model; no labels needed), ce (cross-entropy with the labels) or both.")] = "kl",
     weight_method: Annotated[str, typer.Option("--weight-method", help="The uniform grid BWA starts from: mse (per-channel step minimising weight error), minmax, or auto (whichever gives the lower held-out loss).")] = "auto",
     act_method: Annotated[str, typer.Option("--act-method", help="Activation step calibration: mse or percentile.")] = "mse",
+    method: Annotated[str, typer.Option("--method", help="bwa: bit weights on round-to-nearest codes (the paper); adaround: learned rounding layer by layer, uniform levels; bwa-codes: bit weights and the codes' rounding fitted together end to end; adaround-bwa: AdaRound's codes, then bit weights end to end.")] = "bwa",
+    adaround_iterations: Annotated[int, typer.Option("--adaround-iterations", help="AdaRound iterations per layer (adaround, adaround-bwa).")] = 1000,
+    adaround_images: Annotated[int, typer.Option("--adaround-images", help="Calibration images AdaRound reconstructs each layer's output on.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split and shuffling; same seed, same output bytes.")] = 0,
     input_shape: InputShape = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ):
-    """Quantize MODEL's weights (and optionally activations) and fit bit-weight adjustment factors.
+    """Quantize MODEL's weights (and optionally activations) and fit bit-weight adjustment factors
+    (and, with --method, the rounding of the codes).
 
     Example: bwacal calibrate data/zoo/resnet20.onnx --calib data/fmnist_calib.h5 --bits 3
     """
@@ -79,7 +83,8 @@ def calibrate_cmd(
     opts = CalibrationOptions(bits=bits, act_bits=act_bits, act_bwa=act_bwa,
                               protocol="all-layers" if all_layers else "first-last-8bit",
                               weight_method=weight_method, act_method=act_method, epochs=epochs,
-                              batch_size=batch_size, lr=lr, holdout=holdout, loss=loss, seed=seed,
+                              batch_size=batch_size, lr=lr, holdout=holdout, loss=loss, seed=seed, method=method,
+                              adaround_iterations=adaround_iterations, adaround_images=adaround_images,
                               input_shape=input_shape)
     out = output or default_output(model, bits, act_bits)
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -118,12 +123,16 @@ def calibrate_cmd(
     _print_summary(rep, out)
 
 
+METHOD_LABELS = {"bwa": "BWA", "adaround": "AdaRound", "bwa-codes": "BWA, learned codes",
+                 "adaround-bwa": "AdaRound + BWA"}
+
+
 def _print_summary(rep, out):
     acc = rep["accuracy"]
     where = "held-out split" if rep["eval"] == "heldout" else rep["eval"]
     typer.echo(f"top-1 on {where} ({rep['eval_images']} images):")
     names = {"fp": "full precision", "uniform_minmax": "uniform min-max", "uniform_mse": "uniform MSE",
-             "bwa": "BWA"}
+             rep["method"]: METHOD_LABELS[rep["method"]]}
     for key, label in names.items():
         value = acc.get(key)
         typer.echo(f"  {label:<16} {'n/a' if value is None else f'{100 * value:6.2f}%'}")

@@ -231,4 +231,36 @@ def output_errors(w, steps, hessians, qmin, qmax):
             s = steps[c, r]
             e = w[c] - s * np.clip(np.round(w[c] / s), qmin, qmax)
             out[c, r] = e @ h @ e
+
+
+def rectified_sigmoid(v, zeta=1.1, eta=-0.1):
+    """AdaRound's h(V), one element at a time."""
+    out = np.zeros(np.shape(v))
+    for i, x in np.ndenumerate(np.asarray(v, dtype=np.float64)):
+        out[i] = min(1.0, max(0.0, (zeta - eta) / (1.0 + np.exp(-x)) + eta))
+    return out
+
+
+def rounding_regularizer(v, beta):
+    """sum(1 - |2 h(V) - 1|**beta)."""
+    return float(sum(1.0 - abs(2.0 * h - 1.0) ** beta for h in rectified_sigmoid(v).reshape(-1)))
+
+
+def soft_rounded_weights(w2d, step, bits, v, alpha, gamma):
+    """Learned codes through bit weights, float64 (C, K): for each weight, the values of its floor and
+    ceil codes (each clipped to the signed grid) under alpha, gamma, blended by h(V)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    w2d = np.asarray(w2d, dtype=np.float64)
+    h = rectified_sigmoid(v)
+    out = np.zeros(w2d.shape)
+
+    def level(c, q):
+        u = int(q) - qmin
+        return float(step[c]) * (sum(float(alpha[c, k]) * ((u >> k) & 1) for k in range(bits)) + float(gamma[c]))
+
+    for c in range(w2d.shape[0]):
+        for j in range(w2d.shape[1]):
+            f = np.floor(w2d[c, j] / np.float64(step[c]))
+            lo, hi = min(max(f, qmin), qmax), min(max(f + 1, qmin), qmax)
+            out[c, j] = level(c, lo) + h[c, j] * (level(c, hi) - level(c, lo))
     return out

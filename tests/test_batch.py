@@ -95,6 +95,8 @@ bits = 3
 act_bits = 8
 all_layers = true
 format = "packed"
+method = "adaround"
+adaround_iterations = 20
 """
 
 
@@ -123,6 +125,9 @@ def test_manifest_source_resolves_paths_against_the_manifest(zoo, tmp_path):
     report = json.loads((out / "beta-packed.w3a8.json").read_text())
     assert report["format"] == "packed" and report["options"]["act_bits"] == 8
     assert report["eval_images"] == 32
+    assert report["method"] == "adaround" and jobs[2].options.adaround_iterations == 20
+    beta = next(r for r in rows(out) if r["model"] == "beta-packed")
+    assert beta["method"] == "adaround" and beta["bwa"] == round(100 * report["accuracy"]["adaround"], 4)
 
 
 def test_job_key_follows_input_bytes_and_options(zoo, tmp_path):

@@ -209,6 +209,7 @@ def test_metadata_summary():
                                           "gamma": [0.5, 1.5]}])}
     out, warnings = bwacal_metadata(meta)
     assert warnings == [] and out["bits"] == "3" and out["accuracy"] == {"fp": 0.9, "bwa": 0.88}
+    assert out["method"] == "bwa"  # no bwacal_method: the paper's method
     layer = out["layers"][0]
     assert layer["alpha"] == {"rel_mean_per_plane": [1.1, 0.95, 1.0], "rel_min": 0.9, "rel_max": 1.2}
     assert layer["gamma"]["mean"] == 1.0

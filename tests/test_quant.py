@@ -7,12 +7,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bwacal.quant import (
-    BitWeights,
-    bwa_alpha_grad,
+    ActivationQuantizer,
     calibrate_activation_step,
     dequantize,
-    fake_quantize,
-    fake_quantize_bwa,
     qrange,
     quantize,
     quantize_weights,
@@ -109,9 +106,8 @@ def test_zero_channels_and_axis():
 @given(w=weights2d, bits=bits_st)
 def test_uniform_bit_weights_compose_to_dequantization(w, bits):
     wq = quantize_weights(w, bits)
-    bw = BitWeights.uniform(wq.channels, bits)
-    np.testing.assert_array_equal(bw.compose(wq.planes(), wq.step), wq.dequantize2d())
-    np.testing.assert_array_equal(bw.levels(wq.step)[np.arange(wq.channels)[:, None], wq.codes], wq.dequantize2d())
+    np.testing.assert_array_equal(wq.compose(), wq.dequantize())
+    np.testing.assert_array_equal(wq.levels()[np.arange(wq.channels)[:, None], wq.codes], wq.dequantize())
 
 
 @FAST
@@ -119,15 +115,44 @@ def test_uniform_bit_weights_compose_to_dequantization(w, bits):
 def test_arbitrary_bit_weights_give_at_most_2_pow_b_levels(w, bits, seed):
     rng = np.random.default_rng(seed)
     wq = quantize_weights(w, bits)
-    bw = BitWeights(alpha=rng.normal(size=(wq.channels, bits)) * 2.0 ** np.arange(bits), gamma=rng.normal(size=wq.channels))
-    values = bw.compose(wq.planes(), wq.step)
-    levels = bw.levels(wq.step)
+    wq.alpha = rng.normal(size=(wq.channels, bits)) * 2.0 ** np.arange(bits)
+    wq.gamma = rng.normal(size=wq.channels)
+    values = wq.compose()
+    levels = wq.levels()
     for c in range(wq.channels):
         assert len(np.unique(values[c])) <= 2**bits
         assert np.isin(values[c], levels[c]).all()
-    ga, gg = bw.grads(wq.planes(), np.ones_like(values), wq.step)
-    np.testing.assert_allclose(gg, wq.step.astype(np.float64) * w.shape[1], rtol=1e-12)
-    assert ga.shape == (wq.channels, bits)
+    g = wq.gradients(np.ones_like(values))
+    # normalised: dL/d(gamma / 2**(b-1)) = 2**(b-1) * step * K
+    np.testing.assert_allclose(g["gamma"], 2.0 ** (bits - 1) * wq.step.astype(np.float64) * w.shape[1], rtol=1e-12)
+    assert g["alpha"].shape == (wq.channels, bits)
+
+
+def test_parameters_round_trip_and_gradients_match_finite_differences():
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    wq = quantize_weights(w, 3)
+    wq.alpha = wq.alpha * (1 + 0.1 * rng.normal(size=wq.alpha.shape))
+    theta = wq.parameters()
+    assert set(theta) == {"alpha", "gamma"}
+    np.testing.assert_array_equal(theta["alpha"] * 2.0 ** np.arange(3), wq.alpha)
+    dy = rng.normal(size=w.shape)
+    g = wq.gradients(dy.astype(np.float32))
+
+    def loss(t):
+        wq.set_parameters(t)
+        return float(np.sum(dy * wq.compose().astype(np.float64)))
+
+    eps = 1e-4
+    for key in ("alpha", "gamma"):
+        fd = np.zeros_like(theta[key])
+        for i in np.ndindex(fd.shape):
+            up = {k: v.copy() for k, v in theta.items()}
+            down = {k: v.copy() for k, v in theta.items()}
+            up[key][i] += eps
+            down[key][i] -= eps
+            fd[i] = (loss(up) - loss(down)) / (2 * eps)
+        np.testing.assert_allclose(g[key], fd, rtol=1e-3, atol=1e-3 * np.abs(fd).max())
 
 
 samples_st = hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-50, 50, width=32, allow_subnormal=False))
@@ -138,16 +163,16 @@ samples_st = hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-50,
 def test_activation_fake_quant_on_grid_with_correct_mask(x, bits, signed, method):
     step = calibrate_activation_step(x, bits, signed, method=method)
     assert step > 0 and np.isfinite(step)
-    y, mask = fake_quantize(x, step, bits, signed)
+    y, _, mask = ActivationQuantizer(bits, signed, step).quantize(x)
     lo, hi = qrange(bits, signed)
     q = np.round(y.astype(np.float64) / np.float64(step))
     np.testing.assert_array_equal(y, step * q.astype(np.float32))
     assert q.min() >= lo and q.max() <= hi
-    # mask: True exactly where the unclipped rounded code is inside the range
-    r = np.round(x.astype(np.float64) / np.float64(step))
+    # mask: True exactly where the unclipped rounded code (float32 division, as QuantizeLinear) is in range
+    r = np.round(x / step)
     np.testing.assert_array_equal(mask, (r >= lo) & (r <= hi))
-    # inside the range the quantization error is at most half a step
-    assert np.all(np.abs(y[mask].astype(np.float64) - x[mask]) <= 0.5 * step * (1 + 1e-6))
+    # inside the range the quantization error is at most half a step (and a float32 rounding)
+    assert np.all(np.abs(y[mask].astype(np.float64) - x[mask]) <= 0.5 * step * (1 + 1e-5))
     if not signed:
         assert y.min() >= 0
 
@@ -156,10 +181,11 @@ def test_activation_fake_quant_on_grid_with_correct_mask(x, bits, signed, method
 @given(x=samples_st, bits=bits_st, signed=st.booleans())
 def test_activation_bwa_with_uniform_alpha_is_plain_fake_quant(x, bits, signed):
     step = calibrate_activation_step(x, bits, signed)
-    y, mask = fake_quantize(x, step, bits, signed)
-    y_bwa, ctx = fake_quantize_bwa(x, step, 2.0 ** np.arange(bits), bits, signed)
+    y, _, mask = ActivationQuantizer(bits, signed, step).quantize(x)
+    aq = ActivationQuantizer(bits, signed, step, alpha=2.0 ** np.arange(bits))
+    y_bwa, _, mask_bwa = aq.quantize(x)
     np.testing.assert_array_equal(y_bwa, y)
-    np.testing.assert_array_equal(ctx.mask, mask)
+    np.testing.assert_array_equal(mask_bwa, mask)
 
 
 def test_activation_bwa_alpha_gradient_matches_finite_differences():
@@ -169,15 +195,32 @@ def test_activation_bwa_alpha_gradient_matches_finite_differences():
     bits, signed = 3, True
     step = calibrate_activation_step(x, bits, signed)
     alpha = 2.0 ** np.arange(bits) + rng.normal(size=bits) * 0.1
-    _, ctx = fake_quantize_bwa(x, step, alpha, bits, signed)
-    grad = bwa_alpha_grad(dy, ctx)
+    aq = ActivationQuantizer(bits, signed, step, alpha=alpha)
+    _, u, _ = aq.quantize(x)
+    grad = aq.alpha_grad(u, dy)
     eps = 1e-3
 
     def loss(a):
-        return np.sum(dy * fake_quantize_bwa(x, step, a, bits, signed)[0].astype(np.float64))
+        return np.sum(dy * aq.quantize(x, a)[0].astype(np.float64))
 
     fd = np.array([(loss(alpha + eps * e) - loss(alpha - eps * e)) / (2 * eps) for e in np.eye(bits)])
     np.testing.assert_allclose(grad, fd, rtol=1e-3, atol=1e-3)
+
+
+def test_engine_op_is_the_activation_quantizer():
+    from bwacal.ops.quant import ActQuant
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    alpha = 2.0 ** np.arange(4) * (1 + 0.05 * rng.normal(size=4))
+    aq = ActivationQuantizer(4, True, np.float32(0.1), alpha=alpha)
+    op = ActQuant(step=0.1, bits=4, signed=1)
+    y, ctx = op.forward(x, alpha)
+    np.testing.assert_array_equal(y, aq.quantize(x)[0])
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    dx, dalpha = op.backward(ctx, dy, (True, True))
+    np.testing.assert_array_equal(dx, np.where(aq.codes(x)[1], dy, 0))
+    np.testing.assert_array_equal(dalpha, aq.alpha_grad(aq.codes(x)[0], dy))
 
 
 def test_activation_calibration_edges():
@@ -186,7 +229,7 @@ def test_activation_calibration_edges():
     x = np.random.default_rng(4).normal(size=20000)
     s_mse = calibrate_activation_step(x, 4, True)
     s_max = np.max(np.abs(x)) / 7
-    err = lambda s: np.mean((fake_quantize(x, s, 4, True)[0] - x) ** 2)  # noqa: E731
+    err = lambda s: np.mean((ActivationQuantizer(4, True, s).quantize(x)[0] - x) ** 2)  # noqa: E731
     assert err(s_mse) < err(s_max)
     s_pct = calibrate_activation_step(x, 4, True, method="percentile", percentile=99.0)
     assert np.isclose(s_pct, np.percentile(np.abs(x), 99.0) / 7, rtol=1e-6)

@@ -1,25 +1,19 @@
-"""Quantizers: uniform integer grids, per-channel weight quantization, bit weights, activations."""
+"""Quantizers: uniform integer grids, quantized weight tensors (bit weights, learned rounding), activations."""
 
-from bwacal.quant.activations import (
-    ActivationBWA,
-    bwa_alpha_grad,
-    calibrate_activation_step,
-    fake_quantize,
-    fake_quantize_bwa,
-)
-from bwacal.quant.bwa import BitWeights
+from bwacal.quant.activations import ActivationQuantizer, calibrate_activation_step
+from bwacal.quant.bwa import bit_scale, code_bits, code_levels
 from bwacal.quant.uniform import dequantize, qrange, quantize
-from bwacal.quant.weights import WeightQuant, quantize_weights
+from bwacal.quant.weights import QuantizedWeight, SoftRounding, quantize_weights
 
 __all__ = [
-    "ActivationBWA",
-    "BitWeights",
-    "WeightQuant",
-    "bwa_alpha_grad",
+    "ActivationQuantizer",
+    "QuantizedWeight",
+    "SoftRounding",
+    "bit_scale",
     "calibrate_activation_step",
+    "code_bits",
+    "code_levels",
     "dequantize",
-    "fake_quantize",
-    "fake_quantize_bwa",
     "qrange",
     "quantize",
     "quantize_weights",

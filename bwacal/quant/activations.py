@@ -1,4 +1,4 @@
-"""Per-tensor activation quantization: step calibration, fake quantization and BWA on activations.
+"""Per-tensor activation quantization: step calibration and the activation quantizer (with BWA).
 
 Unsigned activations (after ReLU-like ops) use codes ``[0, 2**b - 1]``, signed ones
 ``[-2**(b-1), 2**(b-1) - 1]``. Gradients are straight-through inside the clip range, zero outside.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bwacal.kernels import quantization_errors
-from bwacal.quant.bwa import code_bits
+from bwacal.quant.bwa import bit_scale, code_bits, code_levels
 from bwacal.quant.uniform import check_bits, qrange
 
 # Clipping ratios of max|x| tried by the MSE calibration (geometric, 2.4% apart).
@@ -59,65 +59,70 @@ def calibrate_activation_step(samples, bits: int, signed: bool, method: str = "m
     return np.float32(candidates[np.argmin(errors)])
 
 
-def _codes(x, step, bits: int, signed: bool):
-    """Signed-or-unsigned integer codes before and after clipping, in float64."""
-    qmin, qmax = qrange(bits, signed)
-    r = np.round(np.asarray(x, dtype=np.float64) / np.float64(step))
-    return r, np.clip(r, qmin, qmax)
-
-
-def fake_quantize(x, step, bits: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(y, mask)``: ``y = step * clip(round(x / step), qmin, qmax)`` as float32, and the boolean
-    straight-through mask (True where ``round(x / step)`` is inside ``[qmin, qmax]``): ``dx = dy * mask``.
-    """
-    bits = check_bits(bits)
-    qmin, qmax = qrange(bits, signed)
-    r, q = _codes(x, step, bits, signed)
-    y = (np.float64(np.float32(step)) * q).astype(np.float32)
-    return y, (r >= qmin) & (r <= qmax)
-
-
 @dataclass
-class ActivationBWA:
-    """What the backward pass of :func:`fake_quantize_bwa` needs.
+class ActivationQuantizer:
+    """Per-tensor quantization of one activation ``value`` (the engine's ``bwacal::ActQuant`` node
+    ``node``): ``y = levels[u]`` with ``u = clip(round(x / step), qmin, qmax) - qmin``.
 
-    ``mask``: straight-through mask for dL/dx. ``codes``: unsigned codes uint8 (``u = q + 2**(b-1)``
-    if signed, ``u = q`` otherwise), whose bits are the planes ``beta_k``.
+    ``alpha`` float64 (bits,): bit weights of the levels ``step * (sum_k alpha_k * bit_k(u) + qmin)``
+    (BWA on activations), stored in the graph as the initializer ``alpha_name``; None for the uniform
+    levels. The optimiser sees ``alpha / 2**k``.
     """
 
-    mask: np.ndarray
-    codes: np.ndarray
-    step: np.float32
     bits: int
+    signed: bool
+    step: np.float32
+    value: str | None = None
+    node: str | None = None
+    alpha: np.ndarray | None = None
+    alpha_name: str | None = None
 
+    def __post_init__(self):
+        self.bits = check_bits(self.bits)
+        self.step = np.float32(self.step)
+        self.qmin, self.qmax = qrange(self.bits, self.signed)
 
-def fake_quantize_bwa(x, step, alpha, bits: int, signed: bool) -> tuple[np.ndarray, ActivationBWA]:
-    """``(y, ctx)``: ``y = step * (sum_k alpha[k] * beta_k(u) + gamma)`` as float32, with the fixed
-    ``gamma = -2**(bits-1)`` if signed, else 0. With ``alpha = 2**k`` it equals :func:`fake_quantize`.
+    def codes(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """``(u, mask)``: unsigned codes uint8 and the straight-through mask (True where
+        ``round(x / step)`` is inside ``[qmin, qmax]``: ``dL/dx = dL/dy * mask``).
 
-    Gradients: ``dL/dx = dy * ctx.mask`` (straight through), ``dL/dalpha = bwa_alpha_grad(dy, ctx)``.
-    """
-    bits = check_bits(bits)
-    qmin, qmax = qrange(bits, signed)
-    alpha = np.asarray(alpha, dtype=np.float64).reshape(-1)
-    if alpha.shape != (bits,):
-        raise ValueError(f"alpha must have {bits} entries, got shape {alpha.shape}")
-    r, q = _codes(x, step, bits, signed)
-    codes = (q - qmin).astype(np.uint8)
-    gamma = float(qmin)
-    # the 2**bits levels, summed in the same order as the weight kernel, then one lookup per value
-    table = code_bits(bits)
-    acc = np.zeros(2**bits)
-    for k in range(bits):
-        acc += alpha[k] * table[:, k]
-    levels = ((acc + gamma) * np.float64(np.float32(step))).astype(np.float32)
-    y = levels[codes]
-    ctx = ActivationBWA(mask=(r >= qmin) & (r <= qmax), codes=codes, step=np.float32(step), bits=bits)
-    return y, ctx
+        ``x / step`` is rounded in float32, half to even, as ONNX QuantizeLinear does, so a written
+        model reproduces the codes bit for bit.
+        """
+        r = np.round(np.asarray(x).astype(np.float32, copy=False) / self.step)
+        mask = (r >= self.qmin) & (r <= self.qmax)
+        return (np.clip(r, self.qmin, self.qmax) - self.qmin).astype(np.uint8), mask
 
+    def levels(self, alpha=None) -> np.ndarray:
+        """float32 (2**bits,): the value of each code under bit weights ``alpha`` (default: this
+        quantizer's own; uniform when it has none)."""
+        alpha = self.alpha if alpha is None else alpha
+        if alpha is None:
+            alpha = bit_scale(self.bits)
+        alpha = np.asarray(alpha, dtype=np.float64).reshape(1, -1)
+        if alpha.shape[1] != self.bits:
+            raise ValueError(f"activation bit weights need {self.bits} entries, got {alpha.shape[1]}")
+        return code_levels(alpha, [self.qmin], [self.step])[0]
 
-def bwa_alpha_grad(dy, ctx: ActivationBWA) -> np.ndarray:
-    """float64 (bits,): ``dL/dalpha_k = step * sum(dy * beta_k(u))`` over the whole tensor."""
-    per_code = np.bincount(ctx.codes.reshape(-1), weights=np.asarray(dy, dtype=np.float64).reshape(-1),
-                           minlength=2**ctx.bits)
-    return np.float64(ctx.step) * (per_code @ code_bits(ctx.bits).astype(np.float64))
+    def quantize(self, x, alpha=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(y, u, mask)``: the quantized values and what the backward needs (see ``codes``)."""
+        u, mask = self.codes(x)
+        return self.levels(alpha)[u], u, mask
+
+    def alpha_grad(self, u, dy) -> np.ndarray:
+        """float64 (bits,): ``dL/dalpha_k = step * sum(dL/dy * bit_k(u))`` over the whole tensor."""
+        per_code = np.bincount(u.reshape(-1), weights=np.asarray(dy, dtype=np.float64).reshape(-1),
+                               minlength=2**self.bits)
+        return np.float64(self.step) * (per_code @ code_bits(self.bits).astype(np.float64))
+
+    def parameters(self) -> dict:
+        """The normalised bit weights the optimiser trains (a copy); empty without BWA."""
+        return {} if self.alpha is None else {"alpha": self.alpha / bit_scale(self.bits)}
+
+    def set_parameters(self, theta: dict):
+        if "alpha" in theta:
+            self.alpha = theta["alpha"] * bit_scale(self.bits)
+
+    def gradients(self, grad_alpha) -> dict:
+        """The normalised parameters' gradients from dL/dalpha."""
+        return {"alpha": np.asarray(grad_alpha, dtype=np.float64) * bit_scale(self.bits)}

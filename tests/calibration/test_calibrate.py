@@ -21,8 +21,8 @@ def test_uniform_init_reproduces_rounding_exactly(tiny):
     layers = select_layers(model.graph, 3, "all-layers")
     net = quantize_network(model, layers)
     params = net.params()
-    for layer in layers:
-        wq = net.weights[layer.weight]
+    for layer, wq in zip(layers, net.weights):
+        assert wq.name == layer.weight and wq.node == layer.node
         np.testing.assert_array_equal(params[layer.weight], wq.dequantize())
         w = model.graph.initializers[layer.weight]
         step = wq.step.reshape((-1,) + (1,) * (w.ndim - 1))
@@ -80,11 +80,11 @@ def test_fake_weights_have_at_most_2_to_the_b_values_per_channel(tiny, tmp_path)
     write_quantized(cal.net, cal.report, tmp_path / "q.onnx", "fake")
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
     moved_any = False
-    for layer in cal.net.layers:
-        w2d = np.moveaxis(inits[layer.weight], layer.axis, 0).reshape(cal.net.weights[layer.weight].channels, -1)
+    for layer, wq in zip(cal.net.layers, cal.net.weights):
+        w2d = np.moveaxis(inits[layer.weight], layer.axis, 0).reshape(wq.channels, -1)
         for row in w2d:
             assert len(np.unique(row)) <= 4
-        uniform = cal.net.weights[layer.weight].dequantize()
+        uniform = wq.dequantize()
         moved_any |= not np.array_equal(inits[layer.weight], uniform)
     assert moved_any  # the bit weights were actually fitted, not left at the uniform grid
 

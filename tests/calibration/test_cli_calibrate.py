@@ -57,6 +57,8 @@ def test_packed_is_smaller_than_fake(tiny, tmp_path):
     (["--act-bwa"], "--act-bwa needs --act-bits"),
     (["--format", "zip"], "--format must be one of"),
     (["--loss", "mse"], "--loss must be"),
+    (["--method", "gptq"], "--method must be one of bwa, adaround, bwa-codes, adaround-bwa"),
+    (["--method", "adaround", "--adaround-iterations", "0"], "--adaround-iterations must be at least 1"),
 ])
 def test_bad_options_exit_2(tiny, tmp_path, args, message):
     r = run("calibrate", tiny[0], "--calib", tiny[1], "-o", tmp_path / "q.onnx", *args)
@@ -87,3 +89,16 @@ def test_plot_from_a_batch_summary(tmp_path):
     r = run("plot", tmp_path / "summary.json", "-o", tmp_path / "s.png")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_calibrate_with_adaround_names_the_method(tiny, tmp_path):
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--method", "adaround", "--adaround-iterations", 20,
+            "-o", out, "--report", rep, "-q")
+    assert r.exit_code == 0, r.output
+    assert "AdaRound" in r.output
+    report = json.loads(rep.read_text())
+    assert report["method"] == "adaround" and set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "adaround"}
+    assert [s["node"] for s in report["adaround"]] == [layer["layer"] for layer in report["layers"]]
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["bwacal_method"] == "adaround"

@@ -1,0 +1,53 @@
+"""Learned rounding (AdaRound, Nagel et al. 2020): each weight chooses between floor and ceil.
+
+``h(V) = clip(sigmoid(V) * (ZETA - ETA) + ETA, 0, 1)`` is the rectified sigmoid: it reaches 0 and 1
+exactly for finite ``V`` (so the regulariser can push every weight to a hard choice) and its
+gradient does not vanish near them the way a plain sigmoid's does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ZETA, ETA = 1.1, -0.1  # the stretch of the rectified sigmoid (the paper's zeta and gamma)
+
+
+def rectified_sigmoid(v) -> np.ndarray:
+    """float64 ``h(V) = clip(sigmoid(V) * (ZETA - ETA) + ETA, 0, 1)``."""
+    s = 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=np.float64)))
+    return np.clip(s * (ZETA - ETA) + ETA, 0.0, 1.0)
+
+
+def rectified_sigmoid_grad(v) -> np.ndarray:
+    """float64 ``dh/dV``: ``sigmoid'(V) * (ZETA - ETA)`` where ``h`` is not clipped, else 0."""
+    s = 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=np.float64)))
+    inside = (s * (ZETA - ETA) + ETA > 0.0) & (s * (ZETA - ETA) + ETA < 1.0)
+    return np.where(inside, s * (1.0 - s) * (ZETA - ETA), 0.0)
+
+
+def initial_v(frac) -> np.ndarray:
+    """float64 ``V`` with ``h(V) = frac`` (the fractional part of ``W / step``, in [0, 1))."""
+    p = (np.asarray(frac, dtype=np.float64) - ETA) / (ZETA - ETA)  # in (0, 1): ETA < 0 < 1 < ZETA
+    return np.log(p) - np.log1p(-p)
+
+
+def rounding_regularizer(v, beta: float) -> tuple[float, np.ndarray]:
+    """``(sum(1 - |2h(V) - 1|**beta), d/dV)``: zero when every ``h`` is 0 or 1, largest at 0.5."""
+    h = rectified_sigmoid(v)
+    t = 2.0 * h - 1.0
+    a = np.abs(t)
+    value = float(np.sum(1.0 - a**beta))
+    # d/dh (1 - |t|^beta) = -beta |t|^(beta-1) sign(t) * 2
+    dh = -2.0 * beta * a ** (beta - 1.0) * np.sign(t)
+    return value, dh * rectified_sigmoid_grad(v)
+
+
+def annealed_beta(iteration: int, iterations: int, warmup: float = 0.2, start: float = 20.0,
+                  end: float = 2.0) -> float | None:
+    """The regulariser's exponent at ``iteration`` (0-based): None (no regulariser) during the first
+    ``warmup`` fraction, then decaying linearly from ``start`` to ``end`` (AdaRound's schedule)."""
+    first = warmup * iterations
+    if iteration < first:
+        return None
+    progress = (iteration - first) / max(iterations - first, 1)
+    return end + (start - end) * max(0.0, 1.0 - progress)

@@ -1,0 +1,189 @@
+"""Learned rounding: the rectified sigmoid, its regulariser and schedule, soft-rounded weights through
+bit weights (against tests/naive.py and float64 central differences), hardening, and AdaRound's layer
+reconstruction on a real zoo layer."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bwacal.quant import qrange, quantize_weights
+from bwacal.quant.rounding import (
+    ETA,
+    ZETA,
+    annealed_beta,
+    initial_v,
+    rectified_sigmoid,
+    rectified_sigmoid_grad,
+    rounding_regularizer,
+)
+from bwacal.quant.weights import channels_first
+from tests import naive
+
+FAST = settings(max_examples=40, deadline=None)
+ROOT = Path(__file__).resolve().parents[1]
+
+finite = st.floats(-50, 50, width=32, allow_subnormal=False)
+weights2d = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12), elements=finite)
+
+
+def central(f, x, eps):
+    """float64 central differences of the scalar ``f`` at every entry of ``x``."""
+    out = np.zeros_like(x, dtype=np.float64)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += eps
+        down[i] -= eps
+        out[i] = (f(up) - f(down)) / (2 * eps)
+    return out
+
+
+def test_rectified_sigmoid_against_naive_and_central_differences():
+    v = np.linspace(-8, 8, 161)
+    np.testing.assert_allclose(rectified_sigmoid(v), naive.rectified_sigmoid(v), rtol=1e-14, atol=1e-15)
+    assert rectified_sigmoid(np.array([-10.0]))[0] == 0.0 and rectified_sigmoid(np.array([10.0]))[0] == 1.0
+    assert rectified_sigmoid(np.array([0.0]))[0] == pytest.approx(0.5, abs=1e-15)
+    inside = (naive.rectified_sigmoid(v) > 1e-6) & (naive.rectified_sigmoid(v) < 1 - 1e-6)
+    fd = np.array([(naive.rectified_sigmoid([x + 1e-6])[0] - naive.rectified_sigmoid([x - 1e-6])[0]) / 2e-6 for x in v])
+    np.testing.assert_allclose(rectified_sigmoid_grad(v)[inside], fd[inside], rtol=1e-6)
+    np.testing.assert_array_equal(rectified_sigmoid_grad(v)[~inside & (np.abs(v) > 3)], 0.0)
+    assert (ZETA, ETA) == (1.1, -0.1)
+
+
+@FAST
+@given(frac=hnp.arrays(np.float64, st.integers(1, 50), elements=st.floats(0, 0.999999)))
+def test_initial_v_gives_the_fractional_part(frac):
+    np.testing.assert_allclose(rectified_sigmoid(initial_v(frac)), frac, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [2.0, 7.5, 20.0])
+def test_regularizer_value_and_gradient(beta):
+    v = np.random.default_rng(0).normal(0, 2, size=(3, 7))
+    value, grad = rounding_regularizer(v, beta)
+    assert value == pytest.approx(naive.rounding_regularizer(v, beta), rel=1e-12)
+    fd = central(lambda x: naive.rounding_regularizer(x, beta), v, 1e-6)
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
+    # zero at hard choices, largest (1 per weight) at h = 0.5
+    assert rounding_regularizer(np.array([-9.0, 9.0]), beta)[0] == 0.0
+    assert rounding_regularizer(np.zeros(4), beta)[0] == pytest.approx(4.0)
+
+
+def test_beta_schedule():
+    n = 1000
+    assert [annealed_beta(i, n) for i in (0, 100, 199)] == [None] * 3  # warm-up: 20% without regulariser
+    assert annealed_beta(200, n) == pytest.approx(20.0)
+    assert annealed_beta(600, n) == pytest.approx(11.0)
+    assert annealed_beta(999, n) == pytest.approx(2.0 + 18.0 / 800)
+    betas = [annealed_beta(i, n) for i in range(200, n)]
+    assert all(a >= b for a, b in zip(betas, betas[1:]))
+    assert annealed_beta(0, 10, warmup=0.0) == pytest.approx(20.0)
+
+
+def _soft_weight(w, bits, seed, moved_bit_weights=True):
+    rng = np.random.default_rng(seed)
+    qw = quantize_weights(w, bits)
+    if moved_bit_weights:
+        qw.alpha = qw.alpha * (1 + 0.2 * rng.normal(size=qw.alpha.shape))
+        qw.gamma = qw.gamma + 0.3 * rng.normal(size=qw.gamma.shape)
+    qw.start_rounding(w)
+    qw.rounding.v = qw.rounding.v + rng.normal(0, 1, size=qw.rounding.v.shape)
+    return qw
+
+
+@FAST
+@given(w=weights2d, bits=st.integers(2, 8), seed=st.integers(0, 2**32 - 1))
+def test_soft_rounded_weights_against_naive(w, bits, seed):
+    qw = _soft_weight(w, bits, seed)
+    want = naive.soft_rounded_weights(w, qw.step, bits, qw.rounding.v, qw.alpha, qw.gamma)
+    got = qw.compose().astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * (np.abs(want).max() + 1e-30))
+
+
+@FAST
+@given(w=weights2d, bits=st.integers(2, 8))
+def test_start_is_the_fractional_part_and_hard_codes_are_floor_or_ceil(w, bits):
+    qw = quantize_weights(w, bits)
+    nearest = qw.codes.copy()
+    qw.start_rounding(w)
+    t = channels_first(w).astype(np.float64) / qw.step.astype(np.float64)[:, None]
+    np.testing.assert_allclose(rectified_sigmoid(qw.rounding.v), t - np.floor(t), atol=1e-9)
+    qw.rounding.v = np.random.default_rng(bits).normal(0, 3, size=qw.rounding.v.shape)
+    qw.harden()
+    qmin, qmax = qrange(bits, True)
+    q = qw.codes.astype(np.int64) - 2 ** (bits - 1)
+    floor = np.floor(t)
+    assert np.all((q == np.clip(floor, qmin, qmax)) | (q == np.clip(floor + 1, qmin, qmax)))
+    # so at most one step from round-to-nearest
+    assert np.abs(q - (nearest.astype(np.int64) - 2 ** (bits - 1))).max() <= 1
+    assert qw.rounding is None and qw.codes.dtype == np.uint8
+
+
+def test_soft_weights_are_exact_at_hard_choices():
+    w = np.random.default_rng(2).normal(size=(4, 30)).astype(np.float32)
+    qw = _soft_weight(w, 3, 2)
+    qw.rounding.v = np.where(qw.rounding.v >= 0, 20.0, -20.0)  # h exactly 0 or 1
+    soft = qw.compose()
+    qw.harden()
+    np.testing.assert_array_equal(soft, qw.compose())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_learned_code_gradients_match_central_differences(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(3, 2, 2, 3)).astype(np.float32)
+    qw = _soft_weight(w, bits, bits)
+    theta = qw.parameters()
+    assert set(theta) == {"alpha", "gamma", "v"}
+    dy = rng.normal(size=w.shape)
+    g = qw.gradients(dy.astype(np.float32))
+
+    def loss(key):
+        def f(x):
+            qw.set_parameters({**theta, key: x})
+            return float(np.sum(dy * naive.soft_rounded_weights(channels_first(w), qw.step, bits, qw.rounding.v,
+                                                                qw.alpha, qw.gamma).reshape(qw.restore(w.reshape(3, -1)).shape)))
+        return f
+
+    for key in ("alpha", "gamma", "v"):
+        fd = central(loss(key), theta[key], 1e-6)
+        qw.set_parameters(theta)
+        np.testing.assert_allclose(g[key], fd, rtol=1e-4, atol=1e-6 * max(np.abs(fd).max(), 1.0))
+
+
+def test_adaround_lowers_the_reconstruction_error_of_a_zoo_layer():
+    import bwacal
+    from bwacal.adaround import AdaRoundOptions, adaround, reconstruction_error
+    from bwacal.data import open_dataset
+    from bwacal.quantize import quantize_network, select_layers
+
+    model = bwacal.load_model(ROOT / "data/zoo/resnet20.onnx")
+    with open_dataset(ROOT / "data/fmnist_calib.h5") as d:
+        x, _ = d.read(np.arange(64))
+    layers = select_layers(model.graph, 2, "all-layers")[1:2]  # the first 16->16 3x3 conv
+    net = quantize_network(model, layers)
+    nearest = reconstruction_error(net, 0, x)
+    stats = adaround(net, x, AdaRoundOptions(iterations=300, batch_size=16))
+    after = reconstruction_error(net, 0, x)
+    assert stats[0]["loss_nearest"] == pytest.approx(nearest, rel=1e-6)
+    assert stats[0]["loss"] == pytest.approx(after, rel=1e-6)
+    assert after < 0.8 * nearest
+    assert net.weights[0].rounding is None and stats[0]["codes_moved"] > 0
+
+
+def test_straight_through_codes_forward_the_hard_choice():
+    rng = np.random.default_rng(9)
+    w = rng.normal(size=(4, 20)).astype(np.float32)
+    soft = _soft_weight(w, 3, 9)
+    ste = _soft_weight(w, 3, 9)
+    ste.rounding.straight_through = True
+    np.testing.assert_array_equal(ste.compose(), soft.compose(hard=True))
+    g = rng.normal(size=w.shape).astype(np.float32)
+    g_ste, g_soft = ste.gradients(g), soft.gradients(g)
+    np.testing.assert_array_equal(g_ste["v"], g_soft["v"])  # the relaxation's gradient
+    fixed = quantize_weights(w, 3)
+    fixed.codes, fixed.alpha, fixed.gamma = ste.rounding.hard_codes(), ste.alpha, ste.gamma
+    for key, value in fixed.gradients(g).items():
+        np.testing.assert_allclose(g_ste[key], value, rtol=1e-12)
