@@ -125,20 +125,24 @@ def fold_shape_subgraphs(graph: Graph, evaluate) -> Graph:
 
     ``evaluate(batch, names)`` runs the graph on a batch of the given size and returns those of the
     named values it can compute. A value equal at batch 1 and 2 becomes a constant. A value that
-    changes with the batch and is read only as a Reshape target becomes a constant with 0 (copy the
-    input's dim) at position 0, or -1 elsewhere; any other batch-dependent value stays computed at
-    run time.
+    changes with the batch in one entry and is read only as a Reshape target becomes a constant with
+    that entry 0 (copy the input's dim) where the data input's dim there equals it at both batches,
+    else -1 where the target has no other -1; any other batch-dependent value stays computed at run
+    time. (Attention reshapes ``(N*heads, T, d)`` to ``(N, heads, T, d)``: position 0 is N, not the
+    input's dim 0, so it gets -1.)
     """
     _, shaped = _static_values(graph)
     shaped -= {v.name for v in graph.outputs}
     if not shaped:
         return graph
     names = sorted(shaped)
-    v1, v2 = evaluate(1, names), evaluate(2, names)
     consumers = {}
     for node in graph.nodes:
         for n in reads(node):
             consumers.setdefault(n, []).append(node)
+    reshaped = sorted({c.inputs[0] for n in names for c in consumers.get(n, [])
+                       if c.op_type == "Reshape" and c.inputs[1] == n} - shaped)
+    v1, v2 = evaluate(1, names + reshaped), evaluate(2, names + reshaped)
     folded = {}
     for name in names:
         if name not in v1 or name not in v2:
@@ -153,10 +157,21 @@ def fold_shape_subgraphs(graph: Graph, evaluate) -> Graph:
         if not only_reshape or a.ndim != 1 or a.shape != b.shape:
             continue
         diff = np.flatnonzero(a != b)
-        if len(diff) != 1 or (-1 in a and diff[0] != 0):
+        if len(diff) != 1:
             continue
+        i = int(diff[0])
+
+        def copies_input_dim(v, entry):
+            return all(c.inputs[0] in v and np.ndim(v[c.inputs[0]]) > i and np.shape(v[c.inputs[0]])[i] == entry
+                       for c in users)
+
         fixed = a.copy()
-        fixed[diff[0]] = 0 if diff[0] == 0 else -1
+        if copies_input_dim(v1, a[i]) and copies_input_dim(v2, b[i]):
+            fixed[i] = 0
+        elif -1 not in a:
+            fixed[i] = -1
+        else:
+            continue
         folded[name] = fixed
     return _replace_by_initializers(graph, folded)
 

@@ -218,6 +218,11 @@ def elu_grad(x, dy, alpha):
     x = np.asarray(x, dtype=np.float64)
     return np.where(x >= 0, dy, dy * alpha * np.exp(np.minimum(x, 0)))
 
+
+# ---------------------------------------------------------------------------------------------
+# output-aware weight steps (bwacal/quant/output_steps.py)
+
+
 def output_errors(w, steps, hessians, qmin, qmax):
     """``e^T H e`` per (row, candidate step), H of row c being ``hessians[c // (C // G)]``."""
     w = np.asarray(w, dtype=np.float64)
@@ -231,6 +236,7 @@ def output_errors(w, steps, hessians, qmin, qmax):
             s = steps[c, r]
             e = w[c] - s * np.clip(np.round(w[c] / s), qmin, qmax)
             out[c, r] = e @ h @ e
+    return out
 
 
 def rectified_sigmoid(v, zeta=1.1, eta=-0.1):

@@ -435,3 +435,23 @@ def test_a_branch_tensor_that_lies_about_its_size_and_too_deep_nesting_are_refus
         opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ModelError, match="nest more than 16 levels"):
         bwacal.load_model(deep)
+
+
+def test_a_batch_entry_that_is_not_the_inputs_dim_becomes_minus_one():
+    """Attention's ``view(N, heads, T, d)`` of an ``(N*heads, T, d)`` tensor: the target's first entry
+    is the batch but the input's first dim is batch x heads, so 0 ("copy") would be wrong."""
+    inits = [const("split", np.array([-1, 3, 4]), np.int64), const("rest", np.array([2, 12]), np.int64),
+             const("zero", np.array([0]), np.int64), const("fc.w", weights(5, 24)), const("fc.b", weights(5, scale=0.1))]
+    nodes = [helper.make_node("Reshape", ["x", "split"], ["heads"], name="to_heads"),  # (2N, 3, 4)
+             helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["n"], name="batch"),
+             helper.make_node("Concat", ["n", "rest"], ["target"], name="target", axis=0),
+             helper.make_node("Reshape", ["heads", "target"], ["merged"], name="merge"),  # (N, 2, 12)
+             helper.make_node("Flatten", ["merged"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], name="fc", transB=1)]
+    model = make(nodes, inits, ["N", 2, 3, 4], ["N", 5])
+    loaded = bwacal.load_model(model)
+    assert "Shape" not in [n.op_type for n in loaded.graph.nodes]
+    merge = next(n for n in loaded.graph.nodes if n.name == "merge")
+    assert loaded.graph.initializers[merge.inputs[1]].tolist() == [-1, 2, 12]
+    assert_matches_ort(model, loaded)

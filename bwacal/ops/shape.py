@@ -210,6 +210,50 @@ class GatherElements(Op):
         return np.take_along_axis(data, idx, axis=axis), None
 
 
+@register("ScatterND")
+class ScatterND(Op):
+    """``out = data`` with ``out[indices[j]] (op)= updates[j]`` for each index tuple ``j`` (the last axis
+    of ``indices``). torch writes ``mask[h0:h1, w0:w1] = v`` (Swin's shifted-window mask) this way.
+    Gradients for reduction "none" and "add"."""
+
+    _REDUCE = {"none": None, "add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+    def __init__(self, reduction="none"):
+        if reduction not in self._REDUCE:
+            raise Unsupported(f"reduction '{reduction}' (none, add, mul, max, min are supported)")
+        self.reduction = reduction
+
+    def forward(self, data, indices, updates):
+        idx = np.asarray(indices, dtype=np.int64)
+        k = idx.shape[-1]
+        if k > data.ndim:
+            raise ValueError(f"ScatterND index tuples of {k} entries for rank-{data.ndim} data")
+        flat = idx.reshape(-1, k)
+        flat = np.where(flat < 0, flat + np.asarray(data.shape[:k]), flat)
+        where = tuple(flat.T)
+        values = np.asarray(updates).reshape((flat.shape[0],) + data.shape[k:])
+        out = np.array(data, copy=True)
+        reduce = self._REDUCE[self.reduction]
+        if reduce is None:
+            out[where] = values  # later duplicates win, as the spec leaves open and ONNX Runtime does
+        else:
+            reduce.at(out, where, values)
+        return out, (where, np.shape(updates))
+
+    def backward(self, ctx, dy, need):
+        if self.reduction not in ("none", "add"):
+            raise NotImplementedError(f"ScatterND with reduction '{self.reduction}' has no backward")
+        where, updates_shape = ctx
+        ddata = dupdates = None
+        if need[0]:
+            ddata = np.array(dy, copy=True)
+            if self.reduction == "none":
+                ddata[where] = 0
+        if need[2]:
+            dupdates = dy[where].reshape(updates_shape)
+        return ddata, None, dupdates
+
+
 def _slice_of(start, end, step, dim):
     """One axis of ONNX Slice as a Python slice: negative indices count from the end, then start is
     clamped to [0, dim] ([0, dim-1] stepping back) and end to [0, dim] ([-1, dim-1] stepping back),

@@ -24,7 +24,7 @@ def test_calibrate_writes_model_and_report(tiny, tmp_path):
     onnx.checker.check_model(onnx.load(str(out)))
     report = json.loads(rep.read_text())
     assert report["output"] == str(out) and report["format"] == "fake"
-    assert set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "bwa"}
+    assert set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "uniform_output", "bwa"}
     assert [h["epoch"] for h in report["history"]] == [0, 1]
 
 
@@ -98,7 +98,7 @@ def test_calibrate_with_adaround_names_the_method(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     assert "AdaRound" in r.output
     report = json.loads(rep.read_text())
-    assert report["method"] == "adaround" and set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "adaround"}
+    assert report["method"] == "adaround" and set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "uniform_output", "adaround"}
     assert [s["node"] for s in report["adaround"]] == [layer["layer"] for layer in report["layers"]]
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["bwacal_method"] == "adaround"

@@ -29,7 +29,7 @@ MATH_OPS = {
 SHAPE_NORM_OPS = {
     "Slice", "Split", "Expand", "Tile", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceSumSquare", "ReduceProd",
     "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ArgMax", "ArgMin", "LRN", "LayerNormalization",
-    "InstanceNormalization", "GroupNormalization",
+    "InstanceNormalization", "GroupNormalization", "ScatterND",
 }
 
 SUPPORTED |= MATH_OPS | SHAPE_NORM_OPS

@@ -463,3 +463,10 @@ def test_exported_model_against_torch(tmp_path, build, exporter):
         name, transposed = params[pname]
         got = grads[name].T if transposed else grads[name]
         assert _rel_err(got, p.grad.numpy()) <= 1e-4, pname
+
+
+# ScatterND: Swin's shifted-window mask (``mask[h0:h1, w0:w1] = v``); index tuples of 1 and 2 entries,
+# a negative index, and the "add" reduction with a repeated index
+def test_scatternd_rows(): check_grad("ScatterND", {}, [rnd(4, 3, 2), np.array([[2], [0]]), rnd(2, 3, 2, seed=1)])
+def test_scatternd_elements(): check_grad("ScatterND", {}, [rnd(3, 4), np.array([[0, 1], [2, -1]]), rnd(2, seed=1)])
+def test_scatternd_add(): check_grad("ScatterND", {"reduction": "add"}, [rnd(4, 3), np.array([[1], [1], [3]]), rnd(3, 3, seed=1)], opset=18)
