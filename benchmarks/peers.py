@@ -50,22 +50,35 @@ LAYERS = ("Conv", "Gemm", "MatMul")
 BWA_FIXED = "bwa"  # fixed-code BWA: the only method before --method existed
 
 
-def bwacal_methods() -> tuple[list[str], bool]:
-    """The methods ``calibrate --help`` lists for ``--method``, and whether the flag exists."""
+def bwacal_methods() -> tuple[list[str], str | None, bool]:
+    """The methods ``calibrate`` accepts for ``--method``, its default, and whether the flag exists.
+
+    Read from ``calibrate --help`` (a ``[a|b|c]`` choice list, ``[default: X]``); where the help gives
+    the names only in prose, from the one-line error of ``--method`` with a value no method has.
+    """
+    env = {**os.environ, "COLUMNS": "200"}
     out = subprocess.run([sys.executable, "-m", "cli.main", "calibrate", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}).stdout
+                         capture_output=True, text=True, env=env).stdout
     text = re.sub(r"[│╭╮╰╯─]", " ", out)
     m = re.search(r"--method\b(.*?)(?=\n\s*--|\Z)", text, re.S)
     if m is None:
-        return [BWA_FIXED], False
+        return [BWA_FIXED], BWA_FIXED, False
     block = " ".join(m.group(1).split())
-    choices = re.findall(r"[a-z][a-z0-9_-]*(?:\s*[|,/]\s*[a-z][a-z0-9_-]*)+", block)
-    names = []
-    for group in choices:
-        for name in re.split(r"\s*[|,/]\s*", group):
-            if name not in names and name not in {"str", "text"}:
-                names.append(name)
-    return (names or [BWA_FIXED]) + ["default"], True
+    default = re.search(r"\[default:\s*([\w-]+)\]", block)
+    default = default.group(1) if default else None
+    listed = re.search(r"[\[{(]?([a-z][\w-]*(?:\|[a-z][\w-]*)+)[\]})]?", block)
+    if listed:
+        names = listed.group(1).split("|")
+    else:
+        probe = subprocess.run([sys.executable, "-m", "cli.main", "calibrate", str(ROOT / "data/zoo/resnet20.onnx"),
+                                "--calib", str(ROOT / "data/fmnist_calib.h5"), "--method", "no-such-method",
+                                "-o", "/nonexistent/dir/x.onnx"], cwd=ROOT, capture_output=True, text=True, env=env)
+        said = re.sub(r"[│╭╮╰╯─]", " ", probe.stderr + probe.stdout)
+        names = [n for n in re.findall(r"['\"]([a-z][\w-]*)['\"]", said) if n not in ("no-such-method", "method")]
+    names = list(dict.fromkeys(names))
+    if not names:
+        sys.exit("calibrate has --method but its help and errors name no method; pass --methods")
+    return names, default, True
 
 
 def ort_top1(path, x, y, threads, batch=1000) -> float:
@@ -128,7 +141,7 @@ def run_bwacal(method, has_flag, model, calib, bits, act_bits, protocol, out, th
         cmd += ["--act-bits", str(act_bits)]
     if protocol == "all-layers":
         cmd.append("--all-layers")
-    if has_flag and method != "default":
+    if has_flag:
         cmd += ["--method", method]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=thread_env(threads))
@@ -234,7 +247,7 @@ def main():
 
     from bwacal.data import open_dataset
 
-    detected, has_flag = bwacal_methods()
+    detected, default_method, has_flag = bwacal_methods()
     methods = args.methods.split(",") if args.methods else detected
     if not has_flag and any(m != BWA_FIXED for m in methods):
         sys.exit(f"the installed bwacal has no --method flag; only {BWA_FIXED!r} (fixed-code BWA) is available")
@@ -261,7 +274,8 @@ def main():
                 for setting in args.settings.split(","):
                     bits, act_bits = parse_setting(setting)
                     row = {"model": model, "protocol": protocol, "setting": setting, "fp": fp, "methods": {}}
-                    todo = [("bwacal " + m, m) for m in methods] + [(p, p) for p in peers]
+                    todo = [("bwacal " + m + (" (default)" if m == default_method and has_flag else ""), m)
+                            for m in methods] + [(p, p) for p in peers]
                     for key, m in todo:
                         out = d / f"{model}.{protocol}.{setting}.{key.replace(' ', '-')}.onnx"
                         if key.startswith("bwacal "):
