@@ -31,6 +31,7 @@ T_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -50,7 +51,9 @@ def main():
     ap.add_argument("--protocol", choices=("all-layers", "first-last-8bit"), default="all-layers")
     ap.add_argument("--iterations", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and ORT threads; on a shared machine 2 torch threads ran 9x slower than 1")
+    ap.add_argument("--progress", default=None, help="append one JSON line per layer as AdaRound finishes it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
@@ -65,6 +68,7 @@ def main():
     from aimet_onnx import QuantizationSimModel, apply_adaround
     from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
     from aimet_onnx.common.defs import QuantScheme, qtype
+    from aimet_onnx.common.utils import AimetLogger
 
     model = onnx.load(args.model)
     fold_all_batch_norms_to_weight(model)
@@ -127,8 +131,32 @@ def main():
     input_name = graph.input[0].name
     batches = [{input_name: calib[i:i + args.batch]} for i in range(0, len(calib), args.batch)]
 
+    layer_seconds = {}
+    starts = []
+
+    class LayerTimes(logging.Handler):
+        """AIMET logs "Started Optimizing weight rounding of module: NAME" as it reaches each layer."""
+
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("Started Optimizing weight rounding of module:"):
+                now = time.perf_counter()
+                finish(now)
+                starts.append((msg.rsplit(":", 1)[1].strip(), now))
+
+    def finish(now):
+        if starts and starts[-1][0] not in layer_seconds:
+            name, began = starts[-1]
+            layer_seconds[name] = now - began
+            if args.progress:
+                with open(args.progress, "a") as f:
+                    f.write(json.dumps({"layer": name, "seconds": now - began, "iterations": args.iterations,
+                                        "since_start": now - T_START}) + "\n")
+
+    AimetLogger.get_area_logger(AimetLogger.LogAreas.Quant).addHandler(LayerTimes())
     t0 = time.perf_counter()
     apply_adaround(sim, batches, num_iterations=args.iterations)
+    finish(time.perf_counter())
     t_adaround = time.perf_counter() - t0
     sim.compute_encodings(batches)
 
@@ -151,7 +179,7 @@ def main():
     seconds = time.perf_counter() - T_START
 
     result = {"seconds": seconds, "adaround_seconds": t_adaround, "iterations": args.iterations,
-              "layers_adarounded": len(quantized), "seconds_per_layer": t_adaround / len(quantized),
+              "layers_adarounded": len(quantized), "seconds_per_layer": t_adaround / len(quantized), "layer_seconds": layer_seconds,
               "distinct_per_channel": distinct, "activation_quantizers": enabled_acts,
               "aimet_onnx": aimet_onnx.__version__, "torch": torch.__version__, "threads": args.threads}
     if args.test_x:

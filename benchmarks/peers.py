@@ -157,7 +157,8 @@ def run_bwacal(method, has_flag, model, calib, bits, act_bits, protocol, out, th
 def run_aimet(python, model, calib_npy, test, bits, act_bits, protocol, iterations, out, threads) -> dict:
     cmd = [python, str(ROOT / "benchmarks/aimet_adaround.py"), "--model", str(model), "--calib", str(calib_npy),
            "--test-x", str(test[0]), "--test-y", str(test[1]), "--bits", str(bits), "--protocol", protocol,
-           "--iterations", str(iterations), "--threads", str(threads), "-o", str(out)]
+           "--iterations", str(iterations), "--threads", str(threads), "-o", str(out),
+           "--progress", str(out.with_suffix(".progress.jsonl"))]
     if act_bits:
         cmd += ["--act-bits", str(act_bits)]
     t0 = time.perf_counter()
@@ -239,7 +240,8 @@ def main():
     ap.add_argument("--aimet-python", default=AIMET_PYTHON)
     ap.add_argument("--aimet-iterations", type=int, default=10000)
     ap.add_argument("--calib", default=str(ROOT / "data/fmnist_calib.h5"))
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of every method (numba/BLAS/OMP for bwacal, torch and ORT for AIMET, ORT)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--append", default=None, help="add a dated section with the table to this markdown file")
     ap.add_argument("--keep", default=None, help="directory to keep the written models in")
@@ -248,7 +250,7 @@ def main():
     from bwacal.data import open_dataset
 
     detected, default_method, has_flag = bwacal_methods()
-    methods = args.methods.split(",") if args.methods else detected
+    methods = detected if args.methods is None else [m for m in args.methods.split(",") if m and m != "none"]
     if not has_flag and any(m != BWA_FIXED for m in methods):
         sys.exit(f"the installed bwacal has no --method flag; only {BWA_FIXED!r} (fixed-code BWA) is available")
     peers = [p for p in args.peers.split(",") if p and p != "none"]
