@@ -177,8 +177,9 @@ def main():
         out_model = QuantizationSimModel.remove_quantizers(sim.model.model)
     onnx.save(out_model, args.output)
     seconds = time.perf_counter() - T_START
+    cpu_seconds = time.process_time()
 
-    result = {"seconds": seconds, "adaround_seconds": t_adaround, "iterations": args.iterations,
+    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "adaround_seconds": t_adaround, "iterations": args.iterations,
               "layers_adarounded": len(quantized), "seconds_per_layer": t_adaround / len(quantized), "layer_seconds": layer_seconds,
               "distinct_per_channel": distinct, "activation_quantizers": enabled_acts,
               "aimet_onnx": aimet_onnx.__version__, "torch": torch.__version__, "threads": args.threads}
