@@ -142,16 +142,17 @@ def main():
             if msg.startswith("Started Optimizing weight rounding of module:"):
                 now = time.perf_counter()
                 finish(now)
-                starts.append((msg.rsplit(":", 1)[1].strip(), now))
+                starts.append((msg.rsplit(":", 1)[1].strip(), now, time.process_time()))
 
     def finish(now):
         if starts and starts[-1][0] not in layer_seconds:
-            name, began = starts[-1]
+            name, began, cpu_began = starts[-1]
             layer_seconds[name] = now - began
             if args.progress:
                 with open(args.progress, "a") as f:
-                    f.write(json.dumps({"layer": name, "seconds": now - began, "iterations": args.iterations,
-                                        "since_start": now - T_START}) + "\n")
+                    f.write(json.dumps({"layer": name, "seconds": now - began,
+                                        "cpu_seconds": time.process_time() - cpu_began,
+                                        "iterations": args.iterations, "since_start": now - T_START}) + "\n")
 
     AimetLogger.get_area_logger(AimetLogger.LogAreas.Quant).addHandler(LayerTimes())
     t0 = time.perf_counter()
