@@ -238,7 +238,7 @@ def main():
         ap.add_argument("--table", nargs="+", required=True)
         ap.add_argument("--append", default=None)
         args = ap.parse_args()
-        rows = [r for f in args.table for r in json.loads(Path(f).read_text())["rows"]]
+        rows = merge_runs([json.loads(Path(f).read_text()) for f in args.table])
         info = json.loads(Path(args.table[0]).read_text())["meta"]
         text = table(rows)
         print(text)
@@ -321,6 +321,25 @@ def main():
                [args.json] if args.json else [])
 
 
+def merge_runs(runs) -> list[dict]:
+    """One row per (model, protocol, setting) from several runs' JSON, in the order first seen.
+
+    AIMET's column is named by its iterations per layer; for a method measured in several runs the
+    later successful measurement is kept (so a warm-cache re-run replaces a first run that compiled).
+    """
+    merged = {}
+    for run in runs:
+        iterations = run["meta"].get("aimet_iterations")
+        for r in run["rows"]:
+            row = merged.setdefault((r["model"], r["protocol"], r["setting"]), {**r, "methods": {}})
+            for key, res in r["methods"].items():
+                if key == "aimet":
+                    key = f"AIMET AdaRound {iterations} it"
+                if key not in row["methods"] or "error" not in res:
+                    row["methods"][key] = res
+    return list(merged.values())
+
+
 def meta(args, notes) -> dict:
     return {"command": "python -m benchmarks.peers " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "machine": machine(), "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -341,6 +360,8 @@ def table(rows, notes=()) -> str:
                 cells.append("")
             elif "na" in res:
                 cells.append("n/a")
+            elif "stopped" in res:
+                cells.append(f"stopped: {res['stopped']}")
             elif "error" in res:
                 cells.append("failed")
             else:
