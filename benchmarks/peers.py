@@ -238,12 +238,11 @@ def main():
         ap.add_argument("--table", nargs="+", required=True)
         ap.add_argument("--append", default=None)
         args = ap.parse_args()
-        rows = merge_runs([json.loads(Path(f).read_text()) for f in args.table])
-        info = json.loads(Path(args.table[0]).read_text())["meta"]
-        text = table(rows)
+        runs = [json.loads(Path(f).read_text()) for f in args.table]
+        text = table(merge_runs(runs))
         print(text)
         if args.append:
-            append(args.append, info, text, " ".join(shlex.quote(a) for a in sys.argv[1:]), args.table)
+            append(args.append, [r["meta"] for r in runs], text, args.table)
         return
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -317,8 +316,7 @@ def main():
     text = table(rows, notes)
     print(text)
     if args.append:
-        append(args.append, meta(args, notes), text, " ".join(shlex.quote(a) for a in sys.argv[1:]),
-               [args.json] if args.json else [])
+        append(args.append, [meta(args, notes)], text, [args.json] if args.json else [])
 
 
 def merge_runs(runs) -> list[dict]:
@@ -374,11 +372,15 @@ def table(rows, notes=()) -> str:
     return "\n".join(lines)
 
 
-def append(path, meta, text, argv, json_files):
+def append(path, metas, text, json_files):
+    """Add a dated section to ``path``: machine, threads, each run's command and raw JSON, the table."""
+    first = metas[0]
+    runs = "\n".join(f"- `{m['command']}` ({m['date']}, {m['threads']} thread(s), AIMET "
+                      f"{m['aimet_iterations']} iterations per layer)" for m in metas)
     with open(path, "a") as f:
-        f.write(f"\n## Peers ({meta['date']})\n\n`python -m benchmarks.peers {argv}`; machine: {meta['machine']}; "
-                f"threads {meta['threads']}; AIMET iterations per layer {meta['aimet_iterations']}"
-                + (f"; raw JSON: {', '.join(f'`{j}`' for j in json_files)}" if json_files else "") + "\n\n" + text + "\n")
+        f.write(f"\n## Peers ({time.strftime('%Y-%m-%d', time.gmtime())})\n\nmachine: {first['machine']}; runs:\n\n"
+                f"{runs}\n" + (f"\nraw JSON: {', '.join(f'`{j}`' for j in json_files)}\n" if json_files else "")
+                + "\n" + text + "\n")
 
 
 if __name__ == "__main__":
