@@ -1,7 +1,8 @@
 """bwacal against the peer quantizers, like for like, on the Fashion-MNIST zoo.
 
 For every model, protocol and setting: top-1 on the 10,000 Fashion-MNIST test images of the model
-each method writes (ONNX Runtime on the written file, the same evaluation for every method) and each
+each method writes (ONNX Runtime at ORT_ENABLE_BASIC on the written file, the same evaluation for
+every method) and each
 method's wall time, on the same machine in the same run, calibrating on the same 1,024 images
 (data/fmnist_calib.h5):
 
@@ -17,12 +18,13 @@ method's wall time, on the same machine in the same run, calibrating on the same
   at 16 bits (quantize_static always quantizes activations; 16-bit QDQ is the nearest to float it
   offers); W4A4 uses 4-bit activations (QUInt4).
 
-Every written model's weights are checked: at most 2^b distinct values per output channel of every
+Times: wall and CPU seconds (user + system, children included) of each method. Every written
+model's weights are checked: at most 2^b distinct values per output channel of every
 Conv/Gemm quantized at b bits (``levels`` in the JSON).
 
     python -m benchmarks.peers [--models resnet20,mobilenetv2,vgg_small] [--settings W4,W3,W2,W4A4]
         [--protocols all-layers[,first-last-8bit]] [--methods bwa,...] [--peers aimet,ort]
-        [--aimet-python /work/aimet-venv/bin/python] [--aimet-iterations 10000] [--threads 2]
+        [--aimet-python /work/aimet-venv/bin/python] [--aimet-iterations 10000] [--threads 1]
         [--json out.json] [--append benchmarks/RESULTS.md]
     python -m benchmarks.peers --table a.json b.json [--append benchmarks/RESULTS.md]
 """
