@@ -1,9 +1,10 @@
-"""Peak memory and wall time of ``bwacal calibrate`` on a ResNet-18 (3x224x224, random weights).
+"""Peak memory and wall time of ``bwacal calibrate`` on a 224x224 classifier (random weights).
 
-    python benchmarks/scale.py [--images 1024] [--epochs 1] [--batch-size 64] [--workdir /tmp/bwacal_scale]
-                               [--append benchmarks/RESULTS.md]
+    python benchmarks/scale.py [--model resnet18|resnet50|efficientnet_b0] [--images 1024] [--epochs 1]
+                               [--batch-size 64] [--workdir /tmp/bwacal_scale] [--append benchmarks/RESULTS.md]
 
-Builds the model (``tests/torch_models.resnet18``, exported with its BatchNormalization) and a
+Builds the model (``tests/torch_models.resnet18``, or the full-size ResNet-50 / EfficientNet-B0
+layouts of ``tests/corpus_models``, 1000 classes, exported with its BatchNormalization) and a
 random uint8 calibration file of N x 3 x 224 x 224 written in chunks of 64 images, labelled with the
 FP model's own predictions (torch, also in chunks). Then runs ``python -m cli.main calibrate`` as a
 subprocess and reports its peak RSS (``ru_maxrss`` of the child) and wall time. The calibration
@@ -31,12 +32,22 @@ sys.path.insert(0, str(ROOT))
 CHUNK = 64
 
 
-def build_model(path: Path):
+def build_model(path: Path, name: str = "resnet18"):
     import torch
 
+    from tests import corpus_models as cm
     from tests.torch_models import export, resnet18
 
-    torch_model = resnet18(in_ch=3, classes=1000, seed=0).eval()
+    if name == "resnet18":
+        torch_model = resnet18(in_ch=3, classes=1000, seed=0).eval()
+    elif name == "resnet50":
+        torch.manual_seed(0)
+        torch_model = cm._finish(cm.ResNet((3, 4, 6, 3), (64, 128, 256, 512), stem=64, classes=1000), 0)
+    elif name == "efficientnet_b0":
+        torch.manual_seed(0)
+        torch_model = cm._finish(cm.EfficientNet(width_mult=1.0, depths=(1, 2, 2, 3, 3, 4, 1), classes=1000), 0)
+    else:
+        raise SystemExit(f"unknown model {name!r}")
     export(torch_model, path, torch.zeros(2, 3, 224, 224))
     return torch_model
 
@@ -67,6 +78,7 @@ def build_data(path: Path, torch_model, n: int, seed: int = 0):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "efficientnet_b0"])
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -76,12 +88,12 @@ def main():
     args = ap.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model_path = args.workdir / "resnet18.onnx"
-    data_path = args.workdir / f"calib{args.images}.h5"
-    out_path = args.workdir / "resnet18.q.onnx"
+    model_path = args.workdir / f"{args.model}.onnx"
+    data_path = args.workdir / f"{args.model}.calib{args.images}.h5"
+    out_path = args.workdir / f"{args.model}.q.onnx"
     t0 = time.perf_counter()
     if not model_path.exists() or not data_path.exists():
-        torch_model = build_model(model_path)
+        torch_model = build_model(model_path, args.model)
         build_data(data_path, torch_model, args.images)
     print(f"inputs ready in {time.perf_counter() - t0:.1f} s: {model_path}, {data_path} "
           f"({data_path.stat().st_size / 1e6:.0f} MB)", flush=True)
@@ -106,7 +118,7 @@ def main():
             "", "## Scale", "",
             f"`python benchmarks/scale.py --images {args.images} --epochs {args.epochs} "
             f"--batch-size {args.batch_size} --bits {args.bits} --append benchmarks/RESULTS.md`", "",
-            f"- what: `{' '.join(['bwacal'] + cmd[3:])}` on a ResNet-18 (3x224x224, 1000 classes, random "
+            f"- what: `{' '.join(['bwacal'] + cmd[3:])}` on a {args.model} (3x224x224, 1000 classes, random "
             f"weights, BatchNormalization kept in the file), {args.images} random uint8 images labelled with "
             f"the FP model's predictions; --epochs {args.epochs}",
             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
