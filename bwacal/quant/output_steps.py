@@ -33,6 +33,8 @@ DEFAULT_ROWS = 1 << 14
 # instead of K**2 per candidate. Eigenvalues below RANK_TOLERANCE times the largest are dropped
 # (their part of any error is below that fraction).
 LOW_RANK_FRACTION = 0.5
+# bytes of layer inputs one batch of the H collection may hold at once
+ACTIVATION_BYTES = 256 << 20
 RANK_TOLERANCE = 1e-12
 
 
@@ -285,6 +287,11 @@ def input_covariances(model, nodes, images, batch_size: int = 64, rows: int = DE
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(nodes, 0)
     inputs = sorted({node.inputs[0] for node in layers})
+    # the requested inputs of a batch are all alive at once: at 224x224 a batch of 64 of ResNet-50's
+    # would be GBs, so the batch is cut to keep them under ACTIVATION_BYTES
+    probe, _ = model.engine.run({model.input_name: images[:1]}, outputs=inputs)
+    image_bytes = sum(np.asarray(v).nbytes for v in probe.values())
+    batch_size = int(max(1, min(batch_size, ACTIVATION_BYTES // max(image_bytes, 1))))
     for start in range(0, len(images), batch_size):
         values, _ = model.engine.run({model.input_name: images[start:start + batch_size]}, outputs=inputs)
         for node in layers:
