@@ -202,3 +202,26 @@ def test_low_rank_h_is_searched_through_its_factor(groups):
         qmin, qmax = qrange(bits, True)
         np.testing.assert_allclose(output_errors(w, steps, h, qmin, qmax),
                                    naive.output_errors(w, steps, h, qmin, qmax), rtol=1e-9)
+
+
+def test_layers_with_long_rows_keep_the_weight_mse_step(monkeypatch):
+    import bwacal
+    from bwacal.quant import output_steps
+    from bwacal.quant.weights import channels_first, mse_steps
+    from bwacal.quantize import select_layers
+
+    model = bwacal.load_model("data/zoo/resnet20.onnx")
+    layers = select_layers(model.graph, 3, "all-layers")
+    images = np.random.default_rng(0).normal(size=(8,) + model.input_shape).astype(np.float32)
+    monkeypatch.setattr(output_steps, "MAX_ROW", 200)  # 16-channel 3x3 convs (K = 144) stay output-aware
+    steps = output_steps.output_aware_steps(model, layers, images)
+    long_rows = short_differs = 0
+    for layer in layers:
+        w = model.graph.initializers[layer.weight]
+        mse = mse_steps(channels_first(w, layer.axis), layer.bits)
+        if int(np.prod(w.shape[1:])) > 200:
+            long_rows += 1
+            np.testing.assert_array_equal(steps[layer.weight], mse)
+        else:
+            short_differs += not np.array_equal(steps[layer.weight], mse)
+    assert long_rows > 0 and short_differs > 0

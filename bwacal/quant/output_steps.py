@@ -310,13 +310,16 @@ def input_covariances(model, nodes, images, batch_size: int = 64, rows: int = DE
 PASS_BYTES = 256 << 20
 
 
-def _hessian_bytes(node, weight_shape) -> int:
+# Layers whose weight rows are longer than this keep the weight-MSE step: the search costs C * K**2
+# per candidate (ResNet-50's 512-channel 3x3 convs, K = 4608: 1.4 TFLOP over 129 candidates)
+MAX_ROW = 1152
+
+
+def _row_length(node, weight_shape) -> tuple[int, int]:
+    """(groups, K): the H of a layer is (groups, K, K)."""
     if node.op_type == "Conv":
-        groups = int(node.attrs.get("group", 1))
-        k = int(np.prod(weight_shape[1:]))
-        return groups * k * k * 8
-    k = int(weight_shape[0] if node.op_type == "MatMul" or not node.attrs.get("transB", 0) else weight_shape[1])
-    return k * k * 8
+        return int(node.attrs.get("group", 1)), int(np.prod(weight_shape[1:]))
+    return 1, int(weight_shape[0] if node.op_type == "MatMul" or not node.attrs.get("transB", 0) else weight_shape[1])
 
 
 def output_aware_steps(model, layers, images, batch_size: int = 64, seed: int = 0,
@@ -325,15 +328,21 @@ def output_aware_steps(model, layers, images, batch_size: int = 64, seed: int = 
     :func:`output_error_steps` at the layer's bits, with ``H`` from the FP ``model`` on ``images``.
 
     ``H`` is collected for as many layers at a time as fit ``pass_bytes`` (one pass over the images
-    each) and dropped once their steps are found, so memory stays bounded on 224x224 models.
+    each) and dropped once their steps are found, so memory stays bounded on 224x224 models. A
+    layer whose weight rows are longer than ``MAX_ROW`` keeps the weight-MSE step.
     """
-    from bwacal.quant.weights import channels_first
+    from bwacal.quant.weights import channels_first, mse_steps
 
     graph = model.graph
     by_name = {node.name: node for node in graph.nodes}
     passes, current, used = [], [], 0
+    steps = {}
     for layer in layers:
-        size = _hessian_bytes(by_name[layer.node], graph.initializers[layer.weight].shape)
+        groups, k = _row_length(by_name[layer.node], graph.initializers[layer.weight].shape)
+        if k > MAX_ROW:
+            steps[layer.weight] = mse_steps(channels_first(graph.initializers[layer.weight], layer.axis), layer.bits)
+            continue
+        size = groups * k * k * 8
         if current and used + size > pass_bytes:
             passes.append(current)
             current, used = [], 0
@@ -341,7 +350,6 @@ def output_aware_steps(model, layers, images, batch_size: int = 64, seed: int = 
         used += size
     if current:
         passes.append(current)
-    steps = {}
     for group in passes:
         hessians = input_covariances(model, [layer.node for layer in group], images, batch_size, seed=seed)
         for layer in group:
