@@ -43,7 +43,7 @@ class CalibrationOptions:
     epochs: int = 5
     batch_size: int = 64
     # images per recorded forward of a fitting step (gradients summed over the batch's micro-batches);
-    # None: the largest that keeps the recording for backward under 1 GiB (bwacal/memory.py)
+    # None: the largest that keeps the recording for backward under 768 MiB (bwacal/memory.py)
     micro_batch: int | None = None
     lr: float = 1e-3
     holdout: float = 0.2

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-DEFAULT_BUDGET = 1 << 30  # bytes a micro-batch's recorded forward may keep: 1 GiB
+DEFAULT_BUDGET = 768 << 20  # bytes a micro-batch's recorded forward may keep: 768 MiB
 PROBE_BATCHES = (2, 4)  # the two recorded probe forwards whose difference gives the bytes per image
 
 

@@ -56,7 +56,7 @@ def calibrate_cmd(
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Report accuracies on this HDF5 file instead of the held-out split.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the calibration set.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per fitting step.")] = 64,
-    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Images per recorded forward of a step (gradients are summed over the step's micro-batches); default: the largest whose recording for backward stays under 1 GiB, so 224x224 models fit in memory.")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Images per recorded forward of a step (gradients are summed over the step's micro-batches); default: the largest whose recording for backward stays under 768 MiB, so 224x224 models fit in memory.")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate on the normalised bit weights (cosine decay).")] = 1e-3,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of the calibration set held out to pick the best epoch.")] = 0.2,
     split: Annotated[str, typer.Option("--split", help="How the held-out part is drawn: random, source (whole sources on one side: needs the file's 'sources'), blocks (contiguous blocks of the file), or auto (source when the file has sources, else random).")] = "auto",
