@@ -309,19 +309,25 @@ def _check_finite(path: Path, images: h5py.Dataset) -> None:
             raise DataError(f"{path}: 'images' contains {kind} (first at image {first}), expected finite values")
 
 
-def _read_labels(path: Path, labels, n: int, num_classes: int | None) -> np.ndarray:
-    if not isinstance(labels, h5py.Dataset):
-        raise DataError(f"{path}: 'labels' is a group, expected a dataset of shape ({n},)")
-    if labels.ndim != 1:
-        raise DataError(f"{path}: 'labels' has shape {labels.shape}, expected ({n},)")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: 'labels' has dtype {labels.dtype}, expected integer class ids")
-    if labels.shape[0] != n:
-        raise DataError(f"{path}: 'labels' has {labels.shape[0]} entries but 'images' has {n}")
-    values = labels[()].astype(np.int64)
+def _read_ids(path: Path, dataset, name: str, what: str, n: int) -> np.ndarray:
+    """int64 (n,) ids >= 0 from the 1-D integer dataset ``name`` (``what``: "class" or "source")."""
+    if not isinstance(dataset, h5py.Dataset):
+        raise DataError(f"{path}: '{name}' is a group, expected a dataset of shape ({n},)")
+    if dataset.ndim != 1:
+        raise DataError(f"{path}: '{name}' has shape {dataset.shape}, expected ({n},)")
+    if not np.issubdtype(dataset.dtype, np.integer):
+        raise DataError(f"{path}: '{name}' has dtype {dataset.dtype}, expected integer {what} ids")
+    if dataset.shape[0] != n:
+        raise DataError(f"{path}: '{name}' has {dataset.shape[0]} entries but 'images' has {n}")
+    values = dataset[()].astype(np.int64)
     if values.min() < 0:
-        raise DataError(f"{path}: 'labels' contains {int(values.min())} (at index {int(values.argmin())}), "
-                        "expected class ids >= 0")
+        raise DataError(f"{path}: '{name}' contains {int(values.min())} (at index {int(values.argmin())}), "
+                        f"expected {what} ids >= 0")
+    return values
+
+
+def _read_labels(path: Path, labels, n: int, num_classes: int | None) -> np.ndarray:
+    values = _read_ids(path, labels, "labels", "class", n)
     if num_classes is not None and values.max() >= num_classes:
         raise DataError(f"{path}: 'labels' contains {int(values.max())} (at index {int(values.argmax())}), "
                         f"expected class ids in [0, {num_classes}) for a model with {num_classes} outputs")
@@ -329,19 +335,7 @@ def _read_labels(path: Path, labels, n: int, num_classes: int | None) -> np.ndar
 
 
 def _read_sources(path: Path, sources, n: int) -> np.ndarray:
-    if not isinstance(sources, h5py.Dataset):
-        raise DataError(f"{path}: 'sources' is a group, expected a dataset of shape ({n},)")
-    if sources.ndim != 1:
-        raise DataError(f"{path}: 'sources' has shape {sources.shape}, expected ({n},)")
-    if not np.issubdtype(sources.dtype, np.integer):
-        raise DataError(f"{path}: 'sources' has dtype {sources.dtype}, expected integer source ids")
-    if sources.shape[0] != n:
-        raise DataError(f"{path}: 'sources' has {sources.shape[0]} entries but 'images' has {n}")
-    values = sources[()].astype(np.int64)
-    if values.min() < 0:
-        raise DataError(f"{path}: 'sources' contains {int(values.min())} (at index {int(values.argmin())}), "
-                        "expected source ids >= 0")
-    return values
+    return _read_ids(path, sources, "sources", "source", n)
 
 
 def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
