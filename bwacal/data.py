@@ -338,6 +338,17 @@ def _read_sources(path: Path, sources, n: int) -> np.ndarray:
     return _read_ids(path, sources, "sources", "source", n)
 
 
+def _ids_to_write(path: Path, name: str, ids, n: int) -> np.ndarray | None:
+    """``ids`` (labels or sources) as int64 (n,) >= 0, or None when not given."""
+    if ids is None:
+        return None
+    ids = np.asarray(ids)
+    if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer) or (n and ids.min() < 0):
+        raise DataError(f"{path}: '{name}' has shape {ids.shape} dtype {ids.dtype}, "
+                        f"expected ({n},) non-negative integers")
+    return ids.astype(np.int64)
+
+
 def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
                   scale: float | None = None, mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, sources: np.ndarray | None = None,
@@ -375,18 +386,8 @@ def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
             raise DataError(f"{path}: 'images' contains NaN or Inf, expected finite values")
     else:
         raise DataError(f"{path}: 'images' has dtype {images.dtype}, expected uint8 or float32")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or (n and labels.min() < 0):
-            raise DataError(f"{path}: 'labels' has shape {labels.shape} dtype {labels.dtype}, "
-                            f"expected ({n},) non-negative integers")
-        labels = labels.astype(np.int64)
-    if sources is not None:
-        sources = np.asarray(sources)
-        if sources.shape != (n,) or not np.issubdtype(sources.dtype, np.integer) or (n and sources.min() < 0):
-            raise DataError(f"{path}: 'sources' has shape {sources.shape} dtype {sources.dtype}, "
-                            f"expected ({n},) non-negative integers")
-        sources = sources.astype(np.int64)
+    labels = _ids_to_write(path, "labels", labels, n)
+    sources = _ids_to_write(path, "sources", sources, n)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

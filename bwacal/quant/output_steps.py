@@ -22,7 +22,7 @@ import numpy as np
 from bwacal.kernels import JIT_REDUCE, _round_clip, _threads_for
 from bwacal.ops.window import window
 from bwacal.quant.uniform import check_bits, qrange
-from bwacal.quant.weights import MSE_RATIOS, ZERO_CHANNEL_STEP, minmax_steps
+from bwacal.quant.weights import MSE_RATIOS, ZERO_CHANNEL_STEP, candidate_steps, channels_first, mse_steps
 
 # Rows (patches or input rows) sampled per layer for its H: K = 576 (64 channels of 3x3) is then
 # estimated from 28 samples per entry of the diagonal's order, and building H costs rows * K**2
@@ -36,18 +36,6 @@ LOW_RANK_FRACTION = 0.5
 # bytes of layer inputs one batch of the H collection may hold at once
 ACTIVATION_BYTES = 256 << 20
 RANK_TOLERANCE = 1e-12
-
-
-def candidate_steps(w2d, bits: int, ratios=MSE_RATIOS) -> np.ndarray:
-    """float32 (C, R + 1): ``ratios`` times the min-max step of each row, then the no-clipping step.
-
-    The same candidates as :func:`bwacal.quant.weights.mse_steps` tries, in the same order.
-    """
-    qmin, qmax = qrange(bits, signed=True)
-    base = minmax_steps(w2d, bits)
-    ratios = np.append(np.asarray(ratios, dtype=np.float64), -qmin / qmax)
-    candidates = base[:, None].astype(np.float64) * ratios[None, :]
-    return np.maximum(candidates.astype(np.float32), np.finfo(np.float32).smallest_subnormal)
 
 
 @numba.njit(**JIT_REDUCE)
@@ -331,8 +319,6 @@ def output_aware_steps(model, layers, images, batch_size: int = 64, seed: int = 
     each) and dropped once their steps are found, so memory stays bounded on 224x224 models. A
     layer whose weight rows are longer than ``MAX_ROW`` keeps the weight-MSE step.
     """
-    from bwacal.quant.weights import channels_first, mse_steps
-
     graph = model.graph
     by_name = {node.name: node for node in graph.nodes}
     passes, current, used = [], [], 0

@@ -229,19 +229,26 @@ def minmax_steps(w2d, bits: int) -> np.ndarray:
     return np.where(amax > 0, step, ZERO_CHANNEL_STEP).astype(np.float32)
 
 
-def mse_steps(w2d, bits: int, ratios=MSE_RATIOS) -> np.ndarray:
-    """Per-row step minimising ``||W_c - step * q(W_c)||^2`` over ``ratios`` times the min-max step.
-
-    The no-clipping ratio ``2**(bits-1) / (2**(bits-1) - 1)`` is always tried too. Keep ratio 1 (plain
-    min-max) in ``ratios`` so the result is never worse than min-max. Ties go to the first candidate.
-    """
+def candidate_steps(w2d, bits: int, ratios=MSE_RATIOS) -> np.ndarray:
+    """float32 (C, R + 1): ``ratios`` times the min-max step of each row, then the no-clipping step
+    ``max|W_c| / (2**(bits-1) - 1)``: the steps every step search here tries, in this order."""
     qmin, qmax = qrange(bits, signed=True)
     base = minmax_steps(w2d, bits)
     ratios = np.append(np.asarray(ratios, dtype=np.float64), -qmin / qmax)
     candidates = base[:, None].astype(np.float64) * ratios[None, :]
-    candidates = np.maximum(candidates.astype(np.float32), np.finfo(np.float32).smallest_subnormal)
+    return np.maximum(candidates.astype(np.float32), np.finfo(np.float32).smallest_subnormal)
+
+
+def mse_steps(w2d, bits: int, ratios=MSE_RATIOS) -> np.ndarray:
+    """Per-row step minimising ``||W_c - step * q(W_c)||^2`` over :func:`candidate_steps`.
+
+    Keep ratio 1 (plain min-max) in ``ratios`` so the result is never worse than min-max. Ties go to
+    the first candidate.
+    """
+    qmin, qmax = qrange(bits, signed=True)
+    candidates = candidate_steps(w2d, bits, ratios)
     errors = quantization_errors(w2d, candidates, qmin, qmax)
-    best = candidates[np.arange(len(base)), np.argmin(errors, axis=1)]
+    best = candidates[np.arange(len(candidates)), np.argmin(errors, axis=1)]
     zero = ~np.any(w2d != 0, axis=1)
     return np.where(zero, ZERO_CHANNEL_STEP, best).astype(np.float32)
 
