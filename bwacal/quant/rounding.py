@@ -12,6 +12,15 @@ import numpy as np
 ZETA, ETA = 1.1, -0.1  # the stretch of the rectified sigmoid (the paper's zeta and gamma)
 
 
+def rectified_sigmoid_and_grad(v) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(h(V), dh/dV)`` from one sigmoid: ``dh/dV = sigmoid'(V) * (ZETA - ETA)`` where ``h``
+    is not clipped, else 0."""
+    s = 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=np.float64)))
+    stretched = s * (ZETA - ETA) + ETA
+    inside = (stretched > 0.0) & (stretched < 1.0)
+    return np.clip(stretched, 0.0, 1.0), np.where(inside, s * (1.0 - s) * (ZETA - ETA), 0.0)
+
+
 def rectified_sigmoid(v) -> np.ndarray:
     """float64 ``h(V) = clip(sigmoid(V) * (ZETA - ETA) + ETA, 0, 1)``."""
     s = 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=np.float64)))
@@ -20,9 +29,7 @@ def rectified_sigmoid(v) -> np.ndarray:
 
 def rectified_sigmoid_grad(v) -> np.ndarray:
     """float64 ``dh/dV``: ``sigmoid'(V) * (ZETA - ETA)`` where ``h`` is not clipped, else 0."""
-    s = 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=np.float64)))
-    inside = (s * (ZETA - ETA) + ETA > 0.0) & (s * (ZETA - ETA) + ETA < 1.0)
-    return np.where(inside, s * (1.0 - s) * (ZETA - ETA), 0.0)
+    return rectified_sigmoid_and_grad(v)[1]
 
 
 def initial_v(frac) -> np.ndarray:
@@ -33,13 +40,16 @@ def initial_v(frac) -> np.ndarray:
 
 def rounding_regularizer(v, beta: float) -> tuple[float, np.ndarray]:
     """``(sum(1 - |2h(V) - 1|**beta), d/dV)``: zero when every ``h`` is 0 or 1, largest at 0.5."""
-    h = rectified_sigmoid(v)
+    h, dh_dv = rectified_sigmoid_and_grad(v)
+    value = float(np.sum(1.0 - np.abs(2.0 * h - 1.0) ** beta))
+    return value, regularizer_grad(h, dh_dv, beta)
+
+
+def regularizer_grad(h, dh_dv, beta: float) -> np.ndarray:
+    """d/dV of ``sum(1 - |2h - 1|**beta)`` given ``h`` and ``dh/dV``."""
     t = 2.0 * h - 1.0
-    a = np.abs(t)
-    value = float(np.sum(1.0 - a**beta))
     # d/dh (1 - |t|^beta) = -beta |t|^(beta-1) sign(t) * 2
-    dh = -2.0 * beta * a ** (beta - 1.0) * np.sign(t)
-    return value, dh * rectified_sigmoid_grad(v)
+    return -2.0 * beta * np.abs(t) ** (beta - 1.0) * np.sign(t) * dh_dv
 
 
 def annealed_beta(iteration: int, iterations: int, warmup: float = 0.2, start: float = 20.0,
