@@ -141,12 +141,12 @@ class _MomentProblem:
 
 
 def _rows(node, x, weight_shape) -> np.ndarray:
-    """float64 (G, P, K): the input rows of the layer, split by group."""
+    """float32 (G, P, K): the input rows of the layer, split by group."""
     groups = int(node.attrs.get("group", 1)) if node.op_type == "Conv" else 1
     rows = layer_rows(node.op_type, node.attrs, x, weight_shape)
-    if node.op_type == "Gemm":
-        rows = rows * float(node.attrs.get("alpha", 1.0))
-    return rows.astype(np.float64).reshape(len(rows), groups, -1).transpose(1, 0, 2)
+    if node.op_type == "Gemm" and node.attrs.get("alpha", 1.0) != 1.0:
+        rows = rows * np.float32(node.attrs["alpha"])
+    return np.ascontiguousarray(rows.reshape(len(rows), groups, -1).transpose(1, 0, 2), dtype=np.float32)
 
 
 def _moments_apply(node) -> bool:
@@ -169,12 +169,14 @@ def _moment_problem(net: QuantizedNetwork, index: int, images) -> _MomentProblem
         q, _ = net.engine.run({model.input_name: chunk}, params=params, outputs=[node.inputs[0]])
         x = _rows(node, fp[layer.data_input], w_fp.shape)
         xq = _rows(node, q[node.inputs[0]], w_fp.shape)
-        g_part = np.matmul(xq.transpose(0, 2, 1), xq)
-        c_part = np.matmul(xq.transpose(0, 2, 1), x)
+        # float32 products (a chunk's rounding error, ~1e-7 of each entry, is far below what the
+        # rounding changes), summed over chunks in float64
+        g_part = np.matmul(xq.transpose(0, 2, 1), xq).astype(np.float64)
+        c_part = np.matmul(xq.transpose(0, 2, 1), x).astype(np.float64)
         gram = g_part if gram is None else gram + g_part
         cross = c_part if cross is None else cross + c_part
-        w_groups = w2d.reshape(x.shape[0], -1, x.shape[2])  # (G, C/G, K)
-        energy += float(np.sum(np.matmul(x, w_groups.transpose(0, 2, 1)) ** 2))
+        w_groups = w2d.reshape(x.shape[0], -1, x.shape[2]).astype(np.float32)  # (G, C/G, K)
+        energy += float(np.sum(np.square(np.matmul(x, w_groups.transpose(0, 2, 1)), dtype=np.float64)))
         rows += x.shape[1]
     rows = max(rows, 1)
     return _MomentProblem(gram / rows, cross / rows, energy / rows, w2d, tuple(w_fp.shape), qw.axis)
