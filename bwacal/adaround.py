@@ -25,11 +25,14 @@ paper's mini-batches estimate, at a fraction of their cost. ``AdaRoundOptions.so
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from bwacal.engine import Engine
 from bwacal.fit import Adam
+from bwacal.graph import ValueInfo
+from bwacal.passes import remove_dead_nodes
 from bwacal.quant.output_steps import layer_rows
 from bwacal.quant.rounding import annealed_beta, rectified_sigmoid_and_grad, regularizer_grad, rounding_regularizer
 from bwacal.quant.weights import channels_first
@@ -66,8 +69,14 @@ def _node_index(graph, name: str) -> int:
     raise ValueError(f"node '{name}' is not in the quantized graph")
 
 
+def _engine_until(graph, value) -> Engine:
+    """An engine over only the nodes ``value`` depends on (a layer's input needs no later layer)."""
+    return Engine(remove_dead_nodes(replace(graph, outputs=[ValueInfo(value, None, None)])))
+
+
 def _collect(engine, input_name, value, images, params=None) -> np.ndarray:
     """The named value for every image, NCHW (or whatever rank it has), float32."""
+    engine = _engine_until(engine.graph, value)
     parts = []
     for start in range(0, len(images), COLLECT_BATCH):
         values, _ = engine.run({input_name: images[start:start + COLLECT_BATCH]}, params=params, outputs=[value])
@@ -161,12 +170,14 @@ def _moment_problem(net: QuantizedNetwork, index: int, images) -> _MomentProblem
     w_fp = model.graph.initializers[layer.weight]
     w2d = channels_first(w_fp, qw.axis).astype(np.float64)
     params = net.params()
+    fp_engine = _engine_until(model.graph, layer.data_input)
+    q_engine = _engine_until(net.graph, node.inputs[0])
     gram = cross = None
     energy, rows = 0.0, 0
     for start in range(0, len(images), COLLECT_BATCH):
         chunk = images[start:start + COLLECT_BATCH]
-        fp, _ = model.engine.run({model.input_name: chunk}, outputs=[layer.data_input])
-        q, _ = net.engine.run({model.input_name: chunk}, params=params, outputs=[node.inputs[0]])
+        fp, _ = fp_engine.run({model.input_name: chunk}, outputs=[layer.data_input])
+        q, _ = q_engine.run({model.input_name: chunk}, params=params, outputs=[node.inputs[0]])
         x = _rows(node, fp[layer.data_input], w_fp.shape)
         xq = _rows(node, q[node.inputs[0]], w_fp.shape)
         # float32 products (a chunk's rounding error, ~1e-7 of each entry, is far below what the
