@@ -34,7 +34,7 @@ from bwacal.fit import Adam
 from bwacal.graph import ValueInfo
 from bwacal.passes import remove_dead_nodes
 from bwacal.quant.output_steps import layer_rows
-from bwacal.quant.rounding import annealed_beta, rectified_sigmoid_and_grad, regularizer_grad, rounding_regularizer
+from bwacal.quant.rounding import annealed_beta, learn_rounding, rounding_regularizer
 from bwacal.quant.weights import channels_first
 from bwacal.quantize import QuantizedNetwork
 
@@ -230,28 +230,15 @@ def _learn_rounding_batches(problem: _LayerProblem, qw, options: AdaRoundOptions
 
 
 def _learn_rounding_moments(problem: _MomentProblem, qw, options: AdaRoundOptions):
-    """The same Adam on V with the exact gradient on every image: ``W~ = lo + h(V) (hi - lo)`` (the
-    values of each weight's two codes under the fixed bit weights), ``dL/dW~ = 2 (W~ G - X w)``,
-    all in the (groups, channels per group, K) layout of the moments."""
+    """The same Adam on V with the exact gradient on every image (``rounding.learn_rounding``):
+    ``W~ = lo + h(V) (hi - lo)``, the values of each weight's two codes under the fixed bit weights."""
     lo, hi = qw.soft_ends()
-    lo = lo.reshape(problem.w_fp.shape)
-    span = hi.reshape(problem.w_fp.shape) - lo
-    theta = {"v": qw.rounding.v.reshape(problem.w_fp.shape)}  # a view: Adam updates the rounding's V
-    adam = Adam(theta, options.lr)
-    for it in range(options.iterations):
-        beta = annealed_beta(it, options.iterations, options.warmup, options.beta_start, options.beta_end)
-        grad = _moments_gradient(problem, lo, span, theta["v"], beta, options.reg)
-        adam.step(theta, {"v": grad}, options.lr)
-
-
-def _moments_gradient(problem: _MomentProblem, lo, span, v, beta, reg) -> np.ndarray:
-    """d/dV of the reconstruction loss plus ``reg`` times the regulariser at exponent ``beta`` (None:
-    no regulariser); ``lo``, ``span`` and ``v`` in the moments' (G, C/G, K) layout."""
-    h, dh_dv = rectified_sigmoid_and_grad(v)
-    grad = 2.0 * (np.matmul(lo + h * span, problem.gram) - problem.pull) * span * dh_dv
-    if beta is not None:
-        grad += reg * regularizer_grad(h, dh_dv, beta)
-    return grad
+    shape = problem.w_fp.shape
+    v = np.ascontiguousarray(qw.rounding.v, dtype=np.float64).reshape(shape)
+    learn_rounding(v, lo.reshape(shape), (hi - lo).reshape(shape), problem.gram, problem.pull,
+                   options.iterations, options.lr, options.reg, options.warmup, options.beta_start,
+                   options.beta_end)
+    qw.rounding.v = v.reshape(qw.rounding.v.shape)
 
 
 def reconstruction_error(net: QuantizedNetwork, index: int, images) -> float:

@@ -242,10 +242,33 @@ def test_moments_give_the_engine_ops_reconstruction_loss_and_gradient(tmp_path):
     assert not np.allclose(problem.pull, np.matmul(problem.w_fp, problem.gram))
 
 
-def test_the_moments_step_is_the_papers_gradient_on_every_image(tmp_path):
-    """``_moments_gradient`` against the generic path (the quantized weight's own compose and
-    gradients, the regulariser of rounding.py, the op's loss gradient on every image) at rounding
-    variables away from the start, without and with the regulariser."""
+def test_learn_rounding_kernel_against_naive():
+    """The fused numba step against tests/naive.py's NumPy loop: grouped moments, through the
+    warm-up and the annealing, with weights that clip (h at 0 or 1) along the way."""
+    from bwacal.quant.rounding import learn_rounding
+
+    rng = np.random.default_rng(5)
+    groups, per, k = 3, 4, 7
+    x = rng.normal(size=(groups, 200, k))
+    gram = np.matmul(x.transpose(0, 2, 1), x) / 200
+    lo = rng.normal(size=(groups, per, k))
+    span = np.abs(rng.normal(0.5, 0.2, size=lo.shape))
+    pull = np.matmul(lo + 0.5 * span, gram) + 0.1 * rng.normal(size=lo.shape)
+    v0 = rng.normal(0, 2, size=lo.shape)
+    for iterations, lr in ((1, 0.01), (60, 0.05)):
+        want = naive.learn_rounding(v0, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
+        got = v0.copy()
+        learn_rounding(got, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert np.abs(got - v0).max() > 0.5
+    with pytest.raises(ValueError, match="C-contiguous float64"):
+        learn_rounding(v0.astype(np.float32), lo, span, gram, pull, 1, 0.01, 0.01)
+
+
+def test_the_moments_gradient_is_the_papers_gradient_on_every_image(tmp_path):
+    """The gradient the kernel follows (naive.moments_rounding_gradient, which the kernel is checked
+    against above) agrees with the generic path: the quantized weight's own compose and gradients,
+    the regulariser of rounding.py and the layer's op run on every image."""
     from bwacal import adaround as ar
     from bwacal.quantize import quantize_network, select_layers
 
@@ -260,8 +283,9 @@ def test_the_moments_step_is_the_papers_gradient_on_every_image(tmp_path):
         lo, hi = qw.soft_ends()
         shape = problem.w_fp.shape
         for beta in (None, 20.0, 2.0):
-            got = ar._moments_gradient(problem, lo.reshape(shape), (hi - lo).reshape(shape),
-                                       qw.rounding.v.reshape(shape), beta, 0.01).reshape(qw.rounding.v.shape)
+            got = naive.moments_rounding_gradient(qw.rounding.v.reshape(shape), lo.reshape(shape),
+                                                  (hi - lo).reshape(shape), problem.gram, problem.pull,
+                                                  beta, 0.01).reshape(qw.rounding.v.shape)
             _, dw = direct.loss_and_grad(np.arange(direct.images), qw.compose())
             want = qw.gradients(dw)["v"]
             if beta is not None:
