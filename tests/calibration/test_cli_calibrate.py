@@ -24,7 +24,8 @@ def test_calibrate_writes_model_and_report(tiny, tmp_path):
     onnx.checker.check_model(onnx.load(str(out)))
     report = json.loads(rep.read_text())
     assert report["output"] == str(out) and report["format"] == "fake"
-    assert set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "uniform_output", "bwa"}
+    assert report["method"] == "adaround-bwa"  # the default
+    assert set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "uniform_output", "adaround-bwa"}
     assert [h["epoch"] for h in report["history"]] == [0, 1]
 
 
