@@ -103,3 +103,20 @@ def test_calibrate_with_adaround_names_the_method(tiny, tmp_path):
     assert [s["node"] for s in report["adaround"]] == [layer["layer"] for layer in report["layers"]]
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["bwacal_method"] == "adaround"
+
+
+def test_cli_defaults_are_the_librarys():
+    """Every calibrate option that is a CalibrationOptions field defaults to the library's value, so
+    `bwacal calibrate` and `bwacal.calibrate()` calibrate alike (the help shows the real default)."""
+    import dataclasses
+
+    import typer.main
+
+    from bwacal.calibrate import CalibrationOptions
+
+    library = {f.name: f.default for f in dataclasses.fields(CalibrationOptions)}
+    command = typer.main.get_command(app).commands["calibrate"]
+    shared = [p for p in command.params if p.name in library and p.name != "input_shape"]
+    assert {"method", "adaround_iterations", "adaround_images", "epochs", "weight_method"} <= {p.name for p in shared}
+    for param in shared:
+        assert param.default == library[param.name], param.name
