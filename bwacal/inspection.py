@@ -19,7 +19,7 @@ from bwacal.onnx_io import read_model
 from bwacal.quantize import PROTOCOLS, select_layers, skipped_layers
 
 METADATA_KEYS = ("bwacal_version", "bwacal_format", "bwacal_bits", "bwacal_act_bits", "bwacal_act_bwa",
-                 "bwacal_protocol", "bwacal_method", "bwacal_calib_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
+                 "bwacal_protocol", "bwacal_method", "bwacal_calib_sha256", "bwacal_source_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
 
 
 @dataclass

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import EXIT_BAD_INPUT, user_errors
-from cli.main import app
+from cli.common import EXIT_BAD_INPUT, echo_json, user_errors
 from cli.options import InputShape, Json, Quiet, Verbose
 
 
@@ -61,6 +59,8 @@ def render(info: dict) -> list[str]:
         lines.append(f"bwacal calibration: version {meta['version']}, format {meta['format']}, weights "
                      f"{meta['bits']} bits, activations {meta['act_bits']} (BWA {meta['act_bwa']}), "
                      f"protocol {meta['protocol']}")
+        if meta.get("source_sha256"):
+            lines.append(f"  source model sha256: {meta['source_sha256']}")
         if meta["calib_sha256"]:
             lines.append(f"  calibration data sha256: {meta['calib_sha256']}")
         if meta["accuracy"]:
@@ -82,7 +82,6 @@ def render(info: dict) -> list[str]:
     return lines
 
 
-@app.command("inspect")
 def inspect_model(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     *,
@@ -114,7 +113,7 @@ def inspect_model(
             raise ModelError(f"{model}: cannot be inspected, the graph is malformed "
                              f"({type(exc).__name__}: {exc}); --verbose shows where") from exc
     if json_out:
-        typer.echo(json.dumps(info, indent=2))
+        echo_json(info)
     else:
         for line in render(info):
             typer.echo(line)

@@ -57,8 +57,12 @@ def test_directory_source_and_the_max_drop_gate(zoo, tmp_path):
         report = json.loads((out / f"{r['model']}.w{r['width']}.json").read_text())
         assert report["output"] == str(out / f"{r['model']}.w{r['width']}.onnx")
         assert report["eval_images"] == 32 and report["options"]["epochs"] == 1
-        assert r["drop"] == pytest.approx(r["fp"] - r["bwa"], abs=1e-3)
-        assert r["bwa"] == pytest.approx(100 * report["accuracy"]["bwa"], abs=1e-3)
+        assert r["drop"] == pytest.approx(r["fp"] - r["bwa"], abs=1e-5)
+        # fractions, as in every JSON bwacal writes; "uniform" is the grid fitting started from
+        assert r["bwa"] == pytest.approx(report["accuracy"]["bwa"], abs=1e-5)
+        assert r["start"] == report["start"]
+        assert r["uniform"] == pytest.approx(report["accuracy"][f"uniform_{report['start']}"], abs=1e-5)
+    assert json.loads((out / "summary.json").read_text())["schema"] == 1
     with open(out / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["status"] for t in table] == ["ok"] * 6 and float(table[0]["fp"]) == got[0]["fp"]
@@ -68,12 +72,12 @@ def test_directory_source_and_the_max_drop_gate(zoo, tmp_path):
     # the same batch again: nothing is redone, and the gate reads the recorded drops
     drops = [r["drop"] for r in got]
     over = run(zoo / "zoo", "--calib", zoo / "calib.h5", "--eval", zoo / "val.h5", "--bits", "2,3",
-               "--epochs", "1", "-o", out, "--max-drop", min(drops) - 1)
+               "--epochs", "1", "-o", out, "--max-drop", 100 * min(drops) - 1)
     assert over.exit_code == 1, over.output
     assert {r["status"] for r in rows(out)} == {"skipped"}
     assert "FAIL: drop over --max-drop" in over.stderr
     within = run(zoo / "zoo", "--calib", zoo / "calib.h5", "--eval", zoo / "val.h5", "--bits", "2,3",
-                 "--epochs", "1", "-o", out, "--max-drop", max(drops), "-q")
+                 "--epochs", "1", "-o", out, "--max-drop", 100 * max(drops), "-q")
     assert within.exit_code == 0, within.output
     assert within.stderr == ""
 
@@ -127,7 +131,7 @@ def test_manifest_source_resolves_paths_against_the_manifest(zoo, tmp_path):
     assert report["eval_images"] == 32
     assert report["method"] == "adaround" and jobs[2].options.adaround_iterations == 20
     beta = next(r for r in rows(out) if r["model"] == "beta-packed")
-    assert beta["method"] == "adaround" and beta["bwa"] == round(100 * report["accuracy"]["adaround"], 4)
+    assert beta["method"] == "adaround" and beta["bwa"] == round(report["accuracy"]["adaround"], 6)
 
 
 def test_job_key_follows_input_bytes_and_options(zoo, tmp_path):

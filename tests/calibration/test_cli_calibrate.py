@@ -28,17 +28,34 @@ def test_calibrate_writes_model_and_report(tiny, tmp_path):
     assert [h["epoch"] for h in report["history"]] == [0, 1]
 
 
-def test_default_output_sits_beside_the_input(tiny, tmp_path):
-    model = tmp_path / "m.onnx"
+def test_default_output_goes_to_the_current_folder(tiny, tmp_path, monkeypatch):
+    models, work = tmp_path / "models", tmp_path / "work"
+    models.mkdir()
+    work.mkdir()
+    model = models / "m.onnx"
     model.write_bytes(tiny[0].read_bytes())
+    monkeypatch.chdir(work)
     r = run("calibrate", model, "--calib", tiny[1], "--bits", 2, "--act-bits", 4, "--epochs", 0, "-q")
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "m.w2a4.onnx").exists()
+    # never beside the input, where the next 'bwacal batch models/' would find it
+    assert (work / "m.w2a4.onnx").exists() and sorted(p.name for p in models.iterdir()) == ["m.onnx"]
     # a second run refuses to overwrite without --force, and leaves the file alone
-    before = (tmp_path / "m.w2a4.onnx").read_bytes()
+    before = (work / "m.w2a4.onnx").read_bytes()
     r = run("calibrate", model, "--calib", tiny[1], "--bits", 2, "--act-bits", 4, "--epochs", 0, "-q")
     assert r.exit_code == 2 and "--force" in r.output
-    assert (tmp_path / "m.w2a4.onnx").read_bytes() == before
+    assert (work / "m.w2a4.onnx").read_bytes() == before
+
+
+def test_output_naming_a_folder_writes_into_it(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 0, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.w2.onnx"]
+    assert f"wrote {out / 'tiny.w2.onnx'}" in r.stdout
+    # the name in the folder is checked before any work, like any output
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 0, "-o", out)
+    assert r.exit_code == 2 and "already exists; pass --force" in r.output and "top-1" not in r.output
 
 
 def test_packed_is_smaller_than_fake(tiny, tmp_path):
