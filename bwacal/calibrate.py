@@ -244,8 +244,8 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
         if options.holdout == 0:
             say("no held-out split (--holdout 0): the last epoch is kept")
         else:
-            say(f"no held-out split: {len(pool)} image{'s' * (len(pool) != 1)} are too few for --holdout "
-                f"{options.holdout:g}; the last epoch is kept")
+            few = "1 image is" if len(pool) == 1 else f"{len(pool)} images are"
+            say(f"no held-out split: {few} too few for --holdout {options.holdout:g}; the last epoch is kept")
     teacher = {}
     if loss_mode in ("kl", "both"):
         done = 0
@@ -370,7 +370,6 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
         stage("evaluating")
         params = net.params()
         score(options.method, lambda x: net.forward(x, params))
-        say(_acc_line(f"after fitting (best epoch {fit.best_epoch})", acc, agreement, len(evaluation)))
         divergence = divergence_note(fit.history) if len(held) else None
         if divergence:
             say(divergence)

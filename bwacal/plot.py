@@ -55,7 +55,12 @@ def calibration_title(report: dict) -> str:
 
 
 def plot_calibration(report: dict, weights: dict, layers: list[str] | None = None) -> bytes:
-    """PNG bytes: per chosen layer, the FP weight histogram of its most changed channel with the
+    """PNG bytes of ``calibration_figure``."""
+    return _png(calibration_figure(report, weights, layers))
+
+
+def calibration_figure(report: dict, weights: dict, layers: list[str] | None = None):
+    """A figure: per chosen layer, the FP weight histogram of its most changed channel with the
     uniform grid and the learned levels over it; then held-out loss and top-1 per epoch. The title
     names the model, the width, the protocol, the method and the accuracies.
 
@@ -107,11 +112,17 @@ def plot_calibration(report: dict, weights: dict, layers: list[str] | None = Non
     ax.legend(handles=handles, fontsize=7, loc="best")
     ax.set_title(f"fitting (best epoch {report.get('best_epoch')})", fontsize=9)
     fig.suptitle(calibration_title(report), fontsize=9)
-    return _png(fig)
+    return fig
 
 
 def plot_summary(rows: list[dict]) -> bytes | None:
-    """PNG bytes: calibrated and uniform (start grid) top-1 against weight bits per model, each model's
+    """PNG bytes of ``summary_figure``; None when no row has an accuracy."""
+    fig = summary_figure(rows)
+    return None if fig is None else _png(fig)
+
+
+def summary_figure(rows: list[dict]):
+    """A figure: calibrated and uniform (start grid) top-1 against weight bits per model, each model's
     full-precision top-1 dotted; None when no row has an accuracy. Rows hold fractions, as summary.json."""
     series: dict[str, list[dict]] = {}
     for r in rows:
@@ -139,7 +150,7 @@ def plot_summary(rows: list[dict]) -> bytes | None:
     ax.set_xticks(sorted({r["width"] for pts in series.values() for r in pts}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _png(fig)
+    return fig
 
 
 def _png(fig) -> bytes:

@@ -158,10 +158,13 @@ def summary_lines(rep: dict, size_change) -> list[str]:
     opts = rep["options"]
     lines.append(f"bits W{opts['bits']}" + (f"A{opts['act_bits']}" if opts["act_bits"] else "")
                  + f" ({opts['protocol']}), best epoch {rep['best_epoch']}, {rep['seconds']:.1f} s")
-    lines.append(f"wrote {rep['output']} ({rep['format']}, {rep['size_bytes'] / 1e6:.2f} MB, "
-                 f"{size_change(rep['size_ratio'])} than the input's "
-                 f"{rep['input_size_bytes'] / 1e6:.2f} MB)")
+    lines.append(f"wrote {rep['output']} ({rep['format']}, {_size(rep['size_bytes'])}, "
+                 f"{size_change(rep['size_ratio'])} than the input's {_size(rep['input_size_bytes'])})")
     return lines
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
 class _FitProgress:

@@ -56,5 +56,7 @@ def plot_cmd(
             png = plot_summary(data)
         else:
             raise BwacalError(f"{report}: neither a calibration report nor a batch summary")
+        if png is None:
+            raise BwacalError(f"{report}: no job of the summary has an accuracy to plot")
         write_bytes_atomically(output, png)
     typer.echo(f"wrote {output}")

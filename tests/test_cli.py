@@ -63,14 +63,50 @@ def _write(path, data: bytes) -> str:
 # ---- help --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["evaluate", "check", "inspect"])
+COMMANDS = ["inspect", "make-calib", "evaluate", "check", "calibrate", "batch", "plot"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_has_an_example_and_the_shared_flags(command):
-    result = run(command, "--help")
-    assert result.exit_code == 0
+    result = run(command, "-h")  # -h as well as --help
+    assert result.exit_code == 0, result.output
     text = re.sub(r"\s+", " ", result.stdout)
     assert "Example: bwacal " + command in text
-    for flag in ("--quiet", "-q", "--verbose", "-v", "--json"):
-        assert flag in text
+    assert "--verbose" in text and "-v" in text
+    if command != "plot":  # plot writes a picture and reports nothing
+        assert "--json" in text
+    if command not in ("plot", "make-calib"):
+        assert "--quiet" in text and "-q" in text
+    # an on/off flag shows no value type ("--force <bool>" reads as if it took a value)
+    assert "<bool>" not in text
+    assert run(command, "--help").stdout == result.stdout
+
+
+def test_version():
+    from bwacal import __version__
+
+    for flag in ("--version", "-V"):
+        result = run(flag)
+        assert result.exit_code == 0 and result.stdout == f"bwacal {__version__}\n"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["calibrate", "m.onnx", "--calib", "c.h5", "--bitz", "3"], "No such option: --bitz; did you mean --bits?"),
+    (["evaluate", "m.onnx", "--dta", "d.h5"], "did you mean --data?"),
+    (["calibrat", "m.onnx"], "No such command 'calibrat'"),
+    (["check", "m.onnx", "--data", "d.h5"], "Missing option '--reference'"),
+    (["calibrate", "m.onnx", "--calib", "c.h5", "--bits", "three"], "Invalid value for '--bits'"),
+])
+def test_a_usage_error_is_one_line(args, fragment):
+    result = run(*args)
+    assert_bad_input(result, fragment, "-h'")
+    assert result.stdout == "" and "Usage:" not in result.stderr
+
+
+def test_every_json_has_the_schema_and_fractions(files):
+    out = json.loads(run("evaluate", files["fp"], "--data", files["val"], "--json").stdout)
+    assert out["schema"] == 1 and 0 <= out["top1"] <= 1
+    assert json.loads(run("inspect", files["fp"], "--json").stdout)["schema"] == 1
 
 
 # ---- evaluate ----------------------------------------------------------------------------------

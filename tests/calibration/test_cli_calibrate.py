@@ -1,7 +1,9 @@
 """`bwacal calibrate` and `bwacal plot` through typer's CliRunner."""
 
 import json
+import re
 
+import numpy as np
 import onnx
 import pytest
 from typer.testing import CliRunner
@@ -119,3 +121,143 @@ def test_calibrate_with_adaround_names_the_method(tiny, tmp_path):
     assert [s["node"] for s in report["adaround"]] == [layer["layer"] for layer in report["layers"]]
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["bwacal_method"] == "adaround"
+
+
+# ---- what a new user meets (issue 17) ----------------------------------------------------------
+
+
+def test_calibrate_json_is_the_report(tiny, tmp_path):
+    out = tmp_path / "q.onnx"
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--epochs", 1, "-o", out, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)  # stdout holds the JSON and nothing else
+    assert doc["schema"] == 1 and doc["output"] == str(out) and doc["method"] == "bwa"
+    assert all(v is None or 0 <= v <= 1 for v in doc["accuracy"].values())
+    assert set(doc["agreement"]) == {"uniform_minmax", "uniform_mse", "uniform_output", "bwa"}
+    assert len(doc["model_sha256"]) == 64
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["bwacal_source_sha256"] == doc["model_sha256"]
+
+
+def test_data_is_the_evaluation_file_and_eval_its_old_name(tiny, tmp_path):
+    base = ("calibrate", tiny[0], "--calib", tiny[1], "--epochs", 0, "--report")
+    new = run(*base, tmp_path / "new.json", "-o", tmp_path / "new.onnx", "--data", tiny[1], "-q")
+    old = run(*base, tmp_path / "old.json", "-o", tmp_path / "old.onnx", "--eval", tiny[1], "-q")
+    assert new.exit_code == old.exit_code == 0, new.output + old.output
+    for name in ("new", "old"):
+        rep = json.loads((tmp_path / f"{name}.json").read_text())
+        assert rep["eval"] == str(tiny[1]) and rep["eval_images"] == 160
+    both = run(*base, tmp_path / "both.json", "-o", tmp_path / "both.onnx", "--data", tiny[1], "--eval", tiny[1])
+    assert both.exit_code == 2 and "--eval is the old name of --data" in both.output
+    assert not (tmp_path / "both.onnx").exists()
+
+
+def test_without_labels_the_summary_gives_agreement_not_na(tiny, tmp_path):
+    nolabels = tiny[1].parent / "nolabels.h5"
+    rep = tmp_path / "q.json"
+    r = run("calibrate", tiny[0], "--calib", nolabels, "--epochs", 1, "-o", tmp_path / "q.onnx", "--report", rep)
+    assert r.exit_code == 0, r.output
+    assert "n/a" not in r.output and "no labels" in r.stdout
+    bwa_row = next(line for line in r.stdout.splitlines() if line.strip().startswith("BWA"))
+    assert "%" in bwa_row  # the agreement with full precision
+    report = json.loads(rep.read_text())
+    assert all(v is None for v in report["accuracy"].values())
+    assert 0 <= report["agreement"]["bwa"] <= 1 and report["kl"]["bwa"] >= 0
+    assert "top-1 agreement with full precision before fitting (no labels)" in r.stderr
+
+
+def test_agreement_and_kl_are_measured_against_full_precision(tiny, tmp_path):
+    """The report's agreement and KL for the written model, recomputed from its outputs."""
+    import bwacal
+    from bwacal.data import open_dataset
+    from bwacal.fit import log_softmax
+
+    rep, out = tmp_path / "q.json", tmp_path / "q.onnx"
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 1, "--holdout", 0.25,
+            "--data", tiny[1], "-o", out, "--report", rep, "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    with open_dataset(tiny[1]) as d:
+        x, _ = d.read(range(d.n))
+    fp = log_softmax(bwacal.load_model(tiny[0]).forward(x))
+    q = log_softmax(bwacal.load_model(out).forward(x))
+    assert report["agreement"]["bwa"] == pytest.approx((fp.argmax(1) == q.argmax(1)).mean(), abs=1e-9)
+    assert report["kl"]["bwa"] == pytest.approx((np.exp(fp) * (fp - q)).sum(1).mean(), rel=1e-4, abs=1e-6)
+
+
+def test_num_images_calibrates_on_a_seeded_subset(tiny, tmp_path):
+    reports = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        rep = tmp_path / f"{name}.json"
+        r = run("calibrate", tiny[0], "--calib", tiny[1], "--num-images", 40, "--epochs", 0, "--seed", seed,
+                "-o", tmp_path / f"{name}.onnx", "--report", rep)
+        assert r.exit_code == 0, r.output
+        assert "calibration 40 of its 160 images (32 fit, 8 held out)" in r.stderr
+        reports.append(json.loads(rep.read_text()))
+    assert [rp["used_images"] for rp in reports] == [40, 40, 40] and reports[0]["calib_images"] == 160
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--num-images", 161, "-o", tmp_path / "d.onnx")
+    assert r.exit_code == 2 and "--num-images 161 but the file holds 160 images" in r.output
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_calibration_subset_reads_only_what_it_keeps():
+    from bwacal.calibrate import calibration_subset
+
+    pool = calibration_subset(10_000_000, 1000, seed=3)
+    assert len(pool) == 1000 and len(np.unique(pool)) == 1000 and np.all(np.diff(pool) > 0)
+    assert np.array_equal(pool, calibration_subset(10_000_000, 1000, seed=3))
+    assert np.array_equal(calibration_subset(5, None, 0), np.arange(5))
+
+
+def test_a_one_image_file_gets_honest_messages(tiny, tmp_path):
+    from bwacal.data import open_dataset, write_dataset
+
+    with open_dataset(tiny[1]) as d:
+        x, y = d.read([0])
+    one = write_dataset(tmp_path / "one.h5", x, y)
+    r = run("calibrate", tiny[0], "--calib", one, "--epochs", 1, "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 0, r.output
+    assert "no held-out split: 1 image is too few for --holdout 0.2" in r.stderr
+    assert "--holdout 0)" not in r.output and "held-out loss" not in r.output and "n/a (no labels)" not in r.output
+    assert "not measured (no held-out images" in r.stdout
+
+
+def test_size_is_said_as_smaller_or_larger(tiny, tmp_path):
+    from bwacal.export import size_change
+
+    assert size_change(3.03) == "3.03x smaller" and size_change(1 / 1.09) == "1.09x larger"
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--epochs", 0, "-o", tmp_path / "f.onnx", "-q")
+    assert r.exit_code == 0, r.output
+    # the tiny model is smaller than the metadata every written model carries
+    assert re.search(r"wrote .*f\.onnx \(fake, [\d.]+ kB, \d\.\d\dx larger than the input's [\d.]+ kB\)", r.stdout), r.stdout
+
+
+def test_plot_refuses_a_model_clearly(tiny, tmp_path):
+    r = run("plot", tiny[0], "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "not a JSON report" in r.output and "bwacal inspect" in r.output
+    assert "codec" not in r.output and not (tmp_path / "x.png").exists()
+
+
+def test_plots_have_labels_legends_and_a_title(tiny, tmp_path):
+    pytest.importorskip("matplotlib")
+    import bwacal
+    from bwacal.plot import calibration_figure, summary_figure
+
+    rep = tmp_path / "q.json"
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 1, "-o", tmp_path / "q.onnx",
+            "--report", rep, "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    fig = calibration_figure(report, bwacal.load_model(tiny[0]).graph.initializers)
+    title = fig._suptitle.get_text()
+    assert title.startswith("tiny W2 (first-last-8bit, BWA): top-1 full precision") and "BWA" in title
+    for ax in fig.axes:
+        if ax.get_xlabel():  # the twin axis of the fitting panel shares its x label
+            assert ax.get_ylabel() and ax.get_legend() is not None
+    assert {ax.get_xlabel() for ax in fig.axes} >= {"weight value (BatchNorm folded)", "epoch (0: the uniform start)"}
+    rows = [{"model": "a", "width": w, "act_bits": None, "fp": 0.9, "uniform": 0.5, "bwa": 0.8} for w in (2, 3)]
+    ax = summary_figure(rows).axes[0]
+    assert ax.get_xlabel() == "weight bits" and ax.get_ylabel() == "top-1 (%)" and ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a BWA", "a uniform (start grid)", "a full precision"]
+    assert ax.lines[0].get_ydata().tolist() == [80.0, 80.0]  # rows hold fractions, the plot percent
