@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import signal
 import time
-import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -29,6 +28,7 @@ from typing import Iterable, Iterator
 
 from bwacal import __version__
 from bwacal.calibrate import CalibrationOptions
+from bwacal.config import CONFIG_KEYS, check_types, option_overrides, read_toml, renamed
 from bwacal.errors import BwacalError
 from bwacal.export import size_change
 from bwacal.files import JSON_SCHEMA, file_sha256
@@ -38,13 +38,9 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 SUMMARY_COLUMNS = ("model", "width", "act_bits", "method", "start", "fp", "uniform", "bwa", "drop", "agreement",
                    "size_ratio", "seconds", "status", "error")
 
-# manifest keys that go straight into CalibrationOptions, with the types TOML must give them
-_OPTION_TYPES = {"act_bits": int, "act_bwa": bool, "protocol": str, "epochs": int, "batch_size": int,
-                 "lr": (int, float), "holdout": (int, float), "split": str, "micro_batch": int, "loss": str, "seed": int, "weight_method": str,
-                 "act_method": str, "method": str, "adaround_iterations": int, "adaround_images": int,
-                 "input_shape": (list, str), "num_images": int}
-# "data" is the evaluation file, as --data on the command line; "eval" is its old name
-_MODEL_KEYS = {"path", "name", "calib", "data", "eval", "bits", "all_layers", "format"} | set(_OPTION_TYPES)
+# a [[model]] of a manifest: the calibration options and files of a --config file (bwacal/config.py),
+# the model's path and its name
+_MODEL_KEYS = CONFIG_KEYS | {"path", "name"}
 
 
 @dataclass(frozen=True)
@@ -176,10 +172,7 @@ def _opt_path(p):
 
 
 def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions, fmt) -> list[dict]:
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BwacalError(f"{path}: not a valid TOML manifest: {exc}") from None
+    doc = read_toml(path)
     unknown = set(doc) - {"defaults", "model"}
     if unknown:
         raise BwacalError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected [defaults] and [[model]])")
@@ -193,48 +186,26 @@ def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions,
         raise BwacalError(f"{path}: 'path' belongs in each [[model]], not in [defaults]")
     root = path.parent
     specs = []
-    defaults = _renamed(defaults, f"{path}: [defaults]")
+    defaults = renamed(defaults, f"{path}: [defaults]")
     for i, entry in enumerate(entries, 1):
         label = f"{path}: model {i}" + (f" ({entry['path']!r})" if isinstance(entry.get("path"), str) else "")
-        merged = {**defaults, **_renamed(entry, label)}
-        bad = sorted(set(merged) - _MODEL_KEYS)
-        if bad:
-            raise BwacalError(f"{label}: unknown key {bad[0]!r}; known keys: {', '.join(sorted(_MODEL_KEYS))}")
-        if not isinstance(merged.get("path"), str):
-            raise BwacalError(f"{label}: 'path' (the ONNX model, relative to the manifest) is required")
-        for key, kind in {**_OPTION_TYPES, "name": str, "calib": str, "data": str, "format": str,
-                          "all_layers": bool}.items():
-            value = merged.get(key)
-            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-                raise BwacalError(f"{label}: {key!r} has the wrong type ({type(value).__name__}: {value!r})")
-        widths = merged.get("bits", bits)
+        merged = {**defaults, **renamed(entry, label)}
+        widths = merged.pop("bits", bits)  # a manifest's bits may be a list of widths
+        check_types(merged, label, _MODEL_KEYS)
+        if not isinstance(merged.get("path"), str) or not isinstance(merged.get("name", ""), str):
+            raise BwacalError(f"{label}: 'path' (the ONNX model, relative to the manifest) is required, "
+                              "'name' must be a string")
         widths = [widths] if isinstance(widths, int) and not isinstance(widths, bool) else widths
         if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
             raise BwacalError(f"{label}: 'bits' must be an integer or a list of integers, got {widths!r}")
-        if "all_layers" in merged and "protocol" in merged:
-            raise BwacalError(f"{label}: give 'protocol' or 'all_layers', not both")
-        overrides = {k: merged[k] for k in _OPTION_TYPES if k in merged}
-        if "all_layers" in merged:
-            overrides["protocol"] = "all-layers" if merged["all_layers"] else "first-last-8bit"
         model = root / merged["path"]
         specs.append({
             "path": model, "name": merged.get("name", model.stem),
             "calib": root / merged["calib"] if "calib" in merged else _opt_path(calib),
             "eval": root / merged["data"] if "data" in merged else _opt_path(eval_path),
-            "bits": widths, "format": merged.get("format", fmt), "options": replace(base, **overrides),
+            "bits": widths, "format": merged.get("format", fmt), "options": replace(base, **option_overrides(merged)),
         })
     return specs
-
-
-def _renamed(table: dict, label: str) -> dict:
-    """A manifest table with the old key ``eval`` under its new name ``data``."""
-    if "eval" not in table:
-        return table
-    if "data" in table:
-        raise BwacalError(f"{label}: 'eval' is the old name of 'data'; give only 'data'")
-    table = dict(table)
-    table["data"] = table.pop("eval")
-    return table
 
 
 # ---- one job --------------------------------------------------------------------------------------

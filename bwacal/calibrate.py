@@ -16,6 +16,7 @@ from bwacal.adaround import AdaRoundOptions, adaround
 from bwacal.data import open_dataset, peek_image_shape
 from bwacal.errors import BwacalError
 from bwacal.files import file_sha256
+from bwacal.layer_rules import apply_layer_rules, check_bits, parse_layer_bits
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
 from bwacal.model import Model, check_input_shape, load_model
 from bwacal.quant.bwa import bit_scale
@@ -73,6 +74,10 @@ class CalibrationOptions:
     codes_straight_through: bool = True
     # a seeded random subset of this many calibration images (None: every image of the file)
     num_images: int | None = None
+    # per-layer control (bwacal/layer_rules.py): glob patterns of layers kept in float, and
+    # (pattern, bits) width rules applied in order over the protocol's widths
+    exclude: tuple = ()
+    layer_bits: tuple = ()
 
     def validate(self):
         """Raise ``BwacalError`` naming the first bad option."""
@@ -111,6 +116,7 @@ class CalibrationOptions:
             raise BwacalError(f"--adaround-images must be at least 1, got {self.adaround_images}")
         if self.num_images is not None and self.num_images < 1:
             raise BwacalError(f"--num-images must be at least 1, got {self.num_images}")
+        self.exclude, self.layer_bits = _layer_rules(self.exclude, self.layer_bits)
 
 
 @dataclass
@@ -178,6 +184,74 @@ def _scores(forward, split: _Split, batch_size, fp_logp=None) -> dict:
     return {"top1": correct / n if labelled else None,
             "agreement": agree / n if fp_logp is not None else None,
             "kl": kl / n if fp_logp is not None else None}
+
+
+def _layer_rules(exclude, layer_bits) -> tuple[tuple, tuple]:
+    """The rules as tuples (a manifest or config gives lists, or a {pattern: bits} table)."""
+    if isinstance(exclude, str) or not all(isinstance(p, str) and p for p in exclude):
+        raise BwacalError(f"exclude must be a list of layer-name patterns, got {exclude!r}")
+    if isinstance(layer_bits, dict):
+        layer_bits = list(layer_bits.items())
+    rules = []
+    for rule in layer_bits:
+        if isinstance(rule, str):
+            rule = parse_layer_bits(rule)
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str) and rule[0]):
+            raise BwacalError(f"layer_bits must map layer-name patterns to bits, got {rule!r}")
+        rules.append((rule[0], check_bits(rule[1], f"layer bits for {rule[0]!r}")))
+    return tuple(exclude), tuple(rules)
+
+
+def plan_layers(graph, options: CalibrationOptions):
+    """``(layers, excluded)``: the layers calibration quantizes with their widths (the protocol's,
+    then the per-layer rules), and those the rules keep in float."""
+    layers = select_layers(graph, options.bits, options.protocol, options.act_bits)
+    return apply_layer_rules(layers, options.exclude, options.layer_bits)
+
+
+def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake") -> dict:
+    """What ``calibrate`` would do, without doing it: the layers and their widths, those kept in float,
+    the images and fitting steps, the written file's size (estimated: quantized weights as uint8
+    codes and level tables with ``packed``, float32 otherwise; metadata not counted), and the
+    measured time of one full-precision forward pass of a batch."""
+    options.validate()
+    data_shape = None
+    if options.input_shape is None:
+        try:
+            data_shape = peek_image_shape(calib_path)
+        except BwacalError:
+            pass
+    model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
+    with open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes,
+                      layout=model.layout) as data:
+        pool = calibration_subset(data.n, options.num_images, options.seed, data.path)
+        sources = data.sources[pool] if data.sources is not None else None
+        try:
+            train, held = holdout_split(len(pool), options.holdout if len(pool) > 1 else 0.0, options.seed,
+                                        sources, options.split)
+        except ValueError as exc:
+            raise BwacalError(f"{data.path}: {exc}") from None
+        x, _ = data.read(pool[:min(len(pool), options.batch_size)])
+    layers, excluded = plan_layers(model.graph, options)
+    inits = model.graph.initializers
+    size = sum(int(a.size) * 4 for a in inits.values())
+    rows = []
+    for layer in layers:
+        w = inits[layer.weight]
+        channels = w.shape[layer.axis]
+        if fmt == "packed":
+            size += int(w.size) * (1 - 4) + channels * 2 ** layer.bits * 4
+        rows.append({"layer": layer.node, "op": layer.op_type, "weight": layer.weight, "shape": list(w.shape),
+                     "params": int(w.size), "bits": layer.bits, "act_bits": layer.act_bits})
+    model.forward(x[:1])  # the first call compiles; the timed one after it does not
+    t0 = time.perf_counter()
+    model.forward(x)
+    forward = time.perf_counter() - t0
+    steps = -(-len(train) // options.batch_size)
+    return {"model": str(model_path), "calib": str(calib_path), "layers": rows,
+            "excluded": [layer.node for layer in excluded], "images": len(pool), "fit_images": len(train),
+            "heldout_images": len(held), "epochs": options.epochs, "steps_per_epoch": steps,
+            "format": fmt, "estimated_size_bytes": size, "batch": len(x), "forward_seconds": forward}
 
 
 def calibrate(model_path, calib_path, options: CalibrationOptions | None = None, eval_path=None,
@@ -257,9 +331,12 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
                 done += len(x)
             teacher[split_name] = out
 
-    layers = select_layers(model.graph, options.bits, options.protocol, options.act_bits)
+    layers, excluded = plan_layers(model.graph, options)
+    if excluded:
+        say(f"kept in float (--exclude): {', '.join(layer.node for layer in excluded)}")
     if not layers:
-        raise BwacalError(f"{model_path}: no Conv, Gemm or MatMul layer with constant weights to quantize")
+        what = "every layer is excluded" if excluded else "no Conv, Gemm or MatMul layer with constant weights"
+        raise BwacalError(f"{model_path}: nothing to quantize ({what})")
     samples = None
     if options.act_bits is not None:
         stage("activation statistics")
@@ -399,6 +476,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
         "best_epoch": fit.best_epoch,
         "history": fit.history,
         "layers": [_layer_report(qw, layer) for qw, layer in zip(net.weights, net.layers)],
+        "excluded": [layer.node for layer in excluded],
         "activations": [{"value": a.value, "bits": a.bits, "signed": a.signed, "step": float(a.step),
                          "alpha": (a.alpha.tolist() if a.alpha is not None else None)}
                         for a in net.acts],

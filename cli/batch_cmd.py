@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import EXIT_CHECK_FAILED, echo_json, interrupts, user_errors
-from cli.options import (ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, EvalData,
-                         Epochs, FitBatch, Format, Holdout, InputShape, Json, Loss, Lr, Method, MicroBatch, NumImages,
-                         OldEval, Quiet, Seed, Split, Verbose, WeightMethod, pick)
+from cli.options import (ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Epochs,
+                         EvalData, Exclude, FitBatch, Format, Holdout, InputShape, Json, LayerBits, Loss, Lr, Method,
+                         MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod, pick)
 from cli.progress import Display
 
 
@@ -68,6 +68,8 @@ def batch_cmd(
     adaround_images: AdaRoundImages = 256,
     seed: Seed = 0,
     input_shape: InputShape = None,
+    exclude: Exclude = None,
+    layer_bits: LayerBits = None,
     json_out: Json = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -82,6 +84,7 @@ def batch_cmd(
     from bwacal.batch import local_layout, plan_jobs, run_jobs, summary_markdown, write_summary
     from bwacal.calibrate import CalibrationOptions
     from bwacal.errors import BwacalError
+    from bwacal.layer_rules import parse_layer_bits
 
     started = time.perf_counter()
     with interrupts("finished jobs are kept; run the same command again to resume"), Display(quiet) as display:
@@ -97,7 +100,8 @@ def batch_cmd(
                                       batch_size=batch_size, micro_batch=micro_batch, lr=lr, holdout=holdout,
                                       split=split, loss=loss, seed=seed, method=method,
                                       adaround_iterations=adaround_iterations, adaround_images=adaround_images,
-                                      input_shape=input_shape, num_images=num_images)
+                                      input_shape=input_shape, num_images=num_images, exclude=tuple(exclude or ()),
+                                      layer_bits=tuple(parse_layer_bits(r) for r in layer_bits or ()))
             jobs = plan_jobs(source, parse_bits(bits), output, calib=calib, eval_path=eval_data, options=base,
                              fmt=fmt, log=display.note)
             output.mkdir(parents=True, exist_ok=True)

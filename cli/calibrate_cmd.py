@@ -8,11 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import interrupts, user_errors
-from cli.options import (ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Calib, Epochs,
-                         EvalData, FitBatch, Force, Format, Holdout, InputShape, Json, Loss, Lr, Method, MicroBatch,
-                         NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod, pick)
+from cli.common import echo_json, interrupts, table, user_errors
+from cli.options import (ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Calib, Config,
+                         Epochs, EvalData, Exclude, FitBatch, Force, Format, Holdout, InputShape, Json, LayerBits, Loss,
+                         Lr, Method, MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod, pick,
+                         with_config)
 from cli.progress import Display
+
+# the parameters a --config file may set, in the order calibrate_cmd unpacks them
+CONFIG_PARAMETERS = ("calib", "bits", "act_bits", "act_bwa", "all_layers", "fmt", "data", "num_images", "epochs",
+                     "batch_size", "micro_batch", "lr", "holdout", "split", "loss", "weight_method", "act_method",
+                     "method", "adaround_iterations", "adaround_images", "seed", "input_shape", "exclude",
+                     "layer_bits")
 
 METHOD_LABELS = {"bwa": "BWA", "adaround": "AdaRound", "bwa-codes": "BWA, learned codes",
                  "adaround-bwa": "AdaRound + BWA"}
@@ -32,9 +39,10 @@ def output_path(output: Path | None, model: Path, bits: int, act_bits: int | Non
 
 
 def calibrate_cmd(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="Full-precision ONNX classifier.")],
     *,
-    calib: Calib,
+    calib: Calib = None,
     bits: Annotated[int, typer.Option("--bits", help="Weight bits, 2 to 8.")] = 3,
     act_bits: ActBits = None,
     act_bwa: ActBwa = False,
@@ -61,6 +69,11 @@ def calibrate_cmd(
     adaround_images: AdaRoundImages = 256,
     seed: Seed = 0,
     input_shape: InputShape = None,
+    exclude: Exclude = None,
+    layer_bits: LayerBits = None,
+    config: Config = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show the plan (layers and their bits, the output's size, the work) and stop.")] = False,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -76,9 +89,16 @@ def calibrate_cmd(
     from bwacal.errors import BwacalError
     from bwacal.export import FORMATS, size_change, write_quantized
     from bwacal.files import JSON_SCHEMA, check_output_path, write_bytes_atomically
+    from bwacal.layer_rules import parse_layer_bits
 
     with interrupts("no output written"):
         with user_errors(verbose):
+            given = with_config(ctx, {k: v for k, v in locals().items() if k in CONFIG_PARAMETERS}, config)
+            (calib, bits, act_bits, act_bwa, all_layers, fmt, data, num_images, epochs, batch_size, micro_batch, lr,
+             holdout, split, loss, weight_method, act_method, method, adaround_iterations, adaround_images, seed,
+             input_shape, exclude, layer_bits) = (given[k] for k in CONFIG_PARAMETERS)
+            if calib is None:
+                raise BwacalError("calibrate needs the calibration data: --calib CALIB.h5 (or calib in --config)")
             eval_data = pick(data, old_eval, "--data", "--eval")
             opts = CalibrationOptions(bits=bits, act_bits=act_bits, act_bwa=act_bwa,
                                       protocol="all-layers" if all_layers else "first-last-8bit",
@@ -86,11 +106,22 @@ def calibrate_cmd(
                                       batch_size=batch_size, micro_batch=micro_batch, lr=lr, holdout=holdout,
                                       split=split, loss=loss, seed=seed, method=method,
                                       adaround_iterations=adaround_iterations, adaround_images=adaround_images,
-                                      input_shape=input_shape, num_images=num_images)
+                                      input_shape=input_shape, num_images=num_images, exclude=tuple(exclude or ()),
+                                      layer_bits=tuple(parse_layer_bits(r) for r in layer_bits or ()))
             opts.validate()
             if fmt not in FORMATS:
                 raise BwacalError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
             out = output_path(output, model, bits, act_bits)
+            if dry_run:
+                from bwacal.calibrate import plan
+
+                planned = plan(model, calib, opts, fmt)
+                if json_out:
+                    echo_json({**planned, "output": str(out)})
+                else:
+                    for line in plan_lines(planned, model, opts, fmt, out):
+                        typer.echo(line)
+                return
             inputs = (model, calib, eval_data)
             check_output_path(out, inputs, force)
             if report is not None:
@@ -124,6 +155,23 @@ def calibrate_cmd(
     else:
         for line in summary_lines(rep, size_change):
             typer.echo(line)
+
+
+def plan_lines(p: dict, model: Path, opts, fmt: str, out: Path) -> list[str]:
+    """The --dry-run text of ``bwacal.calibrate.plan``'s ``p``: every layer with its widths, what stays in
+    float, the work and the output."""
+    lines = [f"plan for {model} (W{opts.bits}" + (f"A{opts.act_bits}" if opts.act_bits else "") + f", {opts.protocol}):"]
+    lines += table(("layer", "op", "params", "bits") + (("act bits",) if opts.act_bits else ()),
+                   [(r["layer"], r["op"], r["params"], r["bits"]) + ((r["act_bits"],) if opts.act_bits else ())
+                    for r in p["layers"]], right=(2, 3, 4))
+    if p["excluded"]:
+        lines.append("kept in float: " + ", ".join(p["excluded"]))
+    lines.append(f"calibration: {p['images']} images ({p['fit_images']} fit, {p['heldout_images']} held out); "
+                 f"{p['epochs']} epochs x {p['steps_per_epoch']} steps of {opts.batch_size} images")
+    lines.append(f"work: one full-precision forward pass of {p['batch']} images took {p['forward_seconds']:.2f} s here; "
+                 "each fitting step runs the quantized model forward and backward")
+    lines.append(f"output: {out} ({fmt}, about {_size(p['estimated_size_bytes'])} before metadata); nothing written")
+    return lines
 
 
 def summary_lines(rep: dict, size_change) -> list[str]:

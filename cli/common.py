@@ -61,6 +61,17 @@ def use_color() -> bool:
     return sys.stderr.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
+def table(headers, rows, right=()) -> list[str]:
+    """Rows as aligned text columns (``right``: the indices of right-aligned columns), two spaces in."""
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for r in cells:
+        out.append("  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                                    for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    return out
+
+
 def echo_json(doc: dict):
     """``doc`` with the schema version first, indented, on stdout."""
     typer.echo(json.dumps({"schema": JSON_SCHEMA, **doc}, indent=2))

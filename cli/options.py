@@ -32,7 +32,7 @@ DEFAULT_BATCH_SIZE = 256
 
 # ---- calibration options, shared by calibrate and batch -------------------------------------------
 
-Calib = Annotated[Path, typer.Option("--calib", help="Calibration HDF5 file ('images', optional 'labels').")]
+Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration HDF5 file ('images', optional 'labels').")]
 ActBits = Annotated[Optional[int], typer.Option(
     "--act-bits", help="Quantize activations at the input of each quantized layer to this many bits "
                        "(default: float activations).")]
@@ -83,3 +83,41 @@ def pick(value, old, name: str, old_name: str):
     if value is not None and old is not None:
         raise BwacalError(f"{old_name} is the old name of {name}; give only {name}")
     return old if value is None else value
+Exclude = Annotated[Optional[list[str]], typer.Option(
+    "--exclude", help="Keep the layers whose node or weight name matches this glob in float (repeatable), "
+                      "e.g. --exclude 'classifier*'.")]
+LayerBits = Annotated[Optional[list[str]], typer.Option(
+    "--layer-bits", help="PATTERN=BITS: weight bits for the layers matching the glob, whatever the protocol "
+                         "(repeatable; a later match wins), e.g. --layer-bits 'layer1.*=4'.")]
+Config = Annotated[Optional[Path], typer.Option(
+    "--config", help="TOML file of calibrate options (names with underscores) and per-layer rules "
+                     "(exclude = [...], [layer_bits]); options given on the command line win.")]
+
+
+def with_config(ctx: typer.Context, values: dict, config: Path | None, ignore=frozenset()) -> dict:
+    """``values`` (a command's parameters by name) with the ``--config`` file's settings where the
+    command line left a parameter at its default; the file's per-layer rules come before the command
+    line's; keys in ``ignore`` are skipped. Returns a new dict; ``BwacalError`` for a bad file."""
+    from typer._click.core import ParameterSource
+
+    from bwacal.config import read_config
+
+    values = dict(values)
+    if config is None:
+        return values
+    table = read_config(config)
+    if "protocol" in table:
+        table["all_layers"] = table.pop("protocol") == "all-layers"
+    for key, value in table.items():
+        if key in ignore or (key == "all_layers" and "protocol" in ignore):
+            continue
+        name = {"format": "fmt"}.get(key, key)
+        if name not in values:
+            raise BwacalError(f"{config}: {key!r} does not apply to this command")
+        if key == "exclude":
+            values[name] = list(value) + list(values[name] or [])
+        elif key == "layer_bits":
+            values[name] = [f"{p}={b}" for p, b in value.items()] + list(values[name] or [])
+        elif ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
+            values[name] = value
+    return values

@@ -155,7 +155,7 @@ def test_a_stale_report_does_not_vouch_for_a_replaced_output(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("[[model]\npath = 'x.onnx'", "not a valid TOML manifest"),
+    ("[[model]\npath = 'x.onnx'", "not valid TOML"),
     ("[[model]]\npath = 'zoo/alpha.onnx'\nepochz = 2\n", "unknown key 'epochz'"),
     ("[[model]]\npath = 'zoo/missing.onnx'\ncalib = 'calib.h5'\n", "missing.onnx does not exist"),
     ("[[model]]\npath = 'zoo/alpha.onnx'\n", "no calibration file"),
@@ -312,8 +312,8 @@ def test_batch_takes_every_calibrate_option(zoo, tmp_path):
     def options(command):
         return {o for p in get_command(app).commands[command].params for o in p.opts if o.startswith("-")}
 
-    # a batch writes one report per job and never overwrites a finished one
-    assert options("calibrate") - options("batch") == {"--report", "--force"}
+    # a batch writes one report per job and never overwrites a finished one; its manifest is its config
+    assert options("calibrate") - options("batch") == {"--report", "--force", "--config", "--dry-run"}
     out = tmp_path / "out"
     result = run(zoo / "zoo" / "alpha.onnx", "--calib", zoo / "calib.h5", "--epochs", "1", "--workers", "1",
                  "-o", out, *args)
@@ -380,3 +380,18 @@ def _alive(pid):
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_a_manifest_entry_takes_per_layer_rules(zoo, tmp_path):
+    from bwacal.quantize import select_layers
+    import bwacal
+
+    names = [layer.node for layer in select_layers(bwacal.load_model(zoo / "zoo" / "alpha.onnx").graph, 3)]
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(f'[[model]]\npath = "{zoo / "zoo" / "alpha.onnx"}"\ncalib = "{zoo / "calib.h5"}"\n'
+                        f'epochs = 0\nexclude = ["{names[-1]}"]\n[model.layer_bits]\n"{names[1]}" = 5\n')
+    out = tmp_path / "out"
+    result = run(manifest, "-o", out, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "alpha.w3.json").read_text())
+    assert report["excluded"] == [names[-1]] and report["layers"][1]["bits"] == 5

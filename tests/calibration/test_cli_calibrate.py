@@ -261,3 +261,90 @@ def test_plots_have_labels_legends_and_a_title(tiny, tmp_path):
     assert ax.get_xlabel() == "weight bits" and ax.get_ylabel() == "top-1 (%)" and ax.get_title()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a BWA", "a uniform (start grid)", "a full precision"]
     assert ax.lines[0].get_ydata().tolist() == [80.0, 80.0]  # rows hold fractions, the plot percent
+
+
+# ---- per-layer control and the config file -----------------------------------------------------
+
+
+def _layers(tiny):
+    import bwacal
+    from bwacal.quantize import select_layers
+
+    return [layer.node for layer in select_layers(bwacal.load_model(tiny[0]).graph, 3)]
+
+
+def test_exclude_keeps_a_layer_in_float_and_layer_bits_sets_its_width(tiny, tmp_path):
+    import bwacal
+
+    names = _layers(tiny)
+    assert len(names) >= 3
+    keep, four = names[-1], names[1]
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 1, "--exclude", keep,
+            "--layer-bits", f"{four}=4", "-o", out, "--report", rep, "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    bits = {layer["layer"]: layer["bits"] for layer in report["layers"]}
+    assert keep not in bits and report["excluded"] == [keep]
+    assert bits[four] == 4 and bits[names[0]] == 8  # the protocol's first layer stays at 8
+    assert all(b == 2 for n, b in bits.items() if n not in (four, names[0]))
+    # the excluded layer's weight is written as it was; the 4-bit one has at most 2**4 values a channel
+    fp, q = bwacal.load_model(tiny[0]).graph, bwacal.load_model(out).graph
+    weight = {layer["layer"]: layer["weight"] for layer in report["layers"]}
+    from bwacal.quantize import select_layers
+
+    excluded_weight = next(layer.weight for layer in select_layers(fp, 2) if layer.node == keep)
+    np.testing.assert_array_equal(q.initializers[excluded_weight], fp.initializers[excluded_weight])
+    w4 = q.initializers[weight[four]].reshape(q.initializers[weight[four]].shape[0], -1)
+    assert max(len(np.unique(row)) for row in w4) <= 16
+
+
+def test_a_rule_that_matches_nothing_is_refused_before_any_work(tiny, tmp_path):
+    for args, needle in ((["--exclude", "no_such*"], "--exclude no_such*: no quantized layer matches"),
+                         (["--layer-bits", "no_such=4"], "--layer-bits no_such=4: no quantized layer matches"),
+                         (["--layer-bits", "conv"], "PATTERN=BITS"),
+                         (["--layer-bits", "*=9"], "bits must be an integer from 2 to 8")):
+        r = run("calibrate", tiny[0], "--calib", tiny[1], "-o", tmp_path / "q.onnx", *args)
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_config_file_holds_the_options_and_the_command_line_wins(tiny, tmp_path):
+    names = _layers(tiny)
+    config = tmp_path / "bwacal.toml"
+    config.write_text(f'calib = "{tiny[1]}"\nbits = 2\nepochs = 2\nlr = 0.002\nall_layers = true\n'
+                      f'exclude = ["{names[-1]}"]\n[layer_bits]\n"{names[0]}" = 5\n')
+    rep = tmp_path / "q.json"
+    r = run("calibrate", tiny[0], "--config", config, "--epochs", 1, "-o", tmp_path / "q.onnx", "--report", rep, "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    opts = report["options"]
+    assert (opts["bits"], opts["epochs"], opts["lr"], opts["protocol"]) == (2, 1, 0.002, "all-layers")
+    assert report["excluded"] == [names[-1]] and report["layers"][0]["bits"] == 5
+    bad = tmp_path / "bad.toml"
+    bad.write_text("bitz = 2\n")
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--config", bad, "-o", tmp_path / "b.onnx")
+    assert r.exit_code == 2 and "unknown key 'bitz'" in r.output and str(bad) in r.output
+
+
+def test_dry_run_shows_the_plan_and_writes_nothing(tiny, tmp_path):
+    names = _layers(tiny)
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--exclude", names[-1], "--dry-run",
+            "-o", tmp_path / "q.onnx", "--json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert [row["layer"] for row in plan["layers"]] == names[:-1] and plan["excluded"] == [names[-1]]
+    assert plan["images"] == 160 and plan["fit_images"] == 128 and plan["steps_per_epoch"] == 2
+    assert plan["forward_seconds"] > 0 and plan["estimated_size_bytes"] > 0
+    assert list(tmp_path.iterdir()) == []
+    text = run("calibrate", tiny[0], "--calib", tiny[1], "--dry-run", "-o", tmp_path / "q.onnx")
+    assert text.exit_code == 0 and "nothing written" in text.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_inspect_shows_the_plan_of_the_rules(tiny, tmp_path):
+    names = _layers(tiny)
+    r = run("inspect", tiny[0], "--exclude", names[-1], "--layer-bits", f"{names[1]}=4", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {row["layer"]: row["bits"] for row in json.loads(r.stdout)["layers"]}
+    assert rows[names[-1]] == {"first-last-8bit": "float", "all-layers": "float"}
+    assert rows[names[1]] == {"first-last-8bit": 4, "all-layers": 4}
