@@ -17,6 +17,12 @@ import time
 from dataclasses import dataclass
 
 
+# seconds a first run spends compiling on 2 idle cores: the quick start's first run in a fresh
+# virtual environment less its second (84 s - 11.4 s, README); told to a user whose cache is cold.
+# A loaded machine takes longer (355 s at load 9-10: benchmarks/RESULTS.md, "First run")
+FIRST_RUN_SECONDS = 73
+
+
 @dataclass(frozen=True)
 class CacheState:
     """``cold`` of ``kernels`` cached kernels have no cached code for this numba and these sources."""

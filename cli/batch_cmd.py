@@ -104,6 +104,7 @@ def batch_cmd(
                                       layer_bits=tuple(parse_layer_bits(r) for r in layer_bits or ()))
             jobs = plan_jobs(source, parse_bits(bits), output, calib=calib, eval_path=eval_data, options=base,
                              fmt=fmt, log=display.note)
+            display.note_cold_cache()
             output.mkdir(parents=True, exist_ok=True)
             if scheduler:
                 where = f"on the Dask cluster at {scheduler}"

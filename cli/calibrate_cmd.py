@@ -127,6 +127,7 @@ def calibrate_cmd(
             if report is not None:
                 check_output_path(report, inputs + (out,), force, "report")
             with Display(quiet) as display:
+                display.note_cold_cache()
                 result = calibrate(model, calib, opts, eval_path=eval_data, progress=_FitProgress(display, epochs),
                                    log=display.note, stage=display.phase)
                 if display.compiled:

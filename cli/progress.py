@@ -57,6 +57,16 @@ class Display:
         self.progress = None
         return False
 
+    def note_cold_cache(self):
+        """Say, before any work, that numba has none of bwacal's kernels cached (a first run)."""
+        from bwacal.jitcache import FIRST_RUN_SECONDS, cache_state
+
+        state = cache_state()
+        if state is not None and state.kernels and state.cold == state.kernels:
+            self.note(f"first run: numba compiles bwacal's kernels as they are first used, once (about "
+                      f"{FIRST_RUN_SECONDS} s on 2 idle cores, longer on a busy machine); they are cached in "
+                      f"{state.where}")
+
     def note(self, message: str):
         """A line above the display (a plain stderr line without one); nothing with ``--quiet``."""
         if self.quiet:
