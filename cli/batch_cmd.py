@@ -12,7 +12,8 @@ import typer
 from cli.common import EXIT_CHECK_FAILED, echo_json, interrupts, user_errors
 from cli.options import (ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Epochs,
                          EvalData, Exclude, FitBatch, Format, Holdout, InputShape, Json, LayerBits, Loss, Lr, Method,
-                         MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod, pick)
+                         MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod, calibration_options,
+                         pick)
 from cli.progress import Display
 
 
@@ -82,9 +83,7 @@ def batch_cmd(
     Example: bwacal batch data/zoo --calib data/fmnist_calib.h5 --data data/fmnist_val.h5 --bits 2,3,4 -o out/
     """
     from bwacal.batch import local_layout, plan_jobs, run_jobs, summary_markdown, write_summary
-    from bwacal.calibrate import CalibrationOptions
     from bwacal.errors import BwacalError
-    from bwacal.layer_rules import parse_layer_bits
 
     started = time.perf_counter()
     with interrupts("finished jobs are kept; run the same command again to resume"), Display(quiet) as display:
@@ -94,14 +93,12 @@ def batch_cmd(
             if output.exists() and not output.is_dir():
                 raise BwacalError(f"{output}: exists and is not a directory")
             eval_data = pick(data, old_eval, "--data", "--eval")
-            base = CalibrationOptions(act_bits=act_bits, act_bwa=act_bwa,
-                                      protocol="all-layers" if all_layers else "first-last-8bit",
-                                      weight_method=weight_method, act_method=act_method, epochs=epochs,
-                                      batch_size=batch_size, micro_batch=micro_batch, lr=lr, holdout=holdout,
-                                      split=split, loss=loss, seed=seed, method=method,
-                                      adaround_iterations=adaround_iterations, adaround_images=adaround_images,
-                                      input_shape=input_shape, num_images=num_images, exclude=tuple(exclude or ()),
-                                      layer_bits=tuple(parse_layer_bits(r) for r in layer_bits or ()))
+            base = calibration_options(dict(
+                act_bits=act_bits, act_bwa=act_bwa, all_layers=all_layers, num_images=num_images, epochs=epochs,
+                batch_size=batch_size, micro_batch=micro_batch, lr=lr, holdout=holdout, split=split, loss=loss,
+                weight_method=weight_method, act_method=act_method, method=method,
+                adaround_iterations=adaround_iterations, adaround_images=adaround_images, seed=seed,
+                input_shape=input_shape, exclude=exclude, layer_bits=layer_bits))
             jobs = plan_jobs(source, parse_bits(bits), output, calib=calib, eval_path=eval_data, options=base,
                              fmt=fmt, log=display.note)
             display.note_cold_cache()

@@ -11,19 +11,9 @@ import typer
 from cli.common import echo_json, interrupts, table, user_errors
 from cli.options import (ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Calib, Config,
                          Epochs, EvalData, Exclude, FitBatch, Force, Format, Holdout, InputShape, Json, LayerBits, Loss,
-                         Lr, Method, MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod, pick,
-                         with_config)
+                         Lr, Method, MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod,
+                         calibration_options, pick, with_config)
 from cli.progress import Display
-
-# the parameters a --config file may set, in the order calibrate_cmd unpacks them
-CONFIG_PARAMETERS = ("calib", "bits", "act_bits", "act_bwa", "all_layers", "fmt", "data", "num_images", "epochs",
-                     "batch_size", "micro_batch", "lr", "holdout", "split", "loss", "weight_method", "act_method",
-                     "method", "adaround_iterations", "adaround_images", "seed", "input_shape", "exclude",
-                     "layer_bits")
-
-METHOD_LABELS = {"bwa": "BWA", "adaround": "AdaRound", "bwa-codes": "BWA, learned codes",
-                 "adaround-bwa": "AdaRound + BWA"}
-
 
 def output_path(output: Path | None, model: Path, bits: int, act_bits: int | None) -> Path:
     """Where the model is written: ``-o`` as given; ``<model>.w<bits>[a<A>].onnx`` in the folder ``-o``
@@ -85,33 +75,28 @@ def calibrate_cmd(
 
     Example: bwacal calibrate data/zoo/resnet20.onnx --calib data/fmnist_calib.h5 --bits 3 -o resnet20.w3.onnx
     """
-    from bwacal.calibrate import CalibrationOptions, calibrate
+    from bwacal.calibrate import calibrate
     from bwacal.errors import BwacalError
     from bwacal.export import FORMATS, size_change, write_quantized
     from bwacal.files import JSON_SCHEMA, check_output_path, write_bytes_atomically
-    from bwacal.layer_rules import parse_layer_bits
 
     with interrupts("no output written"):
         with user_errors(verbose):
-            given = with_config(ctx, {k: v for k, v in locals().items() if k in CONFIG_PARAMETERS}, config)
-            (calib, bits, act_bits, act_bwa, all_layers, fmt, data, num_images, epochs, batch_size, micro_batch, lr,
-             holdout, split, loss, weight_method, act_method, method, adaround_iterations, adaround_images, seed,
-             input_shape, exclude, layer_bits) = (given[k] for k in CONFIG_PARAMETERS)
+            values = with_config(ctx, dict(
+                calib=calib, bits=bits, act_bits=act_bits, act_bwa=act_bwa, all_layers=all_layers, fmt=fmt, data=data,
+                num_images=num_images, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
+                holdout=holdout, split=split, loss=loss, weight_method=weight_method, act_method=act_method,
+                method=method, adaround_iterations=adaround_iterations, adaround_images=adaround_images, seed=seed,
+                input_shape=input_shape, exclude=exclude, layer_bits=layer_bits), config)
+            calib, fmt = values["calib"], values["fmt"]
             if calib is None:
                 raise BwacalError("calibrate needs the calibration data: --calib CALIB.h5 (or calib in --config)")
-            eval_data = pick(data, old_eval, "--data", "--eval")
-            opts = CalibrationOptions(bits=bits, act_bits=act_bits, act_bwa=act_bwa,
-                                      protocol="all-layers" if all_layers else "first-last-8bit",
-                                      weight_method=weight_method, act_method=act_method, epochs=epochs,
-                                      batch_size=batch_size, micro_batch=micro_batch, lr=lr, holdout=holdout,
-                                      split=split, loss=loss, seed=seed, method=method,
-                                      adaround_iterations=adaround_iterations, adaround_images=adaround_images,
-                                      input_shape=input_shape, num_images=num_images, exclude=tuple(exclude or ()),
-                                      layer_bits=tuple(parse_layer_bits(r) for r in layer_bits or ()))
+            eval_data = pick(values["data"], old_eval, "--data", "--eval")
+            opts = calibration_options(values)
             opts.validate()
             if fmt not in FORMATS:
                 raise BwacalError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
-            out = output_path(output, model, bits, act_bits)
+            out = output_path(output, model, opts.bits, opts.act_bits)
             if dry_run:
                 from bwacal.calibrate import plan
 
@@ -128,7 +113,7 @@ def calibrate_cmd(
                 check_output_path(report, inputs + (out,), force, "report")
             with Display(quiet) as display:
                 display.note_cold_cache()
-                result = calibrate(model, calib, opts, eval_path=eval_data, progress=_FitProgress(display, epochs),
+                result = calibrate(model, calib, opts, eval_path=eval_data, progress=_FitProgress(display, opts.epochs),
                                    log=display.note, stage=display.phase)
                 if display.compiled:
                     display.note(f"compiled {display.compiled} numba kernels in {display.compile_seconds:.0f} s; "
@@ -180,9 +165,9 @@ def summary_lines(rep: dict, size_change) -> list[str]:
     and KL) per network, the options, and what was written."""
     acc, agreement, kl = rep["accuracy"], rep.get("agreement") or {}, rep.get("kl") or {}
     where = "the held-out split" if rep["eval"] == "heldout" else rep["eval"]
-    names = {"fp": "full precision", "uniform_minmax": "uniform min-max", "uniform_mse": "uniform MSE",
-             "uniform_output": "uniform output", rep["method"]: METHOD_LABELS[rep["method"]]}
-    names = {k: v for k, v in names.items() if k in acc}
+    from bwacal.plot import LABELS
+
+    names = {k: LABELS[k] for k in ("fp", "uniform_minmax", "uniform_mse", "uniform_output", rep["method"]) if k in acc}
     start = rep.get("start")
     if start and f"uniform_{start}" in names:
         names[f"uniform_{start}"] += " (start)"

@@ -121,3 +121,18 @@ def with_config(ctx: typer.Context, values: dict, config: Path | None, ignore=fr
         elif ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
             values[name] = value
     return values
+
+
+def calibration_options(values: dict):
+    """``CalibrationOptions`` from a command's parameters by name: ``all_layers`` as the protocol, the
+    per-layer rules parsed; names that are no option (files, format) are left out."""
+    from dataclasses import fields
+
+    from bwacal.calibrate import CalibrationOptions
+    from bwacal.layer_rules import parse_layer_bits
+
+    names = {f.name for f in fields(CalibrationOptions)} - {"protocol", "exclude", "layer_bits"}
+    return CalibrationOptions(**{k: v for k, v in values.items() if k in names},
+                              protocol="all-layers" if values.get("all_layers") else "first-last-8bit",
+                              exclude=tuple(values.get("exclude") or ()),
+                              layer_bits=tuple(parse_layer_bits(r) for r in values.get("layer_bits") or ()))
