@@ -303,12 +303,10 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
     with ``force``.
     """
     from bwacal.data import write_dataset
+    from bwacal.files import check_output_path
 
     out = Path(out)
-    if out.exists() and not force:
-        raise DataError(f"{out}: already exists (pass --force to overwrite)")
-    if out.is_dir():
-        raise DataError(f"{out}: is a folder, expected an output file name such as calib.h5")
+    check_output_path(out, [p for p in (idx_images, idx_labels, source) if p is not None], force)
     if (idx_images is None) != (idx_labels is None):
         raise DataError("an IDX source needs both --idx-images and --idx-labels")
     if (idx_images is None) == (source is None):

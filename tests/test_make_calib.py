@@ -267,7 +267,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, idx_pair):
     out = tmp_path / "calib.h5"
     out.write_bytes(b"precious")
     code, output = run("--idx-images", img, "--idx-labels", lab, "-o", out)
-    assert code == 2 and "already exists (pass --force to overwrite)" in output
+    assert code == 2 and "already exists; pass --force to overwrite it" in output
     assert out.read_bytes() == b"precious"
     code, _ = run("--idx-images", img, "--idx-labels", lab, "--force", "-o", out)
     assert code == 0 and out.read_bytes()[:4] == b"\x89HDF"
