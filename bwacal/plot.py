@@ -103,6 +103,7 @@ def calibration_figure(report: dict, weights: dict, layers: list[str] | None = N
         points = [(h["epoch"], h["train_loss"]) for h in hist if h.get("train_loss") is not None]
         handles += ax.plot(*zip(*points), "^:", color="tab:orange", label="training loss")
     ax.set_xlabel("epoch (0: the uniform start)")
+    ax.set_xticks(epochs)
     ax.set_ylabel(f"loss ({report.get('loss', 'kl')})")
     if any(h.get("heldout_top1") is not None for h in hist):
         ax2 = ax.twinx()

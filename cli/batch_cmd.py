@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import EXIT_CHECK_FAILED, echo_json, interrupts, user_errors
-from cli.options import (ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Epochs,
+from cli.options import (DEFAULTS, ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Epochs,
                          EvalData, Exclude, FitBatch, Format, Holdout, InputShape, Json, LayerBits, Loss, Lr, Method,
-                         MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod, calibration_options,
-                         pick)
+                         MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod,
+                         calibration_options, pick)
 from cli.progress import Display
 
 
@@ -51,23 +51,23 @@ def batch_cmd(
     max_drop: Annotated[Optional[float], typer.Option(
         "--max-drop", help="Exit 1 when any model loses more than this many points of top-1 (FP - calibrated).")] = None,
     fmt: Format = "fake",
-    act_bits: ActBits = None,
-    act_bwa: ActBwa = False,
+    act_bits: ActBits = DEFAULTS.act_bits,
+    act_bwa: ActBwa = DEFAULTS.act_bwa,
     all_layers: AllLayers = False,
-    num_images: NumImages = None,
-    epochs: Epochs = 5,
-    batch_size: FitBatch = 64,
-    micro_batch: MicroBatch = None,
-    lr: Lr = 1e-3,
-    holdout: Holdout = 0.2,
-    split: Split = "auto",
-    loss: Loss = "kl",
-    weight_method: WeightMethod = "auto",
-    act_method: ActMethod = "mse",
-    method: Method = "bwa",
-    adaround_iterations: AdaRoundIterations = 1000,
-    adaround_images: AdaRoundImages = 256,
-    seed: Seed = 0,
+    num_images: NumImages = DEFAULTS.num_images,
+    epochs: Epochs = DEFAULTS.epochs,
+    batch_size: FitBatch = DEFAULTS.batch_size,
+    micro_batch: MicroBatch = DEFAULTS.micro_batch,
+    lr: Lr = DEFAULTS.lr,
+    holdout: Holdout = DEFAULTS.holdout,
+    split: Split = DEFAULTS.split,
+    loss: Loss = DEFAULTS.loss,
+    weight_method: WeightMethod = DEFAULTS.weight_method,
+    act_method: ActMethod = DEFAULTS.act_method,
+    method: Method = DEFAULTS.method,
+    adaround_iterations: AdaRoundIterations = DEFAULTS.adaround_iterations,
+    adaround_images: AdaRoundImages = DEFAULTS.adaround_images,
+    seed: Seed = DEFAULTS.seed,
     input_shape: InputShape = None,
     exclude: Exclude = None,
     layer_bits: LayerBits = None,

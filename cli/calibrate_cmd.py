@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import echo_json, interrupts, table, user_errors
-from cli.options import (ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Calib, Config,
-                         Epochs, EvalData, Exclude, FitBatch, Force, Format, Holdout, InputShape, Json, LayerBits, Loss,
-                         Lr, Method, MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose, WeightMethod,
-                         calibration_options, pick, with_config)
+from cli.options import (DEFAULTS, ActBits, ActBwa, ActMethod, AdaRoundImages, AdaRoundIterations, AllLayers, Calib,
+                         Config, Epochs, EvalData, Exclude, FitBatch, Force, Format, Holdout, InputShape, Json,
+                         LayerBits, Loss, Lr, Method, MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose,
+                         WeightMethod, calibration_options, pick, with_config)
 from cli.progress import Display
 
 def output_path(output: Path | None, model: Path, bits: int, act_bits: int | None) -> Path:
@@ -33,9 +33,9 @@ def calibrate_cmd(
     model: Annotated[Path, typer.Argument(help="Full-precision ONNX classifier.")],
     *,
     calib: Calib = None,
-    bits: Annotated[int, typer.Option("--bits", help="Weight bits, 2 to 8.")] = 3,
-    act_bits: ActBits = None,
-    act_bwa: ActBwa = False,
+    bits: Annotated[int, typer.Option("--bits", help="Weight bits, 2 to 8.")] = DEFAULTS.bits,
+    act_bits: ActBits = DEFAULTS.act_bits,
+    act_bwa: ActBwa = DEFAULTS.act_bwa,
     all_layers: AllLayers = False,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Output ONNX file, or a folder to write <model>.w<bits>.onnx into "
@@ -44,20 +44,20 @@ def calibrate_cmd(
     report: Annotated[Optional[Path], typer.Option(
         "--report", help="Write the calibration report (accuracies, per-layer bit weights, history) as JSON.")] = None,
     data: EvalData = None,
-    num_images: NumImages = None,
-    epochs: Epochs = 5,
-    batch_size: FitBatch = 64,
-    micro_batch: MicroBatch = None,
-    lr: Lr = 1e-3,
-    holdout: Holdout = 0.2,
-    split: Split = "auto",
-    loss: Loss = "kl",
-    weight_method: WeightMethod = "auto",
-    act_method: ActMethod = "mse",
-    method: Method = "bwa",
-    adaround_iterations: AdaRoundIterations = 1000,
-    adaround_images: AdaRoundImages = 256,
-    seed: Seed = 0,
+    num_images: NumImages = DEFAULTS.num_images,
+    epochs: Epochs = DEFAULTS.epochs,
+    batch_size: FitBatch = DEFAULTS.batch_size,
+    micro_batch: MicroBatch = DEFAULTS.micro_batch,
+    lr: Lr = DEFAULTS.lr,
+    holdout: Holdout = DEFAULTS.holdout,
+    split: Split = DEFAULTS.split,
+    loss: Loss = DEFAULTS.loss,
+    weight_method: WeightMethod = DEFAULTS.weight_method,
+    act_method: ActMethod = DEFAULTS.act_method,
+    method: Method = DEFAULTS.method,
+    adaround_iterations: AdaRoundIterations = DEFAULTS.adaround_iterations,
+    adaround_images: AdaRoundImages = DEFAULTS.adaround_images,
+    seed: Seed = DEFAULTS.seed,
     input_shape: InputShape = None,
     exclude: Exclude = None,
     layer_bits: LayerBits = None,

@@ -11,7 +11,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from bwacal.calibrate import CalibrationOptions
 from bwacal.errors import BwacalError
+
+DEFAULTS = CalibrationOptions()
+"""The library's defaults: calibrate's and batch's options default to them, so the command and
+``bwacal.calibrate()`` calibrate alike."""
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or notes; only results and errors.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
@@ -128,7 +133,6 @@ def calibration_options(values: dict):
     per-layer rules parsed; names that are no option (files, format) are left out."""
     from dataclasses import fields
 
-    from bwacal.calibrate import CalibrationOptions
     from bwacal.layer_rules import parse_layer_bits
 
     names = {f.name for f in fields(CalibrationOptions)} - {"protocol", "exclude", "layer_bits"}
