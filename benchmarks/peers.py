@@ -7,8 +7,8 @@ method's wall time, on the same machine in the same run, calibrating on the same
 (data/fmnist_calib.h5):
 
 - bwacal: ``python -m cli.main calibrate MODEL --calib CALIB --bits B [--act-bits A] [--all-layers]
-  [--method M]`` for every M of ``--methods`` (default: the methods ``calibrate --help`` offers, and
-  the tool's default; before ``--method`` existed, only fixed-code BWA); wall time of the process.
+  --method M`` for every M of ``--methods`` (default: every method ``calibrate`` offers); wall time of
+  the process.
 - AIMET AdaRound (aimet-onnx in its own virtual environment, ``--aimet-python``): benchmarks/
   aimet_adaround.py run as a subprocess; its docstring says how AIMET is configured. Wall time from
   the runner's process start to its model written (its test-set evaluation excluded).
@@ -50,38 +50,13 @@ from benchmarks.accuracy import load_test_set, parse_setting
 ROOT = Path(__file__).resolve().parents[1]
 AIMET_PYTHON = "/work/aimet-venv/bin/python"
 LAYERS = ("Conv", "Gemm", "MatMul")
-BWA_FIXED = "bwa"  # fixed-code BWA: the only method before --method existed
 
 
-def bwacal_methods() -> tuple[list[str], str | None, bool]:
-    """The methods ``calibrate`` accepts for ``--method``, its default, and whether the flag exists.
+def bwacal_methods() -> tuple[list[str], str]:
+    """The methods ``calibrate --method`` accepts and its default (from this checkout's bwacal)."""
+    from bwacal.calibrate import METHODS, CalibrationOptions
 
-    Read from ``calibrate --help`` (a ``[a|b|c]`` choice list, ``[default: X]``); where the help gives
-    the names only in prose, from the one-line error of ``--method`` with a value no method has.
-    """
-    env = {**os.environ, "COLUMNS": "200"}
-    out = subprocess.run([sys.executable, "-m", "cli.main", "calibrate", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, env=env).stdout
-    text = re.sub(r"[│╭╮╰╯─]", " ", out)
-    m = re.search(r"--method\b(.*?)(?=\n\s*--|\Z)", text, re.S)
-    if m is None:
-        return [BWA_FIXED], BWA_FIXED, False
-    block = " ".join(m.group(1).split())
-    default = re.search(r"\[default:\s*([\w-]+)\]", block)
-    default = default.group(1) if default else None
-    listed = re.search(r"[\[{(]?([a-z][\w-]*(?:\|[a-z][\w-]*)+)[\]})]?", block)
-    if listed:
-        names = listed.group(1).split("|")
-    else:
-        probe = subprocess.run([sys.executable, "-m", "cli.main", "calibrate", str(ROOT / "data/zoo/resnet20.onnx"),
-                                "--calib", str(ROOT / "data/fmnist_calib.h5"), "--method", "no-such-method",
-                                "-o", "/nonexistent/dir/x.onnx"], cwd=ROOT, capture_output=True, text=True, env=env)
-        said = re.sub(r"[│╭╮╰╯─]", " ", probe.stderr + probe.stdout)
-        names = [n for n in re.findall(r"['\"]([a-z][\w-]*)['\"]", said) if n not in ("no-such-method", "method")]
-    names = list(dict.fromkeys(names))
-    if not names:
-        sys.exit("calibrate has --method but its help and errors name no method; pass --methods")
-    return names, default, True
+    return list(METHODS), CalibrationOptions().method
 
 
 def ort_top1(path, x, y, threads, batch=1000) -> float:
@@ -154,15 +129,14 @@ def thread_env(threads: int) -> dict:
             "NUMBA_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_bwacal(method, has_flag, model, calib, bits, act_bits, protocol, out, threads) -> dict:
+def run_bwacal(method, model, calib, bits, act_bits, protocol, out, threads) -> dict:
     cmd = [sys.executable, "-m", "cli.main", "calibrate", str(model), "--calib", str(calib), "--bits", str(bits),
            "-o", str(out), "--force", "--quiet", "--report", str(out.with_suffix(".report.json"))]
     if act_bits:
         cmd += ["--act-bits", str(act_bits)]
     if protocol == "all-layers":
         cmd.append("--all-layers")
-    if has_flag:
-        cmd += ["--method", method]
+    cmd += ["--method", method]
     proc, seconds, cpu = timed(cmd, threads)
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:], "seconds": seconds,
@@ -265,10 +239,11 @@ def main():
 
     from bwacal.data import open_dataset
 
-    detected, default_method, has_flag = bwacal_methods()
+    detected, default_method = bwacal_methods()
     methods = detected if args.methods is None else [m for m in args.methods.split(",") if m and m != "none"]
-    if not has_flag and any(m != BWA_FIXED for m in methods):
-        sys.exit(f"the installed bwacal has no --method flag; only {BWA_FIXED!r} (fixed-code BWA) is available")
+    unknown = [m for m in methods if m not in detected]
+    if unknown:
+        sys.exit(f"unknown bwacal method {unknown[0]!r}; calibrate offers {', '.join(detected)}")
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     notes = []
     if "aimet" in peers and not Path(args.aimet_python).exists():
@@ -292,12 +267,12 @@ def main():
                 for setting in args.settings.split(","):
                     bits, act_bits = parse_setting(setting)
                     row = {"model": model, "protocol": protocol, "setting": setting, "fp": fp, "methods": {}}
-                    todo = [("bwacal " + m + (" (default)" if m == default_method and has_flag else ""), m)
+                    todo = [("bwacal " + m + (" (default)" if m == default_method else ""), m)
                             for m in methods] + [(p, p) for p in peers]
                     for key, m in todo:
                         out = d / f"{model}.{protocol}.{setting}.{key.replace(' ', '-')}.onnx"
                         if key.startswith("bwacal "):
-                            res = run_bwacal(m, has_flag, path, args.calib, bits, act_bits, protocol, out, args.threads)
+                            res = run_bwacal(m, path, args.calib, bits, act_bits, protocol, out, args.threads)
                         elif m == "aimet":
                             res = run_aimet(args.aimet_python, path, calib_npy, test, bits, act_bits, protocol,
                                             args.aimet_iterations, out, args.threads)

@@ -10,24 +10,38 @@ minimising the reconstruction error of the layer's output before its activation,
 where ``x`` is the layer's input in the full-precision model and ``x~`` its input in the quantized
 network with every earlier layer already rounded (and activations quantized, if they are). The
 exponent ``beta`` anneals from 20 to 2 after a warm-up without the regulariser; at the end each
-weight takes the code its ``h`` is nearer to. The layer's forward and backward are the engine's own
-Conv/Gemm/MatMul op, run on the layer's inputs alone.
+weight takes the code its ``h`` is nearer to.
+
+The reconstruction error is quadratic in the layer's weights, so over a fixed set of images it is
+exactly ``sum_c w~_c^T G w~_c - 2 w~_c^T X w_c + w_c^T F w_c`` with the second moments of the layer's
+input rows (im2col patches of a conv, rows of a Gemm/MatMul input), ``G = E[x~ x~^T]``,
+``X = E[x~ x^T]``, ``F = E[x x^T]`` (one per group of a grouped conv). Where the rows are long
+(``K``) and few, the paper's mini-batches through the engine's own Conv/Gemm/MatMul op are cheaper;
+otherwise (every layer of a 32x32 classifier, the early layers of a 224x224 one) each iteration is
+one small product with ``G`` on all the images at once: the exact gradient of the objective the
+paper's mini-batches estimate, at a fraction of their cost. ``AdaRoundOptions.solver`` chooses.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from bwacal.engine import Engine
 from bwacal.fit import Adam
-from bwacal.quant.rounding import annealed_beta, rounding_regularizer
+from bwacal.graph import ValueInfo
+from bwacal.passes import remove_dead_nodes
+from bwacal.quant.output_steps import layer_rows
+from bwacal.quant.rounding import annealed_beta, learn_rounding, rounding_regularizer
+from bwacal.quant.weights import channels_first
 from bwacal.quantize import QuantizedNetwork
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # Images per engine pass while collecting a layer's inputs (bounds the memory of one pass).
 COLLECT_BATCH = 128
+SOLVERS = ("auto", "moments", "batches")
 
 
 @dataclass
@@ -43,6 +57,9 @@ class AdaRoundOptions:
     beta_start: float = 20.0
     beta_end: float = 2.0
     seed: int = 0
+    # moments: exact full-set gradients through the inputs' second moments; batches: the paper's
+    # mini-batches of batch_size images; auto: whichever costs fewer multiply-adds for the layer
+    solver: str = "auto"
 
 
 def _node_index(graph, name: str) -> int:
@@ -52,8 +69,14 @@ def _node_index(graph, name: str) -> int:
     raise ValueError(f"node '{name}' is not in the quantized graph")
 
 
+def _engine_until(graph, value) -> Engine:
+    """An engine over only the nodes ``value`` depends on (a layer's input needs no later layer)."""
+    return Engine(remove_dead_nodes(replace(graph, outputs=[ValueInfo(value, None, None)])))
+
+
 def _collect(engine, input_name, value, images, params=None) -> np.ndarray:
     """The named value for every image, NCHW (or whatever rank it has), float32."""
+    engine = _engine_until(engine.graph, value)
     parts = []
     for start in range(0, len(images), COLLECT_BATCH):
         values, _ = engine.run({input_name: images[start:start + COLLECT_BATCH]}, params=params, outputs=[value])
@@ -98,6 +121,126 @@ class _LayerProblem:
         return float(np.sum(diff * diff) / per), dw
 
 
+class _MomentProblem:
+    """One layer's reconstruction through the second moments of its input rows (module docstring).
+
+    ``gram`` (G, K, K) ``E[x~ x~^T]``, ``cross`` (G, K, K) ``E[x~ x^T]`` and ``target_energy``
+    ``sum_c E[(w_c . x)^2]``, all float64 over every row of every image; ``w_fp`` (C, K) the FP
+    weight rows, channel c in group ``c // (C // G)``.
+    """
+
+    images = None  # every image at once: nothing to sample
+
+    def __init__(self, gram, cross, target_energy, w_fp, shape, axis):
+        self.gram, self.shape, self.axis = gram, shape, axis
+        groups = gram.shape[0]
+        self.w_fp = np.asarray(w_fp, np.float64).reshape(groups, -1, gram.shape[1])
+        self.pull = np.matmul(self.w_fp, cross.transpose(0, 2, 1))  # (G, C/G, K): rows of X w_c
+        self.target_energy = float(target_energy)
+
+    def loss_and_grad(self, idx, w) -> tuple[float, np.ndarray]:
+        """Reconstruction loss on every image (``idx`` is ignored) and its gradient wrt ``w``
+        (the weight in its original shape), as :meth:`_LayerProblem.loss_and_grad` on all images."""
+        w2d = channels_first(w, self.axis).astype(np.float64).reshape(self.w_fp.shape)
+        gw = np.matmul(w2d, self.gram)  # gram is symmetric
+        loss = float(np.sum(w2d * gw) - 2.0 * np.sum(w2d * self.pull) + self.target_energy)
+        grad = (2.0 * (gw - self.pull)).reshape(-1, w2d.shape[-1])
+        moved = (self.shape[self.axis],) + tuple(d for i, d in enumerate(self.shape) if i != self.axis)
+        return max(loss, 0.0), np.moveaxis(grad.reshape(moved), 0, self.axis).astype(np.float32)
+
+
+def _rows(node, x, weight_shape) -> np.ndarray:
+    """float32 (G, P, K): the input rows of the layer, split by group."""
+    groups = int(node.attrs.get("group", 1)) if node.op_type == "Conv" else 1
+    rows = layer_rows(node.op_type, node.attrs, x, weight_shape)
+    if node.op_type == "Gemm" and node.attrs.get("alpha", 1.0) != 1.0:
+        rows = rows * np.float32(node.attrs["alpha"])
+    return np.ascontiguousarray(rows.reshape(len(rows), groups, -1).transpose(1, 0, 2), dtype=np.float32)
+
+
+def _moments_apply(node) -> bool:
+    """Whether the layer's output is ``w_c . row`` of rows :func:`layer_rows` gives."""
+    return not (node.op_type == "Gemm" and node.attrs.get("transA", 0))
+
+
+def _moment_problem(net: QuantizedNetwork, index: int, images) -> _MomentProblem:
+    layer, qw = net.layers[index], net.weights[index]
+    model = net.model
+    node = net.graph.nodes[_node_index(net.graph, layer.node)]
+    w_fp = model.graph.initializers[layer.weight]
+    w2d = channels_first(w_fp, qw.axis).astype(np.float64)
+    params = net.params()
+    fp_engine = _engine_until(model.graph, layer.data_input)
+    q_engine = _engine_until(net.graph, node.inputs[0])
+    gram = cross = None
+    energy, rows = 0.0, 0
+    for start in range(0, len(images), COLLECT_BATCH):
+        chunk = images[start:start + COLLECT_BATCH]
+        fp, _ = fp_engine.run({model.input_name: chunk}, outputs=[layer.data_input])
+        q, _ = q_engine.run({model.input_name: chunk}, params=params, outputs=[node.inputs[0]])
+        x = _rows(node, fp[layer.data_input], w_fp.shape)
+        xq = _rows(node, q[node.inputs[0]], w_fp.shape)
+        # float32 products (a chunk's rounding error, ~1e-7 of each entry, is far below what the
+        # rounding changes), summed over chunks in float64
+        g_part = np.matmul(xq.transpose(0, 2, 1), xq).astype(np.float64)
+        c_part = np.matmul(xq.transpose(0, 2, 1), x).astype(np.float64)
+        gram = g_part if gram is None else gram + g_part
+        cross = c_part if cross is None else cross + c_part
+        w_groups = w2d.reshape(x.shape[0], -1, x.shape[2]).astype(np.float32)  # (G, C/G, K)
+        energy += float(np.sum(np.square(np.matmul(x, w_groups.transpose(0, 2, 1)), dtype=np.float64)))
+        rows += x.shape[1]
+    rows = max(rows, 1)
+    return _MomentProblem(gram / rows, cross / rows, energy / rows, w2d, tuple(w_fp.shape), qw.axis)
+
+
+def _solver_for(net: QuantizedNetwork, index: int, images, options: AdaRoundOptions) -> str:
+    """``moments`` where building and using the moments costs fewer multiply-adds than the paper's
+    mini-batches would (module docstring), else ``batches``."""
+    if options.solver != "auto":
+        return options.solver
+    layer = net.layers[index]
+    node = net.graph.nodes[_node_index(net.graph, layer.node)]
+    if not _moments_apply(node):
+        return "batches"
+    weight = net.model.graph.initializers[layer.weight]
+    groups = int(node.attrs.get("group", 1)) if node.op_type == "Conv" else 1
+    channels = weight.shape[net.weights[index].axis]
+    k = int(weight.size // channels)  # row length of one group
+    probe, _ = net.model.engine.run({net.model.input_name: images[:1]}, outputs=[layer.data_input])
+    rows_per_image = len(layer_rows(node.op_type, node.attrs, probe[layer.data_input], weight.shape))
+    rows = rows_per_image * len(images)
+    moments = 2 * rows * groups * k * k + options.iterations * 2 * channels * k * k
+    batches = options.iterations * 2 * channels * k * rows_per_image * min(options.batch_size, len(images))
+    return "moments" if moments <= batches else "batches"
+
+
+def _learn_rounding_batches(problem: _LayerProblem, qw, options: AdaRoundOptions, rng):
+    """The paper's loop: Adam on V, each step on ``batch_size`` images drawn at random."""
+    theta = {"v": qw.rounding.v}
+    adam = Adam(theta, options.lr)
+    batch = min(options.batch_size, problem.images)
+    for it in range(options.iterations):
+        idx = np.sort(rng.choice(problem.images, batch, replace=False))
+        _, dw = problem.loss_and_grad(idx, qw.compose())
+        grad = qw.gradients(dw)["v"]
+        beta = annealed_beta(it, options.iterations, options.warmup, options.beta_start, options.beta_end)
+        if beta is not None:
+            grad = grad + options.reg * rounding_regularizer(qw.rounding.v, beta)[1]
+        adam.step(theta, {"v": grad}, options.lr)
+
+
+def _learn_rounding_moments(problem: _MomentProblem, qw, options: AdaRoundOptions):
+    """The same Adam on V with the exact gradient on every image (``rounding.learn_rounding``):
+    ``W~ = lo + h(V) (hi - lo)``, the values of each weight's two codes under the fixed bit weights."""
+    lo, hi = qw.soft_ends()
+    shape = problem.w_fp.shape
+    v = np.ascontiguousarray(qw.rounding.v, dtype=np.float64).reshape(shape)
+    learn_rounding(v, lo.reshape(shape), (hi - lo).reshape(shape), problem.gram, problem.pull,
+                   options.iterations, options.lr, options.reg, options.warmup, options.beta_start,
+                   options.beta_end)
+    qw.rounding.v = v.reshape(qw.rounding.v.shape)
+
+
 def reconstruction_error(net: QuantizedNetwork, index: int, images) -> float:
     """Layer ``index``'s output error with its current weights, on its inputs in ``net`` (earlier
     layers as they are) against the full-precision layer on FP inputs: the loss AdaRound minimises,
@@ -127,35 +270,31 @@ def adaround(net: QuantizedNetwork, images, options: AdaRoundOptions | None = No
     (NCHW float32, the calibration images); the bit weights stay as they are.
 
     ``progress(layer_index, layers, stats)`` is called after each layer. Returns one dict per layer:
-    node, reconstruction loss at round-to-nearest and after (on all ``images``), codes moved off
-    round-to-nearest, seconds.
+    node, solver, reconstruction loss at round-to-nearest and after (on all ``images``), codes moved
+    off round-to-nearest, seconds.
     """
     options = options or AdaRoundOptions()
+    if options.solver not in SOLVERS:
+        raise ValueError(f"unknown AdaRound solver {options.solver!r}; use one of {', '.join(SOLVERS)}")
     rng = np.random.default_rng(options.seed)
     stats = []
     for index, qw in enumerate(net.weights):
         started = time.perf_counter()
-        problem = _problem(net, index, images)
-        everything = np.arange(problem.images)
+        solver = _solver_for(net, index, images, options)
+        problem = _moment_problem(net, index, images) if solver == "moments" else _problem(net, index, images)
+        everything = None if solver == "moments" else np.arange(problem.images)
         nearest_codes = qw.codes.copy()
         before = problem.loss_and_grad(everything, qw.compose())[0]
         qw.start_rounding(net.model.graph.initializers[qw.name])
         trains_bit_weights, qw.train_bit_weights = qw.train_bit_weights, False  # V alone here
-        theta = {"v": qw.rounding.v}
-        adam = Adam(theta, options.lr)
-        batch = min(options.batch_size, problem.images)
-        for it in range(options.iterations):
-            idx = np.sort(rng.choice(problem.images, batch, replace=False))
-            _, dw = problem.loss_and_grad(idx, qw.compose())
-            grad = qw.gradients(dw)["v"]
-            beta = annealed_beta(it, options.iterations, options.warmup, options.beta_start, options.beta_end)
-            if beta is not None:
-                grad = grad + options.reg * rounding_regularizer(qw.rounding.v, beta)[1]
-            adam.step(theta, {"v": grad}, options.lr)
+        if solver == "moments":
+            _learn_rounding_moments(problem, qw, options)
+        else:
+            _learn_rounding_batches(problem, qw, options, rng)
         qw.harden()
         qw.train_bit_weights = trains_bit_weights
         after = problem.loss_and_grad(everything, qw.compose())[0]
-        stats.append({"node": qw.node, "loss_nearest": before, "loss": after,
+        stats.append({"node": qw.node, "solver": solver, "loss_nearest": before, "loss": after,
                       "codes_moved": int(np.count_nonzero(qw.codes != nearest_codes)),
                       "seconds": time.perf_counter() - started})
         if progress:

@@ -63,12 +63,13 @@ class CalibrationOptions:
     input_shape: tuple | None = None
     # bwa: the paper's bit weights on round-to-nearest codes; adaround: learned rounding, layer by
     # layer (uniform levels); bwa-codes: bit weights and the rounding of the codes fitted together end
-    # to end; adaround-bwa: AdaRound's codes, then bit weights end to end on them.
-    method: str = "bwa"
-    # per layer; AIMET's default is 10,000 (the choice is measured in benchmarks/RESULTS.md,
-    # "Learned rounding")
-    adaround_iterations: int = 1000
-    adaround_images: int = 256  # calibration images (of the fitting split) AdaRound reconstructs on
+    # to end; adaround-bwa (the default: the most accurate at every width measured, benchmarks/
+    # RESULTS.md "Peers"): AdaRound's codes, then bit weights end to end on them.
+    method: str = "adaround-bwa"
+    # per layer, as AIMET's default; with the exact full-set gradient (bwacal/adaround.py) an
+    # iteration of a 32x32 classifier's layer costs well under a millisecond
+    adaround_iterations: int = 10000
+    adaround_images: int = 1024  # calibration images (of the fitting split) AdaRound reconstructs on
     # bwa-codes: the forward takes the hard codes, V's gradient the relaxation's (False: the soft
     # relaxation end to end, which measured worse: benchmarks/RESULTS.md, "Learned rounding")
     codes_straight_through: bool = True

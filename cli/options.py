@@ -70,13 +70,14 @@ WeightMethod = Annotated[str, typer.Option(
                             "held-out loss).")]
 ActMethod = Annotated[str, typer.Option("--act-method", help="Activation step calibration: mse or percentile.")]
 Method = Annotated[str, typer.Option(
-    "--method", help="bwa: bit weights on round-to-nearest codes (the paper); adaround: learned rounding layer "
-                     "by layer, uniform levels; bwa-codes: bit weights and the codes' rounding fitted together "
-                     "end to end; adaround-bwa: AdaRound's codes, then bit weights end to end.")]
+    "--method", help="adaround-bwa (the most accurate measured): AdaRound's codes, then bit weights end to end; "
+                     "bwa: bit weights on round-to-nearest codes (the paper, the fastest); adaround: learned "
+                     "rounding layer by layer, uniform levels; bwa-codes: bit weights and the codes' rounding "
+                     "fitted together end to end.")]
 AdaRoundIterations = Annotated[int, typer.Option(
     "--adaround-iterations", help="AdaRound iterations per layer (adaround, adaround-bwa).")]
 AdaRoundImages = Annotated[int, typer.Option(
-    "--adaround-images", help="Calibration images AdaRound reconstructs each layer's output on.")]
+    "--adaround-images", help="Calibration images (of the fitting split) AdaRound reconstructs each layer's output on.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for the split and shuffling; same seed, same output bytes.")]
 NumImages = Annotated[Optional[int], typer.Option(
     "--num-images", help="Calibrate on a seeded random subset of this many images of --calib (read without "

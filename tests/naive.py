@@ -270,3 +270,36 @@ def soft_rounded_weights(w2d, step, bits, v, alpha, gamma):
             lo, hi = min(max(f, qmin), qmax), min(max(f + 1, qmin), qmax)
             out[c, j] = level(c, lo) + h[c, j] * (level(c, hi) - level(c, lo))
     return out
+
+
+def moments_rounding_gradient(v, lo, span, gram, pull, beta=None, reg=0.0):
+    """d/dV of ``sum(W G W) - 2 sum(W pull)`` (+ ``reg`` times the regulariser at ``beta``) with
+    ``W = lo + h(V) span``, by the chain rule written out: ``dL/dW = 2 (W G - pull)``, ``dW/dh = span``,
+    ``dh/dV`` of the rectified sigmoid, ``d/dh (1 - |2h - 1|**beta)``."""
+    zeta, eta = 1.1, -0.1
+    sig = 1.0 / (1.0 + np.exp(-v))
+    stretched = sig * (zeta - eta) + eta
+    h = np.clip(stretched, 0.0, 1.0)
+    dh = np.where((stretched > 0) & (stretched < 1), sig * (1 - sig) * (zeta - eta), 0.0)
+    grad = 2.0 * (np.matmul(lo + h * span, gram) - pull) * span * dh
+    if beta is not None:
+        u = 2.0 * h - 1.0
+        grad = grad + reg * (-beta * np.abs(u) ** (beta - 1.0) * np.sign(u) * 2.0) * dh
+    return grad
+
+
+def learn_rounding(v, lo, span, gram, pull, iterations, lr, reg, warmup=0.2, beta_start=20.0, beta_end=2.0):
+    """AdaRound on the moments' loss with plain NumPy: :func:`moments_rounding_gradient`, the
+    paper's schedule, Adam (betas 0.9, 0.999, eps 1e-8). Returns the new ``v``."""
+    v = np.array(v, dtype=np.float64)
+    m, s = np.zeros_like(v), np.zeros_like(v)
+    first = warmup * iterations
+    for it in range(iterations):
+        beta = None
+        if it >= first:
+            beta = beta_end + (beta_start - beta_end) * max(0.0, 1.0 - (it - first) / max(iterations - first, 1))
+        grad = moments_rounding_gradient(v, lo, span, gram, pull, beta, reg)
+        m = 0.9 * m + 0.1 * grad
+        s = 0.999 * s + 0.001 * grad * grad
+        v = v - lr * (m / (1 - 0.9 ** (it + 1))) / (np.sqrt(s / (1 - 0.999 ** (it + 1))) + 1e-8)
+    return v

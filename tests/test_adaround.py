@@ -167,8 +167,8 @@ def test_adaround_lowers_the_reconstruction_error_of_a_zoo_layer():
     nearest = reconstruction_error(net, 0, x)
     stats = adaround(net, x, AdaRoundOptions(iterations=300, batch_size=16))
     after = reconstruction_error(net, 0, x)
-    assert stats[0]["loss_nearest"] == pytest.approx(nearest, rel=1e-6)
-    assert stats[0]["loss"] == pytest.approx(after, rel=1e-6)
+    assert stats[0]["loss_nearest"] == pytest.approx(nearest, rel=1e-5)  # float32 products
+    assert stats[0]["loss"] == pytest.approx(after, rel=1e-5)
     assert after < 0.8 * nearest
     assert net.weights[0].rounding is None and stats[0]["codes_moved"] > 0
 
@@ -187,3 +187,126 @@ def test_straight_through_codes_forward_the_hard_choice():
     fixed.codes, fixed.alpha, fixed.gamma = ste.rounding.hard_codes(), ste.alpha, ste.gamma
     for key, value in fixed.gradients(g).items():
         np.testing.assert_allclose(g_ste[key], value, rtol=1e-12)
+
+
+def _grouped_model(tmp_path):
+    """Grouped strided conv, a dilated depthwise conv with 6 outputs per channel, and a Gemm with
+    alpha and an untransposed weight."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import bwacal
+
+    rng = np.random.default_rng(4)
+    inits = {"c1.w": rng.normal(0, 0.4, (8, 2, 3, 3)), "c1.b": rng.normal(0, 0.1, 8),
+             "c2.w": rng.normal(0, 0.4, (48, 1, 3, 3)), "fc.w": rng.normal(0, 0.3, (48, 5)),
+             "fc.b": rng.normal(0, 0.1, 5)}
+    nodes = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["h1"], name="grouped", group=2,
+                              strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "c2.w"], ["h2"], name="depthwise", group=8, dilations=[2, 2],
+                              pads=[2, 2, 2, 2]),
+             helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], name="fc", alpha=0.7)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 9, 9])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "g.onnx")
+    return bwacal.load_model(tmp_path / "g.onnx"), rng.normal(size=(40, 4, 9, 9)).astype(np.float32)
+
+
+def test_moments_give_the_engine_ops_reconstruction_loss_and_gradient(tmp_path):
+    """The moment form on every image equals the layer's own op run on every image (the oracle), for
+    a grouped strided conv, a dilated depthwise conv and a Gemm with alpha, with earlier layers
+    quantized (so the quantized inputs differ from the FP ones)."""
+    from bwacal import adaround as ar
+    from bwacal.quantize import quantize_network, select_layers
+
+    model, x = _grouped_model(tmp_path)
+    net = quantize_network(model, select_layers(model.graph, 2, "all-layers"), "minmax")
+    assert [layer.node for layer in net.layers] == ["grouped", "depthwise", "fc"]
+    for index, qw in enumerate(net.weights):
+        direct = ar._problem(net, index, x)
+        moments = ar._moment_problem(net, index, x)
+        w = qw.compose() * np.float32(1.1)  # not the point the moments were built at
+        loss, grad = direct.loss_and_grad(np.arange(direct.images), w)
+        m_loss, m_grad = moments.loss_and_grad(None, w)
+        assert m_loss == pytest.approx(loss, rel=1e-5)  # float32 products
+        np.testing.assert_allclose(m_grad, grad, rtol=1e-5, atol=1e-6 * np.abs(grad).max())
+    # the inputs of the second layer come from the quantized first: the cross moments are not the Gram
+    problem = ar._moment_problem(net, 1, x)
+    assert not np.allclose(problem.pull, np.matmul(problem.w_fp, problem.gram))
+
+
+def test_learn_rounding_kernel_against_naive():
+    """The fused numba step against tests/naive.py's NumPy loop: grouped moments, through the
+    warm-up and the annealing, with weights that clip (h at 0 or 1) along the way."""
+    from bwacal.quant.rounding import learn_rounding
+
+    rng = np.random.default_rng(5)
+    groups, per, k = 3, 4, 7
+    x = rng.normal(size=(groups, 200, k))
+    gram = np.matmul(x.transpose(0, 2, 1), x) / 200
+    lo = rng.normal(size=(groups, per, k))
+    span = np.abs(rng.normal(0.5, 0.2, size=lo.shape))
+    pull = np.matmul(lo + 0.5 * span, gram) + 0.1 * rng.normal(size=lo.shape)
+    v0 = rng.normal(0, 2, size=lo.shape)
+    for iterations, lr in ((1, 0.01), (60, 0.05)):
+        want = naive.learn_rounding(v0, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
+        got = v0.copy()
+        learn_rounding(got, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert np.abs(got - v0).max() > 0.5
+    with pytest.raises(ValueError, match="C-contiguous float64"):
+        learn_rounding(v0.astype(np.float32), lo, span, gram, pull, 1, 0.01, 0.01)
+
+
+def test_the_moments_gradient_is_the_papers_gradient_on_every_image(tmp_path):
+    """The gradient the kernel follows (naive.moments_rounding_gradient, which the kernel is checked
+    against above) agrees with the generic path: the quantized weight's own compose and gradients,
+    the regulariser of rounding.py and the layer's op run on every image."""
+    from bwacal import adaround as ar
+    from bwacal.quantize import quantize_network, select_layers
+
+    model, x = _grouped_model(tmp_path)
+    net = quantize_network(model, select_layers(model.graph, 3, "all-layers"), "minmax")
+    for index in (0, 1):
+        qw = net.weights[index]
+        direct = ar._problem(net, index, x)
+        problem = ar._moment_problem(net, index, x)
+        qw.start_rounding(model.graph.initializers[qw.name])
+        qw.rounding.v = qw.rounding.v + np.random.default_rng(index).normal(0, 1.5, qw.rounding.v.shape)
+        lo, hi = qw.soft_ends()
+        shape = problem.w_fp.shape
+        for beta in (None, 20.0, 2.0):
+            got = naive.moments_rounding_gradient(qw.rounding.v.reshape(shape), lo.reshape(shape),
+                                                  (hi - lo).reshape(shape), problem.gram, problem.pull,
+                                                  beta, 0.01).reshape(qw.rounding.v.shape)
+            _, dw = direct.loss_and_grad(np.arange(direct.images), qw.compose())
+            want = qw.gradients(dw)["v"]
+            if beta is not None:
+                want = want + 0.01 * rounding_regularizer(qw.rounding.v, beta)[1]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        qw.rounding = None
+
+
+def test_the_solver_is_chosen_by_cost_and_can_be_forced(tmp_path):
+    from bwacal import adaround as ar
+    from bwacal.quantize import quantize_network, select_layers
+
+    model, x = _grouped_model(tmp_path)
+    net = quantize_network(model, select_layers(model.graph, 2, "all-layers"), "minmax")
+    auto = ar.AdaRoundOptions(iterations=100)
+    # convs: 25 rows per image of 9-18 inputs: an iteration with the moments costs K / 800 of a
+    # 32-image batch; the Gemm sees one row of K = 48 per image, so a batch (32 rows) costs less
+    assert [ar._solver_for(net, i, x, auto) for i in range(3)] == ["moments", "moments", "batches"]
+    forced = ar.AdaRoundOptions(iterations=100, solver="moments")
+    assert ar._solver_for(net, 2, x, forced) == "moments"
+    stats = ar.adaround(net, x, ar.AdaRoundOptions(iterations=20, solver="batches"))
+    assert [s["solver"] for s in stats] == ["batches"] * 3
+    with pytest.raises(ValueError, match="unknown AdaRound solver"):
+        ar.adaround(net, x, ar.AdaRoundOptions(solver="exact"))

@@ -59,7 +59,7 @@ def test_directory_source_and_the_max_drop_gate(zoo, tmp_path):
         assert report["eval_images"] == 32 and report["options"]["epochs"] == 1
         assert r["drop"] == pytest.approx(r["fp"] - r["bwa"], abs=1e-5)
         # fractions, as in every JSON bwacal writes; "uniform" is the grid fitting started from
-        assert r["bwa"] == pytest.approx(report["accuracy"]["bwa"], abs=1e-5)
+        assert r["bwa"] == pytest.approx(report["accuracy"][report["method"]], abs=1e-5)
         assert r["start"] == report["start"]
         assert r["uniform"] == pytest.approx(report["accuracy"][f"uniform_{report['start']}"], abs=1e-5)
     assert json.loads((out / "summary.json").read_text())["schema"] == 1

@@ -7,9 +7,21 @@ gradient does not vanish near them the way a plain sigmoid's does.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
+from bwacal.kernels import JIT
+
 ZETA, ETA = 1.1, -0.1  # the stretch of the rectified sigmoid (the paper's zeta and gamma)
+
+
+def rectified_sigmoid_and_grad(v) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(h(V), dh/dV)`` from one sigmoid: ``dh/dV = sigmoid'(V) * (ZETA - ETA)`` where ``h``
+    is not clipped, else 0."""
+    s = 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=np.float64)))
+    stretched = s * (ZETA - ETA) + ETA
+    inside = (stretched > 0.0) & (stretched < 1.0)
+    return np.clip(stretched, 0.0, 1.0), np.where(inside, s * (1.0 - s) * (ZETA - ETA), 0.0)
 
 
 def rectified_sigmoid(v) -> np.ndarray:
@@ -20,9 +32,7 @@ def rectified_sigmoid(v) -> np.ndarray:
 
 def rectified_sigmoid_grad(v) -> np.ndarray:
     """float64 ``dh/dV``: ``sigmoid'(V) * (ZETA - ETA)`` where ``h`` is not clipped, else 0."""
-    s = 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=np.float64)))
-    inside = (s * (ZETA - ETA) + ETA > 0.0) & (s * (ZETA - ETA) + ETA < 1.0)
-    return np.where(inside, s * (1.0 - s) * (ZETA - ETA), 0.0)
+    return rectified_sigmoid_and_grad(v)[1]
 
 
 def initial_v(frac) -> np.ndarray:
@@ -33,13 +43,16 @@ def initial_v(frac) -> np.ndarray:
 
 def rounding_regularizer(v, beta: float) -> tuple[float, np.ndarray]:
     """``(sum(1 - |2h(V) - 1|**beta), d/dV)``: zero when every ``h`` is 0 or 1, largest at 0.5."""
-    h = rectified_sigmoid(v)
+    h, dh_dv = rectified_sigmoid_and_grad(v)
+    value = float(np.sum(1.0 - np.abs(2.0 * h - 1.0) ** beta))
+    return value, regularizer_grad(h, dh_dv, beta)
+
+
+def regularizer_grad(h, dh_dv, beta: float) -> np.ndarray:
+    """d/dV of ``sum(1 - |2h - 1|**beta)`` given ``h`` and ``dh/dV``."""
     t = 2.0 * h - 1.0
-    a = np.abs(t)
-    value = float(np.sum(1.0 - a**beta))
     # d/dh (1 - |t|^beta) = -beta |t|^(beta-1) sign(t) * 2
-    dh = -2.0 * beta * a ** (beta - 1.0) * np.sign(t)
-    return value, dh * rectified_sigmoid_grad(v)
+    return -2.0 * beta * np.abs(t) ** (beta - 1.0) * np.sign(t) * dh_dv
 
 
 def annealed_beta(iteration: int, iterations: int, warmup: float = 0.2, start: float = 20.0,
@@ -51,3 +64,66 @@ def annealed_beta(iteration: int, iterations: int, warmup: float = 0.2, start: f
         return None
     progress = (iteration - first) / max(iterations - first, 1)
     return end + (start - end) * max(0.0, 1.0 - progress)
+
+
+@numba.njit(**JIT)
+def _adam_rounding_step(v, m, s, lo, span, gw, pull, beta, reg, lr, b1, b2, c1, c2, eps, w):
+    """One AdaRound step on the rounding variables, in place, fused: the gradient, Adam, the next weights.
+
+    With ``h, dh = h(V), dh/dV`` (the rectified sigmoid), the gradient of the reconstruction loss is
+    ``2 (gw - pull) span dh`` (``gw = W~ G``, ``pull = X w`` of the moments), plus ``reg`` times the
+    regulariser's ``-2 beta |2h - 1|**(beta - 1) sign(2h - 1) dh`` when ``beta > 0``; Adam (moments
+    ``m`` and ``s``, bias corrections ``c1``, ``c2``) updates ``v``; then ``w = lo + h(V) span`` for
+    the next product. All float64, flat, the same length.
+
+    Parameters
+    ----------
+    v, m, s, w : float64[::1], updated in place
+    lo, span, gw, pull : float64[::1]
+    beta : float (<= 0: no regulariser); reg, lr, b1, b2, c1, c2, eps : float
+    """
+    stretch = ZETA - ETA
+    for i in range(v.size):
+        sig = 1.0 / (1.0 + np.exp(-v[i]))
+        t = sig * stretch + ETA
+        if t > 0.0 and t < 1.0:
+            h, dh = t, sig * (1.0 - sig) * stretch
+        else:
+            h, dh = min(max(t, 0.0), 1.0), 0.0
+        g = 2.0 * (gw[i] - pull[i]) * span[i] * dh
+        if beta > 0.0 and dh != 0.0:
+            u = 2.0 * h - 1.0
+            if u != 0.0:
+                g -= reg * 2.0 * beta * abs(u) ** (beta - 1.0) * (1.0 if u > 0.0 else -1.0) * dh
+        m[i] = b1 * m[i] + (1.0 - b1) * g
+        s[i] = b2 * s[i] + (1.0 - b2) * g * g
+        v[i] -= lr * (m[i] / c1) / (np.sqrt(s[i] / c2) + eps)
+        sig = 1.0 / (1.0 + np.exp(-v[i]))
+        w[i] = lo[i] + min(max(sig * stretch + ETA, 0.0), 1.0) * span[i]
+
+
+def learn_rounding(v, lo, span, gram, pull, iterations: int, lr: float, reg: float, warmup: float = 0.2,
+                   beta_start: float = 20.0, beta_end: float = 2.0, betas=(0.9, 0.999), eps: float = 1e-8):
+    """AdaRound's optimisation of ``v`` in place with the exact gradient of the moments' loss
+    ``sum w G w - 2 w X w_fp`` (see ``bwacal.adaround``): Adam at rate ``lr``, the regulariser (weight
+    ``reg``) after ``warmup`` with its exponent annealed from ``beta_start`` to ``beta_end``.
+
+    ``v``, ``lo``, ``span`` and ``pull`` float64 (G, C/G, K), ``gram`` float64 (G, K, K) symmetric;
+    the weights are ``lo + h(v) span``.
+    """
+    lo, span, pull = (np.ascontiguousarray(a, dtype=np.float64) for a in (lo, span, pull))
+    gram = np.ascontiguousarray(gram, dtype=np.float64)
+    if v.dtype != np.float64 or not v.flags.c_contiguous:
+        raise ValueError("v must be a C-contiguous float64 array (it is updated in place)")
+    m, s = np.zeros_like(v), np.zeros_like(v)
+    w = lo + rectified_sigmoid(v) * span
+    gw = np.empty_like(w)
+    flat = [a.reshape(-1) for a in (v, m, s, lo, span, gw, pull, w)]
+    b1, b2 = betas
+    for it in range(iterations):
+        np.matmul(w, gram, out=gw)
+        beta = annealed_beta(it, iterations, warmup, beta_start, beta_end)
+        t = it + 1
+        _adam_rounding_step(flat[0], flat[1], flat[2], flat[3], flat[4], flat[5], flat[6],
+                            -1.0 if beta is None else float(beta), float(reg), float(lr), b1, b2,
+                            1.0 - b1**t, 1.0 - b2**t, eps, flat[7])

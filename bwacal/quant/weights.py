@@ -123,7 +123,7 @@ class QuantizedWeight:
         if hard or self.rounding.straight_through:
             planes = decompose_bitplanes(self.rounding.hard_codes(), self.bits)
             return compose_bitplanes(planes, self.alpha, self.gamma, self.step)
-        lo, hi = self._soft_ends()
+        lo, hi = self.soft_ends()
         h = rectified_sigmoid(self.rounding.v)
         return (lo + h * (hi - lo)).astype(np.float32)
 
@@ -131,7 +131,7 @@ class QuantizedWeight:
         """The weights in the original tensor's shape, float32 (``hard``: see ``compose2d``)."""
         return self.restore(self.compose2d(hard))
 
-    def _soft_ends(self) -> tuple[np.ndarray, np.ndarray]:
+    def soft_ends(self) -> tuple[np.ndarray, np.ndarray]:
         """float64 (C, K): the values of the lower and the upper code of every weight."""
         p_lo, p_hi = self.rounding.planes(self.bits)
         lo = compose_bitplanes(p_lo, self.alpha, self.gamma, self.step).astype(np.float64)
@@ -180,7 +180,7 @@ class QuantizedWeight:
             da_hi, dg_hi = bit_weight_grads(p_hi, g64 * h, self.step)
             out["alpha"] = (da_lo + da_hi) * bit_scale(self.bits)
             out["gamma"] = (dg + dg_hi) * 2.0 ** (self.bits - 1)
-        lo, hi = self._soft_ends()
+        lo, hi = self.soft_ends()
         out["v"] = g2d * (hi - lo) * rectified_sigmoid_grad(v)
         return out
 

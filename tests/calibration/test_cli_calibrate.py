@@ -26,7 +26,8 @@ def test_calibrate_writes_model_and_report(tiny, tmp_path):
     onnx.checker.check_model(onnx.load(str(out)))
     report = json.loads(rep.read_text())
     assert report["output"] == str(out) and report["format"] == "fake"
-    assert set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "uniform_output", "bwa"}
+    assert report["method"] == "adaround-bwa"  # the default
+    assert set(report["accuracy"]) == {"fp", "uniform_minmax", "uniform_mse", "uniform_output", "adaround-bwa"}
     assert [h["epoch"] for h in report["history"]] == [0, 1]
 
 
@@ -128,7 +129,7 @@ def test_calibrate_with_adaround_names_the_method(tiny, tmp_path):
 
 def test_calibrate_json_is_the_report(tiny, tmp_path):
     out = tmp_path / "q.onnx"
-    r = run("calibrate", tiny[0], "--calib", tiny[1], "--epochs", 1, "-o", out, "--json", "-q")
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--epochs", 1, "--method", "bwa", "-o", out, "--json", "-q")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)  # stdout holds the JSON and nothing else
     assert doc["schema"] == 1 and doc["output"] == str(out) and doc["method"] == "bwa"
@@ -155,7 +156,8 @@ def test_data_is_the_evaluation_file_and_eval_its_old_name(tiny, tmp_path):
 def test_without_labels_the_summary_gives_agreement_not_na(tiny, tmp_path):
     nolabels = tiny[1].parent / "nolabels.h5"
     rep = tmp_path / "q.json"
-    r = run("calibrate", tiny[0], "--calib", nolabels, "--epochs", 1, "-o", tmp_path / "q.onnx", "--report", rep)
+    r = run("calibrate", tiny[0], "--calib", nolabels, "--epochs", 1, "--method", "bwa", "-o", tmp_path / "q.onnx",
+            "--report", rep)
     assert r.exit_code == 0, r.output
     assert "n/a" not in r.output and "no labels" in r.stdout
     bwa_row = next(line for line in r.stdout.splitlines() if line.strip().startswith("BWA"))
@@ -173,7 +175,7 @@ def test_agreement_and_kl_are_measured_against_full_precision(tiny, tmp_path):
     from bwacal.fit import log_softmax
 
     rep, out = tmp_path / "q.json", tmp_path / "q.onnx"
-    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 1, "--holdout", 0.25,
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 1, "--holdout", 0.25, "--method", "bwa",
             "--data", tiny[1], "-o", out, "--report", rep, "-q")
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
@@ -245,8 +247,8 @@ def test_plots_have_labels_legends_and_a_title(tiny, tmp_path):
     from bwacal.plot import calibration_figure, summary_figure
 
     rep = tmp_path / "q.json"
-    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 1, "-o", tmp_path / "q.onnx",
-            "--report", rep, "-q")
+    r = run("calibrate", tiny[0], "--calib", tiny[1], "--bits", 2, "--epochs", 1, "--method", "bwa",
+            "-o", tmp_path / "q.onnx", "--report", rep, "-q")
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
     fig = calibration_figure(report, bwacal.load_model(tiny[0]).graph.initializers)
@@ -348,3 +350,20 @@ def test_inspect_shows_the_plan_of_the_rules(tiny, tmp_path):
     rows = {row["layer"]: row["bits"] for row in json.loads(r.stdout)["layers"]}
     assert rows[names[-1]] == {"first-last-8bit": "float", "all-layers": "float"}
     assert rows[names[1]] == {"first-last-8bit": 4, "all-layers": 4}
+
+
+def test_cli_defaults_are_the_librarys():
+    """Every calibrate option that is a CalibrationOptions field defaults to the library's value, so
+    `bwacal calibrate` and `bwacal.calibrate()` calibrate alike (the help shows the real default)."""
+    import dataclasses
+
+    import typer.main
+
+    from bwacal.calibrate import CalibrationOptions
+
+    library = {f.name: f.default for f in dataclasses.fields(CalibrationOptions)}
+    command = typer.main.get_command(app).commands["calibrate"]
+    shared = [p for p in command.params if p.name in library and p.name != "input_shape"]
+    assert {"method", "adaround_iterations", "adaround_images", "epochs", "weight_method"} <= {p.name for p in shared}
+    for param in shared:
+        assert param.default == library[param.name], param.name
