@@ -1,9 +1,10 @@
 """Batch quantization: every (model, width) pair of a model zoo is one independent, resumable job.
 
-``plan_jobs`` turns a directory of ``*.onnx`` files or a TOML manifest into ``Job``s; ``run_job``
-runs one (calibrate, write the ONNX, then the JSON report, each atomically) and returns its summary
-row; ``run_jobs`` runs many on a local process pool or a Dask cluster and yields the rows as the
-jobs finish; ``write_summary`` writes the Markdown, CSV and JSON tables and the plot.
+``plan_jobs`` turns a directory of ``*.onnx`` files (models bwacal wrote are left out), one model
+file or a TOML manifest into ``Job``s; ``run_job`` runs one (calibrate, write the ONNX, then the
+JSON report, each atomically) and returns its summary row; ``run_jobs`` runs many on a local process
+pool or a Dask cluster and yields the rows as the jobs finish; ``write_summary`` writes the
+Markdown, CSV and JSON tables and the plot. Rows hold accuracies and drops as fractions.
 
 A job is skipped when its output and report exist and the report carries the job's key: a hash of
 the model, calibration and evaluation bytes, the options, the format and the bwacal version.
@@ -17,8 +18,8 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import time
-import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -27,19 +28,19 @@ from typing import Iterable, Iterator
 
 from bwacal import __version__
 from bwacal.calibrate import CalibrationOptions
+from bwacal.config import CONFIG_KEYS, check_types, option_overrides, read_toml, renamed
 from bwacal.errors import BwacalError
+from bwacal.export import size_change
+from bwacal.files import JSON_SCHEMA, file_sha256
 
 FORMATS = ("fake", "packed")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-SUMMARY_COLUMNS = ("model", "width", "act_bits", "method", "fp", "uniform", "bwa", "drop", "size_ratio",
-                   "seconds", "status", "error")
+SUMMARY_COLUMNS = ("model", "width", "act_bits", "method", "start", "fp", "uniform", "bwa", "drop", "agreement",
+                   "size_ratio", "seconds", "status", "error")
 
-# manifest keys that go straight into CalibrationOptions, with the types TOML must give them
-_OPTION_TYPES = {"act_bits": int, "act_bwa": bool, "protocol": str, "epochs": int, "batch_size": int,
-                 "lr": (int, float), "holdout": (int, float), "split": str, "micro_batch": int, "loss": str, "seed": int, "weight_method": str,
-                 "act_method": str, "method": str, "adaround_iterations": int, "adaround_images": int,
-                 "input_shape": (list, str)}
-_MODEL_KEYS = {"path", "name", "calib", "eval", "bits", "all_layers", "format"} | set(_OPTION_TYPES)
+# a [[model]] of a manifest: the calibration options and files of a --config file (bwacal/config.py),
+# the model's path and its name
+_MODEL_KEYS = CONFIG_KEYS | {"path", "name"}
 
 
 @dataclass(frozen=True)
@@ -69,24 +70,44 @@ def output_name(name: str, bits: int, act_bits: int | None) -> str:
     return f"{name}.w{bits}" + (f"a{act_bits}" if act_bits else "") + ".onnx"
 
 
-def plan_jobs(source, bits: Iterable[int], outdir, *, calib=None, eval_path=None,
-              options: CalibrationOptions | None = None, fmt: str = "fake") -> list[Job]:
-    """The jobs for ``source``: a directory (every ``*.onnx``, sharing ``calib`` and ``eval_path``) or a
-    TOML manifest (see README, "Batch quantization").
+def written_by_bwacal(path) -> bool:
+    """Whether the ONNX file at ``path`` is a model bwacal wrote (it carries ``bwacal_version`` metadata)."""
+    from bwacal.onnx_io import read_metadata
 
-    ``bits``, ``options`` and ``fmt`` are the defaults a manifest entry may override. Raises
-    ``BwacalError`` naming the file and the problem for a bad source, manifest or option.
+    return "bwacal_version" in read_metadata(path)
+
+
+def plan_jobs(source, bits: Iterable[int], outdir, *, calib=None, eval_path=None,
+              options: CalibrationOptions | None = None, fmt: str = "fake", log=None) -> list[Job]:
+    """The jobs for ``source``: a directory (every ``*.onnx`` but those bwacal wrote, sharing ``calib``
+    and ``eval_path``), one ``.onnx`` model, or a TOML manifest (see README, "Batch quantization").
+
+    ``bits``, ``options`` and ``fmt`` are the defaults a manifest entry may override; ``log(message)``
+    hears which models were left out. Raises ``BwacalError`` naming the file and the problem for a bad
+    source, manifest or option, or a model bwacal already quantized.
     """
     source, outdir = Path(source), Path(outdir)
     base = options or CalibrationOptions()
-    if source.is_dir():
-        if outdir.resolve() == source.resolve():
-            raise BwacalError(f"{outdir}: the output directory is the source directory; choose another with -o")
-        models = sorted(source.glob("*.onnx"))
-        if not models:
-            raise BwacalError(f"{source}: no *.onnx files in the directory")
+    say = log or (lambda message: None)
+    if source.is_dir() or source.suffix.lower() == ".onnx":
+        if source.is_dir():
+            if outdir.resolve() == source.resolve():
+                raise BwacalError(f"{outdir}: the output directory is the source directory; choose another with -o")
+            found = sorted(source.glob("*.onnx"))
+            if not found:
+                raise BwacalError(f"{source}: no *.onnx files in the directory")
+            models = [m for m in found if not written_by_bwacal(m)]
+            for m in found:
+                if m not in models:
+                    say(f"skipped {m}: bwacal wrote it (it carries bwacal's metadata); it is not quantized again")
+            if not models:
+                raise BwacalError(f"{source}: every *.onnx in it was written by bwacal; nothing to quantize")
+        elif not source.is_file():
+            raise BwacalError(f"{source}: no such file or directory")
+        else:
+            models = [source]
         if calib is None:
-            raise BwacalError(f"{source}: a directory source needs --calib (shared by every model)")
+            raise BwacalError(f"{source}: a model or directory source needs --calib (shared by every model)")
         specs = [{"path": m, "name": m.stem, "calib": Path(calib), "eval": _opt_path(eval_path),
                   "bits": list(bits), "format": fmt, "options": base} for m in models]
         where = str(source)
@@ -100,11 +121,14 @@ def plan_jobs(source, bits: Iterable[int], outdir, *, calib=None, eval_path=None
     jobs, owners = [], {}
     for spec in specs:
         label = f"{where}: model '{spec['name']}'"
-        for kind in ("path", "calib", "eval"):
+        for kind, what in (("path", "model"), ("calib", "calibration"), ("eval", "evaluation")):
             if spec[kind] is not None and not Path(spec[kind]).is_file():
-                raise BwacalError(f"{label}: {kind if kind != 'path' else 'model'} file {spec[kind]} does not exist")
+                raise BwacalError(f"{label}: {what} file {spec[kind]} does not exist")
         if spec["calib"] is None:
             raise BwacalError(f"{label}: no calibration file (give 'calib' in the manifest or --calib)")
+        if written_by_bwacal(spec["path"]):
+            raise BwacalError(f"{label}: {spec['path']} was written by bwacal (it carries bwacal's metadata); "
+                              "quantize the full-precision model instead")
         if spec["format"] not in FORMATS:
             raise BwacalError(f"{label}: format must be one of {', '.join(FORMATS)}; got {spec['format']!r}")
         if not spec["bits"]:
@@ -143,23 +167,12 @@ def job_key(model, calib, eval_path, options: CalibrationOptions, fmt: str, cach
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _opt_path(p):
     return None if p is None else Path(p)
 
 
 def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions, fmt) -> list[dict]:
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BwacalError(f"{path}: not a valid TOML manifest: {exc}") from None
+    doc = read_toml(path)
     unknown = set(doc) - {"defaults", "model"}
     if unknown:
         raise BwacalError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected [defaults] and [[model]])")
@@ -173,34 +186,24 @@ def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions,
         raise BwacalError(f"{path}: 'path' belongs in each [[model]], not in [defaults]")
     root = path.parent
     specs = []
+    defaults = renamed(defaults, f"{path}: [defaults]")
     for i, entry in enumerate(entries, 1):
-        merged = {**defaults, **entry}
         label = f"{path}: model {i}" + (f" ({entry['path']!r})" if isinstance(entry.get("path"), str) else "")
-        bad = sorted(set(merged) - _MODEL_KEYS)
-        if bad:
-            raise BwacalError(f"{label}: unknown key {bad[0]!r}; known keys: {', '.join(sorted(_MODEL_KEYS))}")
-        if not isinstance(merged.get("path"), str):
-            raise BwacalError(f"{label}: 'path' (the ONNX model, relative to the manifest) is required")
-        for key, kind in {**_OPTION_TYPES, "name": str, "calib": str, "eval": str, "format": str,
-                          "all_layers": bool}.items():
-            value = merged.get(key)
-            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-                raise BwacalError(f"{label}: {key!r} has the wrong type ({type(value).__name__}: {value!r})")
-        widths = merged.get("bits", bits)
+        merged = {**defaults, **renamed(entry, label)}
+        widths = merged.pop("bits", bits)  # a manifest's bits may be a list of widths
+        check_types(merged, label, _MODEL_KEYS)
+        if not isinstance(merged.get("path"), str) or not isinstance(merged.get("name", ""), str):
+            raise BwacalError(f"{label}: 'path' (the ONNX model, relative to the manifest) is required, "
+                              "'name' must be a string")
         widths = [widths] if isinstance(widths, int) and not isinstance(widths, bool) else widths
         if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
             raise BwacalError(f"{label}: 'bits' must be an integer or a list of integers, got {widths!r}")
-        if "all_layers" in merged and "protocol" in merged:
-            raise BwacalError(f"{label}: give 'protocol' or 'all_layers', not both")
-        overrides = {k: merged[k] for k in _OPTION_TYPES if k in merged}
-        if "all_layers" in merged:
-            overrides["protocol"] = "all-layers" if merged["all_layers"] else "first-last-8bit"
         model = root / merged["path"]
         specs.append({
             "path": model, "name": merged.get("name", model.stem),
             "calib": root / merged["calib"] if "calib" in merged else _opt_path(calib),
-            "eval": root / merged["eval"] if "eval" in merged else _opt_path(eval_path),
-            "bits": widths, "format": merged.get("format", fmt), "options": replace(base, **overrides),
+            "eval": root / merged["data"] if "data" in merged else _opt_path(eval_path),
+            "bits": widths, "format": merged.get("format", fmt), "options": replace(base, **option_overrides(merged)),
         })
     return specs
 
@@ -211,12 +214,13 @@ def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions,
 def run_job(job: Job) -> dict:
     """Run one job (or skip it when its finished outputs match its key); never raises.
 
-    Returns the summary row: accuracies in percent, ``drop`` = FP - BWA in points, ``status`` ok,
-    skipped or failed, and ``error`` (one line) for a failed job.
+    Returns the summary row: accuracies as fractions, ``drop`` = FP - calibrated, ``uniform`` the
+    uniform grid fitting started from (``start``), ``status`` ok, skipped or failed, and ``error``
+    (one line) for a failed job.
     """
     from bwacal.calibrate import calibrate
     from bwacal.export import write_quantized
-    from bwacal.onnx_io import write_bytes_atomically
+    from bwacal.files import write_bytes_atomically
 
     started = time.perf_counter()
     try:
@@ -229,8 +233,9 @@ def run_job(job: Job) -> dict:
         job.report.unlink(missing_ok=True)
         cal = calibrate(job.model, job.calib, job.options, eval_path=job.eval)
         size = write_quantized(cal.net, cal.report, job.output, job.fmt)
-        report = cal.report
+        report = {"schema": JSON_SCHEMA, **cal.report}
         report.update({"output": str(job.output), "format": job.fmt, "size_bytes": size,
+                       "input_size_bytes": job.model.stat().st_size,
                        "size_ratio": job.model.stat().st_size / size, "output_sha256": file_sha256(job.output),
                        "batch_key": job.key, "batch_seconds": time.perf_counter() - started})
         write_bytes_atomically(job.report, (json.dumps(report, indent=1) + "\n").encode())
@@ -255,15 +260,18 @@ def finished_report(job: Job) -> dict | None:
 def summary_row(job: Job, report: dict, status: str) -> dict:
     acc = report["accuracy"]
 
-    def pct(v):
-        return None if v is None else round(100 * v, 4)
+    def frac(v):
+        return None if v is None else round(v, 6)
 
     method = report.get("method", "bwa")
-    # the "bwa" column holds the calibrated network's top-1, whichever method calibrated it
-    fp, bwa = pct(acc.get("fp")), pct(acc.get(method))
-    return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits, "method": method, "fp": fp,
-            "uniform": pct(acc.get("uniform_mse")), "bwa": bwa,
-            "drop": None if fp is None or bwa is None else round(fp - bwa, 4),
+    start = report.get("start", "mse")
+    # the "bwa" column holds the calibrated network's top-1, whichever method calibrated it; "uniform"
+    # the grid it started from, so the two columns show what fitting gained
+    fp, bwa = frac(acc.get("fp")), frac(acc.get(method))
+    return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits, "method": method,
+            "start": start, "fp": fp, "uniform": frac(acc.get(f"uniform_{start}")), "bwa": bwa,
+            "drop": None if fp is None or bwa is None else round(fp - bwa, 6),
+            "agreement": frac((report.get("agreement") or {}).get(method)),
             "size_ratio": round(report["size_ratio"], 4), "seconds": round(report["batch_seconds"], 3),
             "status": status, "error": None, "output": str(job.output)}
 
@@ -275,8 +283,8 @@ def failed_row(job: Job, exc: BaseException, seconds: float | None = None) -> di
         message = f"{type(exc).__name__}: {exc}".rstrip(": ")
     lines = message.strip().splitlines()
     return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits,
-            "method": job.options.method, "fp": None,
-            "uniform": None, "bwa": None, "drop": None, "size_ratio": None,
+            "method": job.options.method, "start": None, "fp": None,
+            "uniform": None, "bwa": None, "drop": None, "agreement": None, "size_ratio": None,
             "seconds": None if seconds is None else round(seconds, 3), "status": "failed",
             "error": lines[0] if lines else type(exc).__name__, "output": str(job.output)}
 
@@ -323,26 +331,73 @@ def _run_local(jobs, workers):
             yield job, run_job(replace(job, threads=threads))
         return
     with local_pool(workers, threads) as pool:
-        futures = {pool.submit(run_job, replace(job, threads=threads)): job for job in jobs}
-        try:
-            for future in as_completed(futures):
-                yield futures[future], _result(future, futures[future])
-        finally:
-            for future in futures:
-                future.cancel()
+        # NOTE: the workers are spawned by submit; started with SIGINT ignored, a Ctrl-C in the terminal
+        # reaches only this process, which stops them (local_pool), instead of each printing a traceback
+        with _sigint_ignored():
+            futures = {pool.submit(run_job, replace(job, threads=threads)): job for job in jobs}
+        for future in as_completed(futures):
+            yield futures[future], _result(future, futures[future])
 
 
 @contextmanager
 def local_pool(workers: int, threads: int):
-    """A spawn-started process pool whose workers each run BLAS and numba on ``threads`` threads."""
+    """A spawn-started process pool whose workers each run BLAS and numba on ``threads`` threads.
+
+    Leaving it on an exception (Ctrl-C, SIGTERM) stops the workers at once: queued jobs are
+    cancelled, running ones are ended (SIGTERM, which a worker turns into KeyboardInterrupt so its
+    atomic writes remove their temporary files; SIGKILL after a grace period), and nothing is waited for.
+    """
     # spawned workers inherit the environment, so BLAS and numba size their pools before they load
-    with _environment({name: str(threads) for name in THREAD_VARIABLES}), \
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=_init_worker, initargs=(threads,)) as pool:
-        yield pool
+    # (workers are spawned as jobs are submitted, so the environment stays set while the pool lives)
+    with _environment({name: str(threads) for name in THREAD_VARIABLES}):
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(threads,))
+        try:
+            yield pool
+        except BaseException:
+            _stop(pool)
+            raise
+        pool.shutdown(wait=True)
+
+
+STOP_GRACE_SECONDS = 3.0
+
+
+def _stop(pool: ProcessPoolExecutor):
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
+
+
+@contextmanager
+def _sigint_ignored():
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _init_worker(threads: int):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _interrupted)
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
     set_threads(threads)
@@ -407,11 +462,12 @@ def _run_on_dask_worker(job: Job, host_threads: dict) -> dict:
 def write_summary(rows: list[dict], outdir, meta: dict | None = None) -> list[Path]:
     """Write ``summary.md``, ``summary.csv``, ``summary.json`` (and ``summary.png`` when matplotlib is
     installed) into ``outdir``, each atomically; returns the paths written."""
-    from bwacal.onnx_io import write_bytes_atomically
+    from bwacal.files import write_bytes_atomically
 
     outdir = Path(outdir)
     written = []
-    doc = {"bwacal_version": __version__, **(meta or {}), "units": "accuracies and drop in percent", "jobs": rows}
+    doc = {"schema": JSON_SCHEMA, "bwacal_version": __version__, **(meta or {}),
+           "units": "accuracies and drop as fractions (0.9175 is 91.75%)", "jobs": rows}
     for name, data in (("summary.md", summary_markdown(rows).encode()), ("summary.csv", _csv(rows).encode()),
                        ("summary.json", (json.dumps(doc, indent=1) + "\n").encode())):
         write_bytes_atomically(outdir / name, data)
@@ -423,18 +479,21 @@ def write_summary(rows: list[dict], outdir, meta: dict | None = None) -> list[Pa
     return written
 
 
-def _fmt(value, digits=2):
-    return "" if value is None else f"{value:.{digits}f}"
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    lines = ["| model | width | method | FP | uniform | calibrated | drop | size ratio | seconds | status |",
+    """The summary table in Markdown: accuracies and drops in percent / points."""
+    lines = ["| model | width | method | FP | uniform (start) | calibrated | drop | size | seconds | status |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         width = f"W{r['width']}" + (f"A{r['act_bits']}" if r["act_bits"] else "")
-        ratio = "" if r["size_ratio"] is None else f"{r['size_ratio']:.2f}x"
-        lines.append(f"| {r['model']} | {width} | {r.get('method', 'bwa')} | {_fmt(r['fp'])} | {_fmt(r['uniform'])} | {_fmt(r['bwa'])} | "
-                     f"{_fmt(r['drop'])} | {ratio} | {_fmt(r['seconds'], 1)} | {r['status']} |")
+        uniform = _pct(r["uniform"]) + (f" ({r['start']})" if r.get("start") and r["uniform"] is not None else "")
+        size = "" if r["size_ratio"] is None else size_change(r["size_ratio"])
+        seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['model']} | {width} | {r.get('method', 'bwa')} | {_pct(r['fp'])} | {uniform} | "
+                     f"{_pct(r['bwa'])} | {_pct(r['drop'])} | {size} | {seconds} | {r['status']} |")
     failures = [r for r in rows if r["status"] == "failed"]
     if failures:
         lines += ["", "Failed:"]
@@ -451,33 +510,10 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _plot(rows: list[dict]) -> bytes | None:
-    """Top-1 vs weight width per model (BWA solid, uniform dashed, FP dotted); None without matplotlib."""
+    """The summary plot (``bwacal.plot.plot_summary``); None without matplotlib or without accuracies."""
+    from bwacal.plot import plot_summary
+
     try:
-        from matplotlib.figure import Figure
-    except ImportError:
+        return plot_summary(rows)
+    except BwacalError:  # matplotlib, an optional extra, is not installed
         return None
-    series: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["bwa"] is not None:
-            label = r["model"] + (f" A{r['act_bits']}" if r["act_bits"] else "")
-            series.setdefault(label, []).append(r)
-    if not series:
-        return None
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for i, (label, points) in enumerate(sorted(series.items())):
-        points.sort(key=lambda r: r["width"])
-        color = f"C{i % 10}"
-        widths = [r["width"] for r in points]
-        ax.plot(widths, [r["bwa"] for r in points], "o-", color=color, label=f"{label} BWA")
-        ax.plot(widths, [r["uniform"] for r in points], "s--", color=color, alpha=0.6, label=f"{label} uniform")
-        ax.axhline(points[0]["fp"], color=color, linestyle=":", linewidth=1)
-    ax.set_title("top-1 vs weight width (dotted: full precision)", fontsize="medium")
-    ax.set_xlabel("weight bits")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_xticks(sorted({r["width"] for pts in series.values() for r in pts}))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()

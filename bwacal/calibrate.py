@@ -15,6 +15,8 @@ from bwacal import __version__
 from bwacal.adaround import AdaRoundOptions, adaround
 from bwacal.data import open_dataset, peek_image_shape
 from bwacal.errors import BwacalError
+from bwacal.files import file_sha256
+from bwacal.layer_rules import apply_layer_rules, check_bits, parse_layer_bits
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
 from bwacal.model import Model, check_input_shape, load_model
 from bwacal.quant.bwa import bit_scale
@@ -26,6 +28,9 @@ IN_MEMORY_LIMIT = 512 << 20  # calibration images up to this many bytes are read
 METHODS = ("bwa", "adaround", "bwa-codes", "adaround-bwa")
 WEIGHT_METHODS = ("auto", "mse", "minmax", "output")
 OUTPUT_STEP_IMAGES = 256  # fitting-split images whose activations the output-aware steps see
+# a calibration file larger than this gets a note that --num-images takes a subset (the README's
+# figures calibrate on 1,024 images; an epoch goes over every image of the file)
+LARGE_CALIBRATION = 20_000
 
 
 @dataclass
@@ -68,6 +73,12 @@ class CalibrationOptions:
     # bwa-codes: the forward takes the hard codes, V's gradient the relaxation's (False: the soft
     # relaxation end to end, which measured worse: benchmarks/RESULTS.md, "Learned rounding")
     codes_straight_through: bool = True
+    # a seeded random subset of this many calibration images (None: every image of the file)
+    num_images: int | None = None
+    # per-layer control (bwacal/layer_rules.py): glob patterns of layers kept in float, and
+    # (pattern, bits) width rules applied in order over the protocol's widths
+    exclude: tuple = ()
+    layer_bits: tuple = ()
 
     def validate(self):
         """Raise ``BwacalError`` naming the first bad option."""
@@ -104,6 +115,9 @@ class CalibrationOptions:
             raise BwacalError(f"--adaround-iterations must be at least 1, got {self.adaround_iterations}")
         if self.adaround_images < 1:
             raise BwacalError(f"--adaround-images must be at least 1, got {self.adaround_images}")
+        if self.num_images is not None and self.num_images < 1:
+            raise BwacalError(f"--num-images must be at least 1, got {self.num_images}")
+        self.exclude, self.layer_bits = _layer_rules(self.exclude, self.layer_bits)
 
 
 @dataclass
@@ -153,27 +167,109 @@ class _Sized:
         return self.length
 
 
-def _top1(forward, split: _Split, batch_size) -> float | None:
-    if split.y is None and not split.data.has_labels:
-        return None
-    correct = 0
-    for x, y, _ in split.batches(batch_size):
-        correct += int((forward(x).argmax(axis=1) == y).sum())
-    return correct / max(len(split), 1)
+def _scores(forward, split: _Split, batch_size, fp_logp=None) -> dict:
+    """Top-1 (None without labels) and, given the full-precision log-softmax per image of ``split``,
+    top-1 agreement with full precision and the mean KL(FP || network), in one pass."""
+    labelled = split.y is not None or split.data.has_labels
+    correct = agree = 0
+    kl = 0.0
+    for x, y, p in split.batches(batch_size):
+        logits = forward(x)
+        if labelled:
+            correct += int((logits.argmax(axis=1) == y).sum())
+        if fp_logp is not None:
+            ref = fp_logp[p]
+            agree += int((logits.argmax(axis=1) == ref.argmax(axis=1)).sum())
+            kl += float((np.exp(ref) * (ref - log_softmax(logits))).sum())
+    n = max(len(split), 1)
+    return {"top1": correct / n if labelled else None,
+            "agreement": agree / n if fp_logp is not None else None,
+            "kl": kl / n if fp_logp is not None else None}
+
+
+def _layer_rules(exclude, layer_bits) -> tuple[tuple, tuple]:
+    """The rules as tuples (a manifest or config gives lists, or a {pattern: bits} table)."""
+    if isinstance(exclude, str) or not all(isinstance(p, str) and p for p in exclude):
+        raise BwacalError(f"exclude must be a list of layer-name patterns, got {exclude!r}")
+    if isinstance(layer_bits, dict):
+        layer_bits = list(layer_bits.items())
+    rules = []
+    for rule in layer_bits:
+        if isinstance(rule, str):
+            rule = parse_layer_bits(rule)
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str) and rule[0]):
+            raise BwacalError(f"layer_bits must map layer-name patterns to bits, got {rule!r}")
+        rules.append((rule[0], check_bits(rule[1], f"layer bits for {rule[0]!r}")))
+    return tuple(exclude), tuple(rules)
+
+
+def plan_layers(graph, options: CalibrationOptions):
+    """``(layers, excluded)``: the layers calibration quantizes with their widths (the protocol's,
+    then the per-layer rules), and those the rules keep in float."""
+    layers = select_layers(graph, options.bits, options.protocol, options.act_bits)
+    return apply_layer_rules(layers, options.exclude, options.layer_bits)
+
+
+def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake") -> dict:
+    """What ``calibrate`` would do, without doing it: the layers and their widths, those kept in float,
+    the images and fitting steps, the written file's size (estimated: quantized weights as uint8
+    codes and level tables with ``packed``, float32 otherwise; metadata not counted), and the
+    measured time of one full-precision forward pass of a batch."""
+    options.validate()
+    data_shape = None
+    if options.input_shape is None:
+        try:
+            data_shape = peek_image_shape(calib_path)
+        except BwacalError:
+            pass
+    model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
+    with open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes,
+                      layout=model.layout) as data:
+        pool = calibration_subset(data.n, options.num_images, options.seed, data.path)
+        sources = data.sources[pool] if data.sources is not None else None
+        try:
+            train, held = holdout_split(len(pool), options.holdout if len(pool) > 1 else 0.0, options.seed,
+                                        sources, options.split)
+        except ValueError as exc:
+            raise BwacalError(f"{data.path}: {exc}") from None
+        x, _ = data.read(pool[:min(len(pool), options.batch_size)])
+    layers, excluded = plan_layers(model.graph, options)
+    inits = model.graph.initializers
+    size = sum(int(a.size) * 4 for a in inits.values())
+    rows = []
+    for layer in layers:
+        w = inits[layer.weight]
+        channels = w.shape[layer.axis]
+        if fmt == "packed":
+            size += int(w.size) * (1 - 4) + channels * 2 ** layer.bits * 4
+        rows.append({"layer": layer.node, "op": layer.op_type, "weight": layer.weight, "shape": list(w.shape),
+                     "params": int(w.size), "bits": layer.bits, "act_bits": layer.act_bits})
+    model.forward(x[:1])  # the first call compiles; the timed one after it does not
+    t0 = time.perf_counter()
+    model.forward(x)
+    forward = time.perf_counter() - t0
+    steps = -(-len(train) // options.batch_size)
+    return {"model": str(model_path), "calib": str(calib_path), "layers": rows,
+            "excluded": [layer.node for layer in excluded], "images": len(pool), "fit_images": len(train),
+            "heldout_images": len(held), "epochs": options.epochs, "steps_per_epoch": steps,
+            "format": fmt, "estimated_size_bytes": size, "batch": len(x), "forward_seconds": forward}
 
 
 def calibrate(model_path, calib_path, options: CalibrationOptions | None = None, eval_path=None,
-              progress=None, log=None) -> Calibration:
+              progress=None, log=None, stage=None) -> Calibration:
     """Quantize ``model_path`` and fit its bit weights on ``calib_path``; see ``CalibrationOptions``.
 
     ``progress(epoch, step, steps, loss, heldout_top1, heldout)`` reports fitting (see
-    ``fit_bit_weights``); ``log(message)`` reports
-    the stages.
+    ``fit_bit_weights``; ``loss`` is None at an epoch's end when nothing is held out);
+    ``log(message)`` reports what was found and chosen; ``stage(name, done, total)`` names the phase
+    under way (``total`` None when its size is not known).
     """
     options = options or CalibrationOptions()
     options.validate()
     say = log or (lambda message: None)
+    stage = stage or (lambda name, done=0, total=None: None)
     started = time.perf_counter()
+    stage("loading the model and the data")
     data_shape = None
     if options.input_shape is None:
         try:
@@ -183,39 +279,68 @@ def calibrate(model_path, calib_path, options: CalibrationOptions | None = None,
     model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
     data = open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes, layout=model.layout)
     try:
-        return _calibrate(model, data, options, eval_path, progress, say, started, str(model_path))
+        return _calibrate(model, data, options, eval_path, progress, say, stage, started, str(model_path))
     finally:
         data.close()
 
 
-def _calibrate(model: Model, data, options, eval_path, progress, say, started, model_path):
+def calibration_subset(n: int, num_images: int | None, seed: int, path="the calibration file") -> np.ndarray:
+    """Sorted indices of the images calibration uses: every one, or a seeded random ``num_images``."""
+    if num_images is None or num_images == n:
+        return np.arange(n)
+    if num_images > n:
+        raise BwacalError(f"{path}: --num-images {num_images} but the file holds {n} images")
+    # a generator of its own, so the subset does not shift the split's or the shuffle's draws
+    return np.sort(np.random.default_rng([seed, 0x5EB]).choice(n, num_images, replace=False))
+
+
+def _calibrate(model: Model, data, options, eval_path, progress, say, stage, started, model_path):
     loss_mode = options.loss
     if loss_mode in ("ce", "both") and not data.has_labels:
         raise BwacalError(f"{data.path}: --loss {loss_mode} needs 'labels', which the file does not have")
+    pool = calibration_subset(data.n, options.num_images, options.seed, data.path)
+    sources = data.sources[pool] if data.sources is not None else None
     try:
-        train_idx, held_idx = holdout_split(data.n, options.holdout if data.n > 1 else 0.0, options.seed,
-                                            data.sources, options.split)
+        train_pos, held_pos = holdout_split(len(pool), options.holdout if len(pool) > 1 else 0.0, options.seed,
+                                            sources, options.split)
     except ValueError as exc:
         raise BwacalError(f"{data.path}: {exc}") from None
-    in_memory = data.n * int(np.prod(model.input_shape)) * 4 <= IN_MEMORY_LIMIT
-    train, held = _Split(data, train_idx, in_memory), _Split(data, held_idx, in_memory)
+    in_memory = len(pool) * int(np.prod(model.input_shape)) * 4 <= IN_MEMORY_LIMIT
+    train, held = _Split(data, pool[train_pos], in_memory), _Split(data, pool[held_pos], in_memory)
     bs = options.batch_size
 
+    used = f"{len(pool)} of its {data.n} images" if len(pool) < data.n else f"{data.n} images"
     say(f"model {model_path}: {model.num_classes} classes, input {model.input_shape}; "
-        f"calibration {data.n} images ({len(train)} fit, {len(held)} held out)")
+        f"calibration {used} ({len(train)} fit, {len(held)} held out)")
+    if options.num_images is None and data.n > LARGE_CALIBRATION:
+        say(f"note: {data.path} holds {data.n} images and every epoch goes over all of them; "
+            "--num-images N calibrates on a seeded subset (the README's figures use 1,024)")
+    if len(held) == 0:
+        if options.holdout == 0:
+            say("no held-out split (--holdout 0): the last epoch is kept")
+        else:
+            few = "1 image is" if len(pool) == 1 else f"{len(pool)} images are"
+            say(f"no held-out split: {few} too few for --holdout {options.holdout:g}; the last epoch is kept")
     teacher = {}
     if loss_mode in ("kl", "both"):
+        done = 0
         for split_name, split in (("train", train), ("held", held)):
             out = np.zeros((len(split), model.num_classes), np.float64)
             for x, _, p in split.batches(bs):
+                stage("full-precision outputs", done, len(pool))
                 out[p] = log_softmax(model.forward(x))
+                done += len(x)
             teacher[split_name] = out
 
-    layers = select_layers(model.graph, options.bits, options.protocol, options.act_bits)
+    layers, excluded = plan_layers(model.graph, options)
+    if excluded:
+        say(f"kept in float (--exclude): {', '.join(layer.node for layer in excluded)}")
     if not layers:
-        raise BwacalError(f"{model_path}: no Conv, Gemm or MatMul layer with constant weights to quantize")
+        what = "every layer is excluded" if excluded else "no Conv, Gemm or MatMul layer with constant weights"
+        raise BwacalError(f"{model_path}: nothing to quantize ({what})")
     samples = None
     if options.act_bits is not None:
+        stage("activation statistics")
         names = {layer.data_input for layer in layers}
         limit = min(len(train), 256)
         samples = collect_activation_samples(model, names, (x for x, _, _ in train.batches(bs, np.arange(limit))),
@@ -223,6 +348,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
     starts = ("mse", "minmax") + (("output",) if options.weight_method in ("auto", "output") else ())
     steps = None
     if "output" in starts:
+        stage("output-aware steps")
         limit = min(len(train), OUTPUT_STEP_IMAGES)
         images = np.concatenate([x for x, _, _ in train.batches(bs, np.arange(limit))])
         t0 = time.perf_counter()
@@ -238,6 +364,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
 
     start = options.weight_method
     if start == "auto":
+        stage("choosing the start grid")
         # the uniform grid with the lower loss (held-out split, else the fitting split) is the start:
         # per-channel weight MSE is not the task loss, and at 2-3 bits it can clip far too hard
         split, name = (held, "held") if len(held) else (train, "train")
@@ -254,18 +381,33 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
                                  layout=model.layout)
     try:
         evaluation = _Split(eval_data, np.arange(eval_data.n), False) if eval_data is not None else held
+        if eval_data is None and "held" in teacher:
+            fp_logp = teacher["held"]
+        else:
+            stage("evaluating full precision", 0, len(evaluation))
+            fp_logp = np.zeros((len(evaluation), model.num_classes), np.float32)
+            for x, _, p in evaluation.batches(bs):
+                fp_logp[p] = log_softmax(model.forward(x))
+        acc, agreement, kl = {}, {}, {}
 
-        def accuracy(forward):
-            return _top1(forward, evaluation, bs) if len(evaluation) else None
+        def score(key, forward):
+            if not len(evaluation):
+                acc[key] = agreement[key] = kl[key] = None
+                return
+            scores = _scores(forward, evaluation, bs, None if key == "fp" else fp_logp)
+            acc[key] = scores["top1"]
+            if key != "fp":
+                agreement[key], kl[key] = scores["agreement"], scores["kl"]
 
-        acc = {"fp": accuracy(model.forward)}
+        stage("evaluating the uniform grids")
+        score("fp", model.forward)
         uniform = [("uniform_minmax", minmax), ("uniform_mse", mse)]
         if "output" in baselines:
             uniform.append(("uniform_output", baselines["output"]))
         for key, base in uniform:
             params = base.params()  # composed once, not per batch
-            acc[key] = accuracy(lambda x, base=base, params=params: base.forward(x, params))
-        say(_acc_line("before fitting", acc))
+            score(key, lambda x, base=base, params=params: base.forward(x, params))
+        say(_acc_line("before fitting", acc, agreement, len(evaluation)))
 
         fit_opts = FitOptions(options.epochs, bs, options.lr, loss_mode, options.seed, micro_batch=options.micro_batch)
         epoch_rng = np.random.default_rng(options.seed + 1)
@@ -277,6 +419,7 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         fit_started = time.perf_counter()
         rounding = None
         if options.method in ("adaround", "adaround-bwa"):
+            stage("AdaRound")
             limit = min(len(train), options.adaround_images)
             images = np.concatenate([x for x, _, _ in train.batches(bs, np.arange(limit))])
             say(f"AdaRound: {len(net.weights)} layers, {options.adaround_iterations} iterations each, "
@@ -293,14 +436,18 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         if options.method == "bwa-codes":
             for qw in net.weights:
                 qw.start_rounding(model.graph.initializers[qw.name], straight_through=options.codes_straight_through)
-        if len(held) == 0:
-            say("no held-out split (--holdout 0): the last epoch is kept")
-        fit = fit_bit_weights(net, train_batches, lambda: batches_of(held, "held"), fit_opts, progress,
+        stage("fitting")
+
+        def fit_progress(epoch, step, steps, loss, top1, heldout):
+            if progress is not None:
+                progress(epoch, step, steps, None if heldout and not len(held) else loss, top1, heldout)
+
+        fit = fit_bit_weights(net, train_batches, lambda: batches_of(held, "held"), fit_opts, fit_progress,
                               keep_best=len(held) > 0)
         fit_seconds = time.perf_counter() - fit_started
+        stage("evaluating")
         params = net.params()
-        acc[options.method] = accuracy(lambda x: net.forward(x, params))
-        say(_acc_line(f"after fitting (best epoch {fit.best_epoch})", acc))
+        score(options.method, lambda x: net.forward(x, params))
         divergence = divergence_note(fit.history) if len(held) else None
         if divergence:
             say(divergence)
@@ -311,9 +458,11 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
     report = {
         "bwacal_version": __version__,
         "model": model_path,
+        "model_sha256": file_sha256(model_path),
         "calib": str(data.path),
         "calib_sha256": data.sha256(),
         "calib_images": data.n,
+        "used_images": len(pool),
         "fit_images": len(train),
         "heldout_images": len(held),
         "eval": str(eval_path) if eval_path is not None else "heldout",
@@ -323,9 +472,12 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
         "method": options.method,
         "start": start,
         "accuracy": acc,
+        "agreement": agreement,
+        "kl": kl,
         "best_epoch": fit.best_epoch,
         "history": fit.history,
         "layers": [_layer_report(qw, layer) for qw, layer in zip(net.weights, net.layers)],
+        "excluded": [layer.node for layer in excluded],
         "activations": [{"value": a.value, "bits": a.bits, "signed": a.signed, "step": float(a.step),
                          "alpha": (a.alpha.tolist() if a.alpha is not None else None)}
                         for a in net.acts],
@@ -339,9 +491,14 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
     return Calibration(net, report, minmax, mse)
 
 
-def _acc_line(what, acc):
+def _acc_line(what, acc, agreement, images):
+    if not images:
+        return f"top-1 {what}: not measured (no held-out images; --data EVAL.h5 measures on another file)"
     parts = [f"{k} {100 * v:.2f}%" for k, v in acc.items() if v is not None]
-    return f"top-1 {what}: " + (", ".join(parts) if parts else "n/a (no labels)")
+    if parts:
+        return f"top-1 {what}: " + ", ".join(parts)
+    parts = [f"{k} {100 * v:.2f}%" for k, v in agreement.items() if v is not None]
+    return f"top-1 agreement with full precision {what} (no labels): " + ", ".join(parts)
 
 
 def _layer_report(qw, layer) -> dict:

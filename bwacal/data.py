@@ -23,9 +23,7 @@ one-line message naming the file, the field and what was expected.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -33,6 +31,7 @@ import h5py
 import numpy as np
 
 from bwacal.errors import DataError
+from bwacal.files import file_sha256, write_atomically
 
 DEFAULT_SCALE = 1.0 / 255.0
 NORMALISATION_ATTRS = ("scale", "mean", "std")
@@ -126,11 +125,7 @@ class CalibrationData:
 
     def sha256(self) -> str:
         """SHA-256 of the file's bytes, for provenance in reports and metadata."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.path)
 
     def _rows(self, selection) -> np.ndarray:
         try:
@@ -352,7 +347,7 @@ def _ids_to_write(path: Path, name: str, ids, n: int) -> np.ndarray | None:
 def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
                   scale: float | None = None, mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, sources: np.ndarray | None = None,
-                  layout: str = "nchw") -> Path:
+                  layout: str = "nchw", class_names: Sequence[str] | None = None) -> Path:
     """Write a calibration file atomically (temporary file in the same folder, then rename).
 
     ``images`` (N, C, H, W), or (N, H, W, C) with ``layout="nhwc"``, is uint8 (``scale`` defaults to
@@ -390,9 +385,7 @@ def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
     sources = _ids_to_write(path, "sources", sources, n)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with write_atomically(path) as tmp:
         with h5py.File(tmp, "w") as f:
             chunk_rows = max(1, min(n, (1 << 20) // max(1, images[0].nbytes)))
             ds = f.create_dataset("images", data=images, chunks=(chunk_rows, *images.shape[1:]),
@@ -401,13 +394,8 @@ def write_dataset(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
                 ds.attrs[name] = value
             if labels is not None:
                 f.create_dataset("labels", data=labels)
+                if class_names is not None:  # label k is class_names[k], e.g. an image folder's subfolders
+                    f["labels"].attrs["class_names"] = np.array(list(class_names), dtype=h5py.string_dtype())
             if sources is not None:
                 f.create_dataset("sources", data=sources)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -109,11 +109,18 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
         "bwacal_protocol": str(opts.get("protocol")),
         **({"bwacal_method": opts["method"]} if opts.get("method", "bwa") != "bwa" else {}),
         "bwacal_calib_sha256": report.get("calib_sha256", ""),
+        "bwacal_source_sha256": report.get("model_sha256", ""),
         "bwacal_accuracy": json.dumps(report.get("accuracy", {})),
         "bwacal_layers": json.dumps([{k: r[k] for k in ("layer", "weight", "bits", "channels", "alpha", "gamma")}
                                      for r in report.get("layers", [])]),
         "bwacal_activations": json.dumps(report.get("activations", [])),
     }
+
+
+def size_change(ratio: float) -> str:
+    """``"3.03x smaller"`` or ``"1.09x larger"``: the written file against the input model, from
+    ``ratio`` = input bytes / output bytes."""
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 def write_quantized(net: QuantizedNetwork, report: dict, path, fmt: str = "fake") -> int:

@@ -8,9 +8,8 @@ labels).
 from __future__ import annotations
 
 import math
-import os
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bwacal.errors import BwacalError
@@ -23,7 +22,9 @@ _TOLERANCE = 1e-9
 
 @dataclass
 class CheckResult:
-    """The verdict of one gate. ``value``, ``reference_value``, ``drop`` and ``max_drop`` are in percent / points."""
+    """The verdict of one gate. ``value``, ``reference_value``, ``drop`` and ``max_drop`` are in percent /
+    points here and in the line for a person; ``to_dict`` gives them as fractions, as all of bwacal's JSON.
+    ``warnings`` (a reference that is not the model's source) fail the gate only when ``strict``."""
 
     model: str
     reference: str
@@ -35,6 +36,7 @@ class CheckResult:
     drop: float
     max_drop: float
     passed: bool
+    warnings: list = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for a CI log, e.g. ``PASS q.onnx: top-1 91.25% vs 91.60% (drop 0.35 <= 1.00 points, 2000 images)``."""
@@ -43,11 +45,15 @@ class CheckResult:
             what = f"top-1 {self.value:.2f}% vs {self.reference_value:.2f}%"
         else:
             what = f"agreement {self.value:.2f}% with {self.reference}"
-        sign = "<=" if self.passed else ">"
-        return f"{verdict} {self.model}: {what} (drop {self.drop:.2f} {sign} {self.max_drop:.2f} points, {self.n} images)"
+        sign = ">" if self.drop > self.max_drop + _TOLERANCE else "<="
+        why = "; --strict: the reference is not the model's source" if not self.passed and sign == "<=" else ""
+        return (f"{verdict} {self.model}: {what} (drop {self.drop:.2f} {sign} {self.max_drop:.2f} points, "
+                f"{self.n} images{why})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for key in ("value", "reference_value", "drop", "max_drop"):
+            d[key] = d[key] / 100.0
         d["summary"] = self.summary()
         return d
 
@@ -61,11 +67,14 @@ class CheckResult:
         case = ET.SubElement(suite, "testcase", classname="bwacal.check", name=f"{self.model} [{self.metric}]",
                              time=f"{seconds:.3f}")
         if not self.passed:
-            failure = ET.SubElement(case, "failure", message=self.summary(), type="AccuracyDrop")
-            failure.text = (f"{self.metric} drop of {self.drop:.4f} points exceeds the budget of "
-                            f"{self.max_drop:.4f} points (model {self.model}, reference {self.reference}, "
-                            f"data {self.data}, {self.n} images)")
-        ET.SubElement(case, "system-out").text = self.summary()
+            over = self.drop > self.max_drop + _TOLERANCE
+            failure = ET.SubElement(case, "failure", message=self.summary(),
+                                    type="AccuracyDrop" if over else "WrongReference")
+            failure.text = "; ".join(
+                ([f"{self.metric} drop of {self.drop:.4f} points exceeds the budget of {self.max_drop:.4f} points "
+                  f"(model {self.model}, reference {self.reference}, data {self.data}, {self.n} images)"]
+                 if over else []) + self.warnings)
+        ET.SubElement(case, "system-out").text = "\n".join([self.summary()] + [f"warning: {w}" for w in self.warnings])
         ET.indent(suite)
         return ET.tostring(suite, encoding="utf-8", xml_declaration=True) + b"\n"
 
@@ -89,8 +98,9 @@ def choose_metric(metric: str | None, has_labels: bool, data_name: str = "the da
     return metric
 
 
-def judge(result: EvalResult, metric: str, max_drop: float, model: str, reference: str, data: str) -> CheckResult:
-    """Turn an ``EvalResult`` measured with a reference into a verdict."""
+def judge(result: EvalResult, metric: str, max_drop: float, model: str, reference: str, data: str,
+          warnings=(), strict: bool = False) -> CheckResult:
+    """Turn an ``EvalResult`` measured with a reference into a verdict; ``warnings`` fail it when ``strict``."""
     if result.agreement is None:
         raise ValueError("judge needs an EvalResult measured with a reference")
     if metric == "top1":
@@ -101,28 +111,32 @@ def judge(result: EvalResult, metric: str, max_drop: float, model: str, referenc
     else:
         value, ref = 100.0 * result.agreement, 100.0
         drop = 100.0 - value
-    passed = drop <= max_drop + _TOLERANCE
-    return CheckResult(model, reference, data, metric, result.n, value, ref, drop, max_drop, passed)
+    passed = drop <= max_drop + _TOLERANCE and not (strict and warnings)
+    return CheckResult(model, reference, data, metric, result.n, value, ref, drop, max_drop, passed, list(warnings))
 
 
-def write_junit(check: CheckResult, path, seconds: float = 0.0) -> None:
-    """Write the JUnit report atomically (temporary file in the same folder, then rename)."""
-    from bwacal.onnx_io import write_bytes_atomically
+def reference_warning(model, reference, metadata: dict) -> str | None:
+    """A warning when ``model`` records (``bwacal_source_sha256``) that it was made from another file
+    than ``reference``; None when they match or the model records nothing."""
+    from bwacal.files import file_sha256
 
-    write_bytes_atomically(Path(path), check.to_junit(seconds))
+    source = metadata.get("bwacal_source_sha256")
+    if not source:
+        return None
+    actual = file_sha256(reference)
+    if actual == source:
+        return None
+    return (f"{reference} is not the model {model} was made from (SHA-256 {actual[:12]}..., "
+            f"the model records {source[:12]}...); the drop is measured against another model")
 
 
-def check_output_path(path, inputs=()) -> Path:
-    """Refuse an output path that is an input, a directory, or in a folder that is missing or not writable."""
-    path = Path(path)
-    for p in inputs:
-        if p is not None and Path(p).exists() and path.exists() and path.resolve() == Path(p).resolve():
-            raise BwacalError(f"{path}: the output would overwrite an input file")
-    if path.is_dir():
-        raise BwacalError(f"{path}: is a directory, expected a file name")
-    parent = path.parent
-    if not parent.is_dir():
-        raise BwacalError(f"{path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise BwacalError(f"{path}: the folder {parent} is not writable")
-    return path
+def error_junit(message: str, seconds: float = 0.0, model: str = "") -> bytes:
+    """A JUnit XML report for a gate that could not run (bad input): one testcase with an ``<error>``,
+    so a CI report step has a file to show and the reason in it."""
+    suite = ET.Element("testsuite", name="bwacal check", tests="1", failures="0", errors="1", skipped="0",
+                       time=f"{seconds:.3f}")
+    case = ET.SubElement(suite, "testcase", classname="bwacal.check", name=f"{model} [not run]".strip(),
+                         time=f"{seconds:.3f}")
+    ET.SubElement(case, "error", message=message, type="BadInput").text = message
+    ET.indent(suite)
+    return ET.tostring(suite, encoding="utf-8", xml_declaration=True) + b"\n"

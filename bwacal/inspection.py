@@ -16,10 +16,11 @@ from bwacal import passes
 from bwacal.errors import BwacalError, UnsupportedOpError
 from bwacal.graph import Graph, toposort
 from bwacal.onnx_io import read_model
+from bwacal.layer_rules import apply_layer_rules
 from bwacal.quantize import PROTOCOLS, select_layers, skipped_layers
 
 METADATA_KEYS = ("bwacal_version", "bwacal_format", "bwacal_bits", "bwacal_act_bits", "bwacal_act_bwa",
-                 "bwacal_protocol", "bwacal_method", "bwacal_calib_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
+                 "bwacal_protocol", "bwacal_method", "bwacal_calib_sha256", "bwacal_source_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
 
 
 @dataclass
@@ -50,11 +51,15 @@ def weight_layers(graph: Graph) -> list[WeightLayer]:
     return layers
 
 
-def layer_bits(graph: Graph, bits: int, protocol: str) -> list[int]:
-    """Weight width per layer of ``weight_layers(graph)`` under ``protocol``, exactly as calibration assigns it."""
+def layer_bits(graph: Graph, bits: int, protocol: str, exclude=(), rules=()) -> list:
+    """Weight width per layer of ``weight_layers(graph)`` under ``protocol`` and the per-layer rules
+    (``exclude`` patterns, ``rules`` (pattern, bits) pairs; see ``bwacal.layer_rules``), exactly as
+    calibration assigns it; ``"float"`` for a layer the rules keep in float."""
     if protocol not in PROTOCOLS:
         raise BwacalError(f"unknown protocol '{protocol}', expected one of: {', '.join(PROTOCOLS)}")
-    return [q.bits for q in select_layers(graph, bits, protocol)]
+    kept, excluded = apply_layer_rules(select_layers(graph, bits, protocol), exclude, rules)
+    widths = {q.node: q.bits for q in kept} | {q.node: "float" for q in excluded}
+    return [widths[q.node] for q in select_layers(graph, bits, protocol)]
 
 
 def check_inspect_bits(bits) -> int:
@@ -122,14 +127,15 @@ def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
     return out, warnings
 
 
-def describe_model(path, bits: int = 3, input_shape=None) -> dict:
+def describe_model(path, bits: int = 3, input_shape=None, exclude=(), rules=()) -> dict:
     """Everything ``bwacal inspect`` shows, as a JSON-ready dict.
 
     Raises ``ModelError`` only when the file cannot be parsed at all; later problems (unsupported
     ops, a graph that is not a classifier) are reported under ``"error"`` with the rest filled in.
     ``"unsupported"`` lists every node left unsupported after load-time folding; ``"layers"`` the
     layers calibration quantizes and ``"skipped"`` every other Conv, Gemm and MatMul with the reason.
-    ``input_shape`` (C, H, W) fixes dims the model leaves dynamic.
+    ``input_shape`` (C, H, W) fixes dims the model leaves dynamic; ``exclude`` and ``rules`` are the
+    per-layer rules whose plan ``"bits"`` shows.
     """
     from bwacal.model import load_model
 
@@ -156,8 +162,9 @@ def describe_model(path, bits: int = 3, input_shape=None) -> dict:
         graph = _constants_folded(raw)
 
     layers = weight_layers(graph)
-    widths = {p: layer_bits(graph, bits, p) for p in PROTOCOLS}
+    widths = {p: layer_bits(graph, bits, p, exclude, rules) for p in PROTOCOLS}
     info["bits"] = bits
+    info["exclude"], info["layer_bits"] = list(exclude), [list(r) for r in rules]
     info["layers"] = [{"layer": layer.name, "op": layer.op_type, "weight": layer.weight, "shape": list(layer.shape),
                        "axis": layer.axis, "params": layer.params, "channels": layer.channels,
                        "bits": {p: widths[p][i] for p in PROTOCOLS}} for i, layer in enumerate(layers)]

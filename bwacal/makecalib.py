@@ -192,10 +192,11 @@ def list_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     return files, np.asarray(labels, np.int64), classes
 
 
-def load_images(files: list[Path], size: int) -> np.ndarray:
+def load_images(files: list[Path], size: int, channels: int | None = None) -> np.ndarray:
     """uint8 (N, C, size, size): shorter side resized to ``size`` (bilinear), then centre-cropped.
 
-    C is 1 when every image is greyscale, otherwise 3 (RGB). Needs Pillow (extra ``images``).
+    C is ``channels`` (1: greyscale, 3: RGB) or, when None, 1 if every image is greyscale and
+    otherwise 3. Needs Pillow (extra ``images``).
     """
     try:
         from PIL import Image, UnidentifiedImageError
@@ -211,7 +212,7 @@ def load_images(files: list[Path], size: int) -> np.ndarray:
                 pictures.append(im.copy())
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"{f}: cannot decode image ({exc})") from None
-    mode = "L" if modes == {"L"} else "RGB"
+    mode = {1: "L", 3: "RGB"}[channels] if channels is not None else ("L" if modes == {"L"} else "RGB")
     out = np.empty((len(files), 1 if mode == "L" else 3, size, size), np.uint8)
     for i, im in enumerate(pictures):
         im = im.convert(mode)
@@ -225,12 +226,29 @@ def load_images(files: list[Path], size: int) -> np.ndarray:
     return out
 
 
-def choose(labels: np.ndarray | None, n: int, count: int | None, balanced: bool, seed: int) -> np.ndarray:
+def convert_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
+    """(N, C, H, W) images with ``channels`` channels: greyscale repeated to RGB, or RGB to luminance
+    (ITU-R 601-2, as Pillow's ``convert("L")``); None or the same count leaves them as they are."""
+    c = images.shape[1]
+    if channels is None or channels == c:
+        return images
+    if c == 1 and channels == 3:
+        return np.repeat(images, 3, axis=1)
+    if c == 3 and channels == 1:
+        grey = np.tensordot(np.array([0.299, 0.587, 0.114]), images.astype(np.float64), axes=([0], [1]))[:, None]
+        return np.clip(np.rint(grey), 0, 255).astype(np.uint8) if images.dtype == np.uint8 else grey.astype(images.dtype)
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels (expected 1 or 3 channels)")
+
+
+def choose(labels: np.ndarray | None, n: int, count: int | None, balanced: bool | None, seed: int) -> np.ndarray:
     """Indices of the images to keep, in a seeded random order.
 
     ``balanced`` takes ``count // K`` images from each of the K classes present (the first
-    ``count % K`` classes one more). Without ``count`` every image is kept.
+    ``count % K`` classes one more); None: balanced when there are labels. Without ``count`` every
+    image is kept.
     """
+    if balanced is None:
+        balanced = labels is not None
     rng = np.random.default_rng(seed)
     if count is None:
         count = n
@@ -267,25 +285,28 @@ def parse_channels(text: str | None, option: str) -> list[float] | None:
 
 def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = None,
                           idx_labels: str | Path | None = None, source: str | Path | None = None,
-                          count: int | None = None, balanced: bool = True, seed: int = 0,
+                          count: int | None = None, balanced: bool | None = None, seed: int = 0,
                           size: int | None = None, mean: list[float] | None = None,
                           std: list[float] | None = None, force: bool = False,
-                          source_separator: str | None = None) -> dict:
-    """Build a calibration file from one source; returns a summary (path, n, shape, classes, sources).
+                          source_separator: str | None = None, channels: int | None = None,
+                          layout: str = "nchw") -> dict:
+    """Build a calibration file from one source; returns a summary (path, n, shape, classes, class
+    names, sources).
 
     The source is either an IDX pair (``idx_images`` + ``idx_labels``) or ``source``: a folder of
-    class subfolders (needs ``size``) or an ``.npz`` file. Source ids are stored when the input gives
-    them: the ``.npz``'s ``sources`` array, or for a folder with ``source_separator`` the file-name
-    prefixes (``sources_from_names``). The output is written atomically and an existing file is only
-    replaced with ``force``.
+    class subfolders (needs ``size``; its class names, in label order, are stored with the labels)
+    or an ``.npz`` file. ``channels`` (1 or 3) converts the images to greyscale or RGB. ``balanced``
+    None is balanced when the source has labels. Source ids are stored when the input gives them:
+    the ``.npz``'s ``sources`` array, or for a folder with ``source_separator`` the file-name
+    prefixes (``sources_from_names``). ``layout`` "nhwc" stores the images channels last, for a
+    channels-last model. The output is written atomically and an existing file is only replaced
+    with ``force``.
     """
     from bwacal.data import write_dataset
+    from bwacal.files import check_output_path
 
     out = Path(out)
-    if out.exists() and not force:
-        raise DataError(f"{out}: already exists (pass --force to overwrite)")
-    if out.is_dir():
-        raise DataError(f"{out}: is a folder, expected an output file name such as calib.h5")
+    check_output_path(out, [p for p in (idx_images, idx_labels, source) if p is not None], force)
     if (idx_images is None) != (idx_labels is None):
         raise DataError("an IDX source needs both --idx-images and --idx-labels")
     if (idx_images is None) == (source is None):
@@ -293,16 +314,18 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
     if source_separator is not None and (source is None or not Path(source).is_dir()):
         raise DataError("--source-separator applies to image folders only (an .npz gives its own 'sources')")
 
-    sources = None
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
+    sources = class_names = None
     if idx_images is not None:
         images, labels = read_idx_pair(idx_images, idx_labels)
         described = f"idx:{idx_images},{idx_labels}"
     elif Path(source).is_dir():
         if size is None:
             raise DataError(f"{source}: an image folder needs --size (the side of the centre crop)")
-        files, all_labels, _ = list_image_folder(source)
+        files, all_labels, class_names = list_image_folder(source)
         keep = choose(all_labels, len(files), count, balanced, seed)
-        images, labels = load_images([files[i] for i in keep], size), all_labels[keep]
+        images, labels = load_images([files[i] for i in keep], size, channels), all_labels[keep]
         if source_separator is not None:
             sources = sources_from_names(files, source_separator)[keep]
         described = f"folder:{source}"
@@ -322,19 +345,24 @@ def make_calibration_file(out: str | Path, *, idx_images: str | Path | None = No
         labels = labels[keep] if labels is not None else None
         sources = sources[keep] if sources is not None else None
 
+    images = convert_channels(images, channels)
     if images.dtype != np.uint8 and (mean is not None or std is not None):
         raise DataError(f"{described}: images are {images.dtype} (stored model-ready); --mean/--std apply only to uint8 images")
-    channels = images.shape[1]
+    c = images.shape[1]
     for option, values in (("--mean", mean), ("--std", std)):
-        if values is not None and len(values) != channels:
-            raise DataError(f"{option} has {len(values)} values but the images have {channels} channel(s)")
-    write_dataset(out, images, labels, mean=mean, std=std, sources=sources)
+        if values is not None and len(values) != c:
+            raise DataError(f"{option} has {len(values)} values but the images have {c} channel(s)")
+    if layout == "nhwc":
+        images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    write_dataset(out, images, labels, mean=mean, std=std, sources=sources, layout=layout,
+                  class_names=class_names)
     return {
         "path": out,
         "n": len(images),
-        "image_shape": tuple(images.shape[1:]),
+        "image_shape": (c, *images.shape[1:3]) if layout == "nhwc" else tuple(images.shape[1:]),
         "dtype": str(images.dtype),
-        "classes": None if labels is None else np.bincount(labels).tolist(),
+        "classes": None if labels is None else np.bincount(labels, minlength=len(class_names or ())).tolist(),
+        "class_names": class_names,
         "source": described,
         "sources": None if sources is None else len(np.unique(sources)),
     }

@@ -7,13 +7,13 @@ array is built, and external-data locations must stay inside the model's directo
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bwacal import files
 from bwacal.errors import ModelError
 from bwacal.graph import Graph, Node, ValueInfo
 
@@ -41,6 +41,15 @@ def read_model(source) -> Graph:
             raise ModelError(f"{path}: not an ONNX model (empty graph)")
     label = str(source) if base_dir is not None else "model"
     return _graph_from_proto(proto, base_dir, label)
+
+
+def read_metadata(path) -> dict:
+    """The ``metadata_props`` of an ONNX file as a dict (empty if the file cannot be parsed)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  (the model's own loader reports what is wrong with it)
+        return {}
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def _opset_of(proto, label) -> int:
@@ -219,22 +228,4 @@ def write_model(graph: Graph, path, check=True) -> None:
     proto = graph_to_proto(graph)
     if check:
         onnx.checker.check_model(proto)
-    write_bytes_atomically(Path(path), proto.SerializeToString())
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    files.write_bytes_atomically(Path(path), proto.SerializeToString())

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import EXIT_CHECK_FAILED, user_errors
+from cli.common import EXIT_CHECK_FAILED, echo_json, user_errors
 from cli.evaluate_cmd import load_pair, open_for
-from cli.main import app
 from cli.options import DEFAULT_BATCH_SIZE, BatchSize, Data, InputShape, Json, Quiet, Runtime, Verbose
 from cli.progress import progress_bar
 
 
-@app.command("check")
 def check_cmd(
     model: Annotated[Path, typer.Argument(help="The quantized ONNX model.")],
     *,
@@ -26,7 +24,10 @@ def check_cmd(
     metric: Annotated[Optional[str], typer.Option(
         "--metric", help="top1 (FP top-1 minus quantized top-1) or agreement (100 minus top-1 agreement with "
                          "the FP model). Default: top1 when the data has labels, else agreement.")] = None,
-    junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write a JUnit XML report here.")] = None,
+    junit: Annotated[Optional[Path], typer.Option(
+        "--junit", help="Also write a JUnit XML report here (with an <error> case when the check cannot run).")] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Fail (exit 1) when MODEL records that it was made from another model than --reference.")] = False,
     runtime: Runtime = "bwacal",
     json_out: Json = False,
     batch_size: BatchSize = DEFAULT_BATCH_SIZE,
@@ -40,30 +41,43 @@ def check_cmd(
 
     Example: bwacal check data/zoo/resnet20.onnx --reference data/zoo/resnet20.onnx --data data/fmnist_val.h5 --max-drop 1.0
     """
+    from bwacal.errors import BwacalError
     from bwacal.evaluate import evaluate
-    from bwacal.gate import check_max_drop, check_output_path, choose_metric, judge, write_junit
+    from bwacal.files import check_output_path, write_bytes_atomically
+    from bwacal.gate import check_max_drop, choose_metric, error_junit, judge, reference_warning
+    from bwacal.onnx_io import read_metadata
 
     start = time.perf_counter()
     with user_errors(verbose):
-        max_drop = check_max_drop(max_drop)
         if junit is not None:
             check_output_path(junit, inputs=(model, reference, data))
-        loaded, ref = load_pair(model, reference, runtime, data, input_shape)
-        with open_for(data, loaded) as ds:
-            chosen = choose_metric(metric, ds.has_labels, str(data))
-            with progress_bar("checking", ds.n, quiet) as progress:
-                result = evaluate(loaded.forward, ds, batch_size=batch_size, reference=ref.forward, progress=progress)
-        verdict = judge(result, chosen, max_drop, str(model), str(reference), str(data))
+        try:
+            max_drop = check_max_drop(max_drop)
+            loaded, ref = load_pair(model, reference, runtime, data, input_shape)
+            warning = reference_warning(model, reference, read_metadata(model))
+            if warning and not quiet:
+                typer.echo(f"warning: {warning}" + ("" if strict else " (--strict fails the check)"), err=True)
+            with open_for(data, loaded) as ds:
+                chosen = choose_metric(metric, ds.has_labels, str(data))
+                with progress_bar("checking", ds.n, quiet) as progress:
+                    result = evaluate(loaded.forward, ds, batch_size=batch_size, reference=ref.forward,
+                                      progress=progress)
+            verdict = judge(result, chosen, max_drop, str(model), str(reference), str(data),
+                            [warning] if warning else [], strict)
+            report = verdict.to_junit(time.perf_counter() - start)
+        except BwacalError as exc:
+            if junit is not None:  # the CI report step still finds a file, saying why nothing was measured
+                with contextlib.suppress(OSError):
+                    write_bytes_atomically(junit, error_junit(str(exc), time.perf_counter() - start, str(model)))
+            raise
         if junit is not None:
             try:
-                write_junit(verdict, junit, time.perf_counter() - start)
+                write_bytes_atomically(junit, report)
             except OSError as exc:
-                from bwacal.errors import BwacalError
-
                 raise BwacalError(f"{junit}: cannot write the JUnit report ({exc.strerror or exc})") from None
 
     if json_out:
-        typer.echo(json.dumps(verdict.to_dict(), indent=2))
+        echo_json(verdict.to_dict())
     else:
         typer.echo(verdict.summary())
     if not verdict.passed:

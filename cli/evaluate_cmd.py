@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import user_errors
-from cli.main import app
+from cli.common import echo_json, user_errors
 from cli.options import DEFAULT_BATCH_SIZE, BatchSize, Data, InputShape, Json, Quiet, Reference, Runtime, Verbose
 from cli.progress import progress_bar
 
@@ -54,7 +52,6 @@ def pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-@app.command("evaluate")
 def evaluate_cmd(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     *,
@@ -84,7 +81,7 @@ def evaluate_cmd(
         out = {"model": str(model), "data": str(data), "runtime": runtime,
                "reference": None if reference is None else str(reference), "num_classes": loaded.num_classes,
                **result.to_dict()}
-        typer.echo(json.dumps(out, indent=2))
+        echo_json(out)
         return
     typer.echo(f"model: {model} ({runtime})")
     typer.echo(f"data: {data}, {result.n} images")

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import EXIT_BAD_INPUT, user_errors
-from cli.main import app
-from cli.options import InputShape, Json, Quiet, Verbose
-
-
-def _table(headers, rows, right=()) -> list[str]:
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    out = []
-    for r in cells:
-        out.append("  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                                    for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-    return out
+from cli.common import EXIT_BAD_INPUT, echo_json, table, user_errors
+from bwacal.config import CONFIG_KEYS
+from cli.options import Config, Exclude, InputShape, Json, LayerBits, Quiet, Verbose, with_config
 
 
 def _shape(v) -> str:
@@ -44,15 +33,16 @@ def render(info: dict) -> list[str]:
     lines.append(f"parameters: {info['parameters']}")
     layers = info["layers"]
     folded = ", after BatchNorm folding" if info["batchnorm_folded"] else ""
-    lines.append(f"quantized layers: {len(layers)}{folded}; weight bits per protocol at --bits {info['bits']}:")
+    rules = " and the per-layer rules" if info.get("exclude") or info.get("layer_bits") else ""
+    lines.append(f"quantized layers: {len(layers)}{folded}; weight bits per protocol at --bits {info['bits']}{rules}:")
     if layers:
         rows = [(r["layer"], r["op"], "x".join(map(str, r["shape"])), r["axis"], r["params"],
                  r["bits"]["first-last-8bit"], r["bits"]["all-layers"]) for r in layers]
-        lines += _table(("layer", "op", "weight", "axis", "params", "first-last-8bit", "all-layers"), rows,
+        lines += table(("layer", "op", "weight", "axis", "params", "first-last-8bit", "all-layers"), rows,
                         right=(3, 4, 5, 6))
     if info["skipped"]:
         lines.append(f"not quantized: {len(info['skipped'])}")
-        lines += _table(("layer", "op", "reason"), [(r["layer"], r["op"], r["reason"]) for r in info["skipped"]])
+        lines += table(("layer", "op", "reason"), [(r["layer"], r["op"], r["reason"]) for r in info["skipped"]])
     if info["unsupported"]:
         lines.append(f"unsupported ops ({len(info['unsupported'])} nodes):")
         lines += [f"  {u['op']} (node '{u['node']}'): {u['reason']}" for u in info["unsupported"]]
@@ -61,6 +51,8 @@ def render(info: dict) -> list[str]:
         lines.append(f"bwacal calibration: version {meta['version']}, format {meta['format']}, weights "
                      f"{meta['bits']} bits, activations {meta['act_bits']} (BWA {meta['act_bwa']}), "
                      f"protocol {meta['protocol']}")
+        if meta.get("source_sha256"):
+            lines.append(f"  source model sha256: {meta['source_sha256']}")
         if meta["calib_sha256"]:
             lines.append(f"  calibration data sha256: {meta['calib_sha256']}")
         if meta["accuracy"]:
@@ -73,7 +65,7 @@ def render(info: dict) -> list[str]:
                              " ".join(f"{v:.3f}" for v in a["rel_mean_per_plane"]) if a else "-",
                              f"{a['rel_min']:.3f}..{a['rel_max']:.3f}" if a else "-",
                              f"{g['mean']:.3g}" if g else "-"))
-            lines += ["  " + s for s in _table(("layer", "bits", "channels", "alpha/2^k mean per plane",
+            lines += ["  " + s for s in table(("layer", "bits", "channels", "alpha/2^k mean per plane",
                                                 "alpha/2^k range", "gamma mean"), rows, right=(1, 2))]
         if meta["activations"]:
             lines.append(f"  activation quantizers: {len(meta['activations'])}")
@@ -82,12 +74,19 @@ def render(info: dict) -> list[str]:
     return lines
 
 
-@app.command("inspect")
+# the calibrate options of a --config file that do not change the plan inspect shows
+IGNORED_CONFIG_KEYS = frozenset(CONFIG_KEYS) - {"bits", "input_shape", "exclude", "layer_bits"}
+
+
 def inspect_model(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     *,
     bits: Annotated[int, typer.Option("--bits", help="Weight width (2-8) for the per-protocol plan.")] = 3,
     input_shape: InputShape = None,
+    exclude: Exclude = None,
+    layer_bits: LayerBits = None,
+    config: Config = None,
     json_out: Json = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -102,19 +101,24 @@ def inspect_model(
     """
     from bwacal.errors import BwacalError, ModelError
     from bwacal.inspection import describe_model
+    from bwacal.layer_rules import parse_layer_bits
     from bwacal.model import parse_input_shape
 
     with user_errors(verbose):
+        given = with_config(ctx, {"bits": bits, "input_shape": input_shape, "exclude": exclude,
+                                  "layer_bits": layer_bits}, config, ignore=IGNORED_CONFIG_KEYS)
+        bits, input_shape = given["bits"], given["input_shape"]
+        rules = [parse_layer_bits(r) for r in given["layer_bits"] or ()]
         shape = parse_input_shape(input_shape) if input_shape is not None else None
         try:
-            info = describe_model(model, bits=bits, input_shape=shape)
+            info = describe_model(model, bits=bits, input_shape=shape, exclude=given["exclude"] or (), rules=rules)
         except BwacalError:
             raise
         except Exception as exc:  # the analysis met a graph too malformed to describe
             raise ModelError(f"{model}: cannot be inspected, the graph is malformed "
                              f"({type(exc).__name__}: {exc}); --verbose shows where") from exc
     if json_out:
-        typer.echo(json.dumps(info, indent=2))
+        echo_json(info)
     else:
         for line in render(info):
             typer.echo(line)

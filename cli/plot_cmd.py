@@ -9,17 +9,15 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import user_errors
-from cli.main import app
-from cli.options import Verbose
+from cli.options import Force, Verbose
 
 
-@app.command("plot")
 def plot_cmd(
     report: Annotated[Path, typer.Argument(help="A report from 'bwacal calibrate --report' or a batch summary.json.")],
     *,
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
     layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated layer names (default: the three whose levels moved most).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    force: Force = False,
     verbose: Verbose = False,
 ):
     """Draw weight histograms with the uniform grid and the learned BWA levels, and the fitting curves;
@@ -28,16 +26,17 @@ def plot_cmd(
     Example: bwacal plot resnet20.w3.json -o resnet20.w3.png
     """
     from bwacal.errors import BwacalError
-    from bwacal.onnx_io import write_bytes_atomically
+    from bwacal.files import check_output_path, write_bytes_atomically
     from bwacal.plot import plot_calibration, plot_summary
 
     with user_errors(verbose):
         if not report.is_file():
             raise BwacalError(f"{report}: no such file")
-        if output.exists() and not force:
-            raise BwacalError(f"{output}: already exists; pass --force to overwrite it")
-        if not output.parent.is_dir():
-            raise BwacalError(f"{output}: the output directory {output.parent} does not exist")
+        check_output_path(output, (report,), force)
+        head = report.read_bytes()[:64]
+        if report.suffix.lower() == ".onnx" or head.lstrip()[:1] not in (b"{", b"["):
+            raise BwacalError(f"{report}: not a JSON report; plot draws a report from 'bwacal calibrate --report "
+                              "R.json' or a batch's summary.json (for a model, 'bwacal inspect' shows what it holds)")
         try:
             data = json.loads(report.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
@@ -57,5 +56,7 @@ def plot_cmd(
             png = plot_summary(data)
         else:
             raise BwacalError(f"{report}: neither a calibration report nor a batch summary")
+        if png is None:
+            raise BwacalError(f"{report}: no job of the summary has an accuracy to plot")
         write_bytes_atomically(output, png)
     typer.echo(f"wrote {output}")

@@ -63,14 +63,50 @@ def _write(path, data: bytes) -> str:
 # ---- help --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["evaluate", "check", "inspect"])
+COMMANDS = ["inspect", "make-calib", "evaluate", "check", "calibrate", "batch", "plot"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_has_an_example_and_the_shared_flags(command):
-    result = run(command, "--help")
-    assert result.exit_code == 0
+    result = run(command, "-h")  # -h as well as --help
+    assert result.exit_code == 0, result.output
     text = re.sub(r"\s+", " ", result.stdout)
     assert "Example: bwacal " + command in text
-    for flag in ("--quiet", "-q", "--verbose", "-v", "--json"):
-        assert flag in text
+    assert "--verbose" in text and "-v" in text
+    if command != "plot":  # plot writes a picture and reports nothing
+        assert "--json" in text
+    if command not in ("plot", "make-calib"):
+        assert "--quiet" in text and "-q" in text
+    # an on/off flag shows no value type ("--force <bool>" reads as if it took a value)
+    assert "<bool>" not in text
+    assert run(command, "--help").stdout == result.stdout
+
+
+def test_version():
+    from bwacal import __version__
+
+    for flag in ("--version", "-V"):
+        result = run(flag)
+        assert result.exit_code == 0 and result.stdout == f"bwacal {__version__}\n"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["calibrate", "m.onnx", "--calib", "c.h5", "--bitz", "3"], "No such option: --bitz; did you mean --bits?"),
+    (["evaluate", "m.onnx", "--dta", "d.h5"], "did you mean --data?"),
+    (["calibrat", "m.onnx"], "No such command 'calibrat'"),
+    (["check", "m.onnx", "--data", "d.h5"], "Missing option '--reference'"),
+    (["calibrate", "m.onnx", "--calib", "c.h5", "--bits", "three"], "Invalid value for '--bits'"),
+])
+def test_a_usage_error_is_one_line(args, fragment):
+    result = run(*args)
+    assert_bad_input(result, fragment, "-h'")
+    assert result.stdout == "" and "Usage:" not in result.stderr
+
+
+def test_every_json_has_the_schema_and_fractions(files):
+    out = json.loads(run("evaluate", files["fp"], "--data", files["val"], "--json").stdout)
+    assert out["schema"] == 1 and 0 <= out["top1"] <= 1
+    assert json.loads(run("inspect", files["fp"], "--json").stdout)["schema"] == 1
 
 
 # ---- evaluate ----------------------------------------------------------------------------------
@@ -167,8 +203,46 @@ def test_check_json(files):
                  "--metric", "agreement", "--max-drop", 100)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["passed"] and out["metric"] == "agreement" and out["max_drop"] == 100
-    assert out["drop"] == pytest.approx(100 - out["value"]) and out["summary"].startswith("PASS")
+    # JSON holds fractions, as every JSON bwacal writes (--max-drop 100 points is 1.0)
+    assert out["schema"] == 1 and out["passed"] and out["metric"] == "agreement" and out["max_drop"] == 1.0
+    assert out["drop"] == pytest.approx(1 - out["value"]) and 0 <= out["value"] <= 1
+    assert out["summary"].startswith("PASS") and out["warnings"] == []
+
+
+def test_check_writes_junit_when_it_cannot_run(files, tmp_path):
+    """Exit 2 still leaves a JUnit file, with an <error> case naming the problem, for the CI report step."""
+    junit = tmp_path / "bad.xml"
+    result = run("check", files["fp"], "--reference", files["fp"], "--data", tmp_path / "missing.h5", "--junit", junit)
+    assert_bad_input(result, "missing.h5")
+    suite = ET.parse(junit).getroot()
+    assert suite.get("errors") == "1" and suite.get("failures") == "0"
+    error = suite.find("testcase/error")
+    assert error is not None and "missing.h5" in error.get("message")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.xml"]
+
+
+def test_check_warns_about_a_reference_the_model_was_not_made_from(files, tmp_path):
+    import onnx
+
+    proto = onnx.load(files["fp"])
+    proto.metadata_props.add(key="bwacal_version", value="0.1.0")
+    proto.metadata_props.add(key="bwacal_source_sha256", value="0" * 64)
+    quantized = tmp_path / "q.onnx"
+    onnx.save(proto, str(quantized))
+    base = ("check", quantized, "--reference", files["fp"], "--data", files["val"], "--max-drop", 100)
+    loose = run(*base)
+    assert loose.exit_code == 0 and "warning: " in loose.stderr and "is not the model" in loose.stderr
+    junit = tmp_path / "strict.xml"
+    strict = run(*base, "--strict", "--junit", junit)
+    assert strict.exit_code == 1 and strict.stdout.startswith("FAIL") and "--strict" in strict.stdout
+    assert ET.parse(junit).getroot().find("testcase/failure").get("type") == "WrongReference"
+    # the model's true source passes, strict or not
+    from bwacal.files import file_sha256
+
+    proto.metadata_props[-1].value = file_sha256(files["fp"])
+    onnx.save(proto, str(quantized))
+    ok = run(*base, "--strict")
+    assert ok.exit_code == 0 and "warning" not in ok.stderr
 
 
 def test_check_defaults_to_agreement_without_labels(files):
@@ -192,7 +266,7 @@ def test_check_bad_inputs(files, tmp_path):
         ((*base, files["val"], "--metric", "top5"), "unknown metric"),
         ((*base, files["val"], "--max-drop", -1), "--max-drop"),
         ((*base, files["val"], "--junit", tmp_path / "no" / "such" / "dir.xml"), "does not exist"),
-        ((*base, files["val"], "--junit", files["fp"]), "overwrite an input"),
+        ((*base, files["val"], "--junit", files["fp"]), "would overwrite the input"),
         ((*base, files["val"], "--junit", tmp_path), "is a directory"),
         (("check", files["fp"], "--reference", tmp_path / "nofp.onnx", "--data", files["val"]), "nofp.onnx"),
     ]

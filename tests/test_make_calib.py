@@ -267,7 +267,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, idx_pair):
     out = tmp_path / "calib.h5"
     out.write_bytes(b"precious")
     code, output = run("--idx-images", img, "--idx-labels", lab, "-o", out)
-    assert code == 2 and "already exists (pass --force to overwrite)" in output
+    assert code == 2 and "already exists; pass --force to overwrite it" in output
     assert out.read_bytes() == b"precious"
     code, _ = run("--idx-images", img, "--idx-labels", lab, "--force", "-o", out)
     assert code == 0 and out.read_bytes()[:4] == b"\x89HDF"
@@ -326,3 +326,76 @@ def test_committed_val_file_is_rebuilt_byte_for_byte(tmp_path):
     assert code == 0, output
     committed = Path(__file__).resolve().parent.parent / "data" / "fmnist_val.h5"
     assert out.read_bytes() == committed.read_bytes()
+
+
+# ---- what a new user meets (issue 17) ----------------------------------------------------------
+
+
+def _folder(root, classes=("cat", "dog"), n=3, size=(10, 12), grey=False):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            shape = size if grey else (*size, 3)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_the_class_map_is_printed_and_stored(tmp_path):
+    src = _folder(tmp_path / "imgs", classes=("zebra", "ant", "moth"))
+    out = tmp_path / "o.h5"
+    code, output = run(src, "--size", 8, "-o", out)
+    assert code == 0, output
+    assert "classes (label: folder, images): 0: ant 3, 1: moth 3, 2: zebra 3" in output
+    with h5py.File(out, "r") as f:
+        assert [str(c) for c in f["labels"].attrs["class_names"].astype(str)] == ["ant", "moth", "zebra"]
+    with open_dataset(out) as ds:  # the reader takes the attribute in its stride
+        assert ds.n == 9 and ds.has_labels
+
+
+def test_grayscale_and_rgb_convert_the_images(tmp_path):
+    src = _folder(tmp_path / "imgs")
+    code, output = run(src, "--size", 8, "--grayscale", "-o", tmp_path / "g.h5")
+    assert code == 0 and "1x8x8" in output, output
+    grey = _folder(tmp_path / "grey", grey=True)
+    code, output = run(grey, "--size", 8, "--rgb", "-o", tmp_path / "c.h5")
+    assert code == 0 and "3x8x8" in output, output
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        x = f["images"][:]
+    assert np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 1], x[:, 2])
+    # arrays (IDX, .npz) convert the same way: RGB to ITU-R 601-2 luminance, as Pillow does
+    from bwacal.makecalib import convert_channels
+
+    rgb = np.random.default_rng(1).integers(0, 256, (4, 3, 5, 5), dtype=np.uint8)
+    ImageModule = pytest.importorskip("PIL.Image")
+    pil = np.asarray(ImageModule.fromarray(rgb[0].transpose(1, 2, 0)).convert("L"))
+    assert np.abs(convert_channels(rgb, 1)[0, 0].astype(int) - pil).max() <= 1
+
+
+def test_size_channels_and_layout_come_from_the_model(tmp_path):
+    from tests.tiny_models import save, tiny_classifier
+
+    model = save(tiny_classifier(), tmp_path / "m.onnx")  # takes 1x8x8 (tests/tiny_models.py)
+    import bwacal
+
+    c, h, w = bwacal.load_model(model).input_shape
+    assert (c, h, w) == (1, 8, 8)
+    src = _folder(tmp_path / "imgs", size=(20, 30))  # RGB pictures, 30x20: cropped and made greyscale
+    out = tmp_path / "o.h5"
+    code, output = run(src, "--model", model, "-o", out)
+    assert code == 0, output
+    assert f"{c}x{h}x{w}" in output
+    with open_dataset(out, input_shape=(c, h, w)) as ds:
+        assert ds.n == 6
+
+
+def test_unlabelled_npz_needs_no_flag_and_old_out_still_works(tmp_path):
+    np.savez(tmp_path / "x.npz", images=np.zeros((6, 4, 4), np.uint8))
+    code, output = run(tmp_path / "x.npz", "--count", 4, "--out", tmp_path / "o.h5")
+    assert code == 0, output
+    assert "no labels" in output
+    with open_dataset(tmp_path / "o.h5") as ds:
+        assert ds.n == 4 and not ds.has_labels
+    code, output = run(tmp_path / "x.npz", "--out", tmp_path / "a.h5", "-o", tmp_path / "b.h5")
+    assert code == 2 and "--out is the old name of --output" in output

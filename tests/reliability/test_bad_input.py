@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import xml.etree.ElementTree as ET
 
 import h5py
 import numpy as np
@@ -148,7 +149,11 @@ def test_bad_data(valid, tmp_path, out_dir, case, command):
         result = invoke("evaluate", valid[0], "--data", path)
     else:
         result = invoke("check", valid[0], "--reference", valid[0], "--data", path, "--junit", out_dir / "r.xml")
-    assert_bad_input(result, path, *needles, out_dir=out_dir)
+    # check's JUnit report is written on bad input too: an <error> case the CI report step can show
+    line = assert_bad_input(result, path, *needles, out_dir=out_dir, before=["r.xml"] if command == "check" else [])
+    if command == "check":
+        error = ET.parse(out_dir / "r.xml").getroot().find("testcase/error")
+        assert error.get("message") == line[len("error: "):]
 
 
 def test_data_that_does_not_exist(valid, tmp_path, out_dir):
@@ -198,7 +203,7 @@ def test_output_equal_to_the_input(valid, tmp_path):
     model.write_bytes(valid[0].read_bytes())
     before = _digest(model)
     result = invoke("calibrate", model, "--calib", valid[1], "-o", model, "--force", "-q")
-    assert_bad_input(result, model, "is the input model", out_dir=tmp_path, before=["m.onnx"])
+    assert_bad_input(result, model, "would overwrite the input", out_dir=tmp_path, before=["m.onnx"])
     assert _digest(model) == before
 
 
@@ -251,9 +256,9 @@ def test_verbose_shows_the_traceback(valid, tmp_path, out_dir):
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
                          ids=["disk_full", "interrupted"])
 def test_a_failed_report_write_removes_the_model_too(valid, out_dir, monkeypatch, failure):
-    import bwacal.onnx_io
+    import bwacal.files
 
-    real = bwacal.onnx_io.write_bytes_atomically
+    real = bwacal.files.write_bytes_atomically
     calls = []
 
     def fail_second(path, data):
@@ -262,7 +267,7 @@ def test_a_failed_report_write_removes_the_model_too(valid, out_dir, monkeypatch
             raise failure
         real(path, data)
 
-    monkeypatch.setattr(bwacal.onnx_io, "write_bytes_atomically", fail_second)
+    monkeypatch.setattr(bwacal.files, "write_bytes_atomically", fail_second)
     result = calibrate(valid[0], valid[1], out_dir, "--report", out_dir / "r.json")
     assert calls == [out_dir / "q.onnx", out_dir / "r.json"]
     if isinstance(failure, OSError):
