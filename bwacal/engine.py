@@ -15,7 +15,7 @@ import numpy as np
 from bwacal.errors import ModelError, UnsupportedOpError
 from bwacal.graph import Graph
 from bwacal.ops import REGISTRY, Unsupported, make_op
-from bwacal.ops._frames import add_clip
+from bwacal.kernels.pointwise import add_clip
 from bwacal.ops.block import find_blocks, run_block
 
 

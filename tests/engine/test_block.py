@@ -1,4 +1,4 @@
-"""The inverted-residual block kernel (``bwacal/ops/block.py``) and when the engine uses it.
+"""The inverted-residual block kernel (``bwacal/kernels/block.py``) and when the engine uses it.
 
 The kernel is checked against torch's float64 convolutions composed node by node; the engine's
 forward runs with blocks against the same graph run node by node (a recorded run, or with an inner
@@ -18,7 +18,7 @@ from onnx import helper
 from bwacal.engine import Engine
 from bwacal.errors import ModelError
 from bwacal.onnx_io import read_model
-from bwacal.ops import block
+from bwacal.kernels import block
 from bwacal.ops.conv import Conv
 from tests.engine.test_gradients import _model
 
