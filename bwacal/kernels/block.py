@@ -4,7 +4,7 @@
 Run node by node, its expanded activation (6x the block's channels) is written to memory whole and
 read back twice; here each job takes a few images through the whole block, its intermediate values
 in buffers of a few hundred KB that stay in cache. Which nodes form a block, and when a run takes
-it, is the executor's schedule (``bwacal/ops/block.py``, ``bwacal/engine.py``).
+it, is the executor's schedule (``bwacal/schedule.py``).
 """
 
 from __future__ import annotations

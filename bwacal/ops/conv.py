@@ -12,6 +12,8 @@ that path's backward (its GEMMs split over numba's threads for one group).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from bwacal.kernels import blas, frames, patches, winograd
@@ -122,10 +124,21 @@ def _batch_chunks(x, g):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+class ConvContext(NamedTuple):
+    """What ``Conv.backward`` reads: the path forward took, what that path's backward needs
+    (``_winograd_backward`` and the others unpack it), and the fused clip with the clipped output
+    that masks dL/dy (None without one)."""
+
+    path: str  # "winograd", "frames", "depthwise" or "gemm"
+    saved: tuple
+    clip: tuple | None
+    y: np.ndarray | None
+
+
 @register("Conv")
 class Conv(Op):
     layout = "cnhw"
-    fuses_clip = True  # forward takes clip=(lo, hi): see bwacal/engine.py
+    fuses_clip = True
 
     def __init__(self, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None,
                  strides=None):
@@ -161,23 +174,28 @@ class Conv(Op):
             raise ValueError(f"input has {x.shape[0]} channels, weight expects {w.shape[1] * self.group}")
         x = np.ascontiguousarray(x)
         g = self._geometry(x, w)
+        done = None  # (y, kept) when Winograd applies to the values (all finite)
         if winograd.applies(x, w, g, self.group):
             done = winograd.forward(x, w, *_bias_and_bounds(b, w.shape[0], clip, x.dtype))
-            if done is not None:
-                y, kept = done
-                return y, ("winograd", x, kept, w, g, b is not None, clip, y if clip is not None else None)
-        if self._uses_frames(x, w):
-            return self._frames_forward(x, w, b, g, clip)
-        y, ctx = self._gemm_forward(x, w, b, g)
-        if clip is not None:
-            lo, hi = clip
-            y = np.minimum(np.maximum(y, y.dtype.type(lo)), y.dtype.type(hi))
-        return y, ctx + (clip, y if clip is not None else None)
+        if done is not None:
+            y, kept = done
+            path, saved = "winograd", (x, kept, w, g, b is not None)
+        elif self._uses_frames(x, w):
+            y, path, saved = self._frames_forward(x, w, b, g, clip)
+        else:
+            y, saved = self._gemm_forward(x, w, b, g)
+            path = "gemm"
+            if clip is not None:
+                lo, hi = clip
+                y = np.minimum(np.maximum(y, y.dtype.type(lo)), y.dtype.type(hi))
+        return y, ConvContext(path, saved, clip, y if clip is not None else None)
 
     def _uses_frames(self, x, w):
         return self.group == 1 or self._depthwise(x, w)
 
     def _frames_forward(self, x, w, b, g, clip):
+        """``(y, path, saved)``: on the frames; a strided conv of many entries saves for the GEMM
+        backward."""
         o, n = w.shape[0], x.shape[1]
         p = frames.plan(g, x.shape[2], x.shape[3]) if self._depthwise(x, w) else _plan(g, x.shape)
         taps = g.kh * g.kw
@@ -186,15 +204,15 @@ class Conv(Op):
         if self._depthwise(x, w):
             wt = np.ascontiguousarray(w.reshape(o, taps), dtype=x.dtype)
             frames.depthwise_forward(x, p.src, p.off, wt, bias, lo, hi, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, y)
-            return y, ("depthwise", x, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
+            return y, "depthwise", (x, p, x.shape, w, g, b is not None)
         wk = frames.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
         eph, ech, eoff = frames.entry_tables(x.shape[0], p)
         f = _frames(x, g, p)
         frames.conv(f, eph, ech, eoff, wk, bias, lo, hi, p, y)
         if _mirror(g, x.shape) is None and w[0].size >= GEMM_BACKWARD_ENTRIES:
-            return y, ("gemm", x, x.shape, w, g, b is not None, clip, y if clip is not None else None)
+            return y, "gemm", (x, x.shape, w, g, b is not None)
         keep = f if f.nbytes <= KEEP_FRAMES_BYTES or _pointwise(x.shape, g) else x  # else rebuilt in backward
-        return y, ("frames", keep, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
+        return y, "frames", (keep, p, x.shape, w, g, b is not None)
 
     def _gemm_forward(self, x, w, b, g):
         o, n = w.shape[0], x.shape[1]
@@ -213,20 +231,19 @@ class Conv(Op):
             y = y.reshape(o, -1)
         if b is not None:
             y += b.reshape(o, 1).astype(y.dtype, copy=False)
-        return y.reshape(o, n, g.ho, g.wo), ("gemm", keep, x.shape, w, g, b is not None)
+        return y.reshape(o, n, g.ho, g.wo), (keep, x.shape, w, g, b is not None)
 
     def backward(self, ctx, dy, need):
-        clip, y = ctx[-2:]
         # the fused Relu/Clip: gradient only where the output was not clipped
-        mask = NO_MASK if clip is None else (y, *clip)
-        if ctx[0] == "winograd":
-            return self._winograd_backward(ctx[1:-2], dy, mask, need)
-        if ctx[0] == "frames":
-            return self._frames_backward(ctx[1:-2], dy, mask, need)
+        mask = NO_MASK if ctx.clip is None else (ctx.y, *ctx.clip)
+        if ctx.path == "winograd":
+            return self._winograd_backward(ctx.saved, dy, mask, need)
+        if ctx.path == "frames":
+            return self._frames_backward(ctx.saved, dy, mask, need)
         dy = _masked(dy, mask)
-        if ctx[0] == "depthwise":
-            return self._depthwise_backward(ctx[1:-2], dy, need)
-        return self._gemm_backward(ctx[1:-2], dy, need)
+        if ctx.path == "depthwise":
+            return self._depthwise_backward(ctx.saved, dy, need)
+        return self._gemm_backward(ctx.saved, dy, need)
 
     def _depthwise_backward(self, ctx, dy, need):
         x, p, xshape, w, g, has_b = ctx

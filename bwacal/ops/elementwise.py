@@ -13,7 +13,7 @@ from bwacal.ops.base import Op, Unsupported, register
 @register("Add")
 class Add(Op):
     layout = "follow"
-    fuses_clip = True  # a residual Add followed by Relu: one pass, see bwacal/engine.py
+    fuses_clip = True  # a residual Add followed by Relu: one pass (kernels.pointwise.add_clip)
 
     def forward(self, a, b, clip=None):
         if clip is None:
@@ -79,6 +79,9 @@ class Div(Op):
 class Relu(Op):
     layout = "follow"
 
+    def as_clip(self, consts):
+        return 0.0, np.inf
+
     def forward(self, x):
         y = np.maximum(x, 0)
         return y, y
@@ -124,6 +127,16 @@ class Clip(Op):
 
     def __init__(self, min=None, max=None, opset=13):
         self.lo_attr, self.hi_attr = min, max
+
+    def as_clip(self, consts):
+        bounds = [self.lo_attr, self.hi_attr]
+        for k, value in enumerate(consts[:2]):
+            if value is not None:
+                if np.size(value) != 1:
+                    return None
+                bounds[k] = float(np.asarray(value).reshape(()))
+        return (-np.inf if bounds[0] is None else float(bounds[0]),
+                np.inf if bounds[1] is None else float(bounds[1]))
 
     def forward(self, x, lo=None, hi=None):
         lo = self.lo_attr if lo is None else lo

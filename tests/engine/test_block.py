@@ -149,7 +149,7 @@ def test_engine_runs_the_block_in_one_kernel_when_nothing_is_recorded(name):
     model, x = block_model(case)
     engine = Engine(read_model(model))
     first = 0
-    assert list(engine._blocks) == [first]
+    assert list(engine.blocks) == [first]
     want = reference(x, case, weights(case))
     got, ran = run_profiled(engine, {"x": x})
     assert ran == {"expand"}
@@ -207,7 +207,7 @@ def test_a_block_without_expansion_runs_node_by_node():
     case = Case(6, 6, 4, 5, 5)
     model, x = block_model(case, expand=False)
     engine = Engine(read_model(model))
-    assert engine._blocks == {}
+    assert engine.blocks == {}
     got, ran = run_profiled(engine, {"x": x})
     assert ran == {"depthwise", "project"}
     t = {k: torch.from_numpy(v.astype(np.float32)) for k, v in weights(case).items()}
@@ -231,7 +231,7 @@ def test_blocks_are_found_only_where_values_have_one_reader():
     model.graph.node.append(helper.make_node("Relu", ["ea"], ["extra"], name="extra"))
     model.graph.output.append(helper.make_tensor_value_info("extra", 0, None))
     engine = Engine(read_model(model))
-    assert engine._blocks == {}
+    assert engine.blocks == {}
     got, ran = run_profiled(engine, {"x": x})
     assert {"expand", "depthwise", "project", "add", "extra"} <= ran
     close(got["y"], reference(x, case, weights(case)))

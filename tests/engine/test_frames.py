@@ -1,4 +1,4 @@
-"""The direct-convolution frame kernels (``bwacal/ops/_frames.py``) behind ``Conv``, the engine's
+"""The direct-convolution frame kernels (``bwacal/kernels/frames.py``) behind ``Conv``, the engine's
 Conv+Relu/Clip fusion, and ``bwacal.runtime``.
 
 ``Conv`` forward is checked against a float64 sum over taps of the padded input, backward (dx, dW, db,
@@ -239,11 +239,11 @@ def test_frames_too_large_to_keep_are_rebuilt_in_backward(name, monkeypatch):
     x, w, b = random_inputs(g, 3, np.float64, seed=9)
     dy = np.random.default_rng(10).standard_normal(reference_conv(x, w, b, g).shape)
     y, ctx = g.op().forward(x, w, b, clip=RELU)
-    assert ctx[1].ndim == 3  # frames kept
+    assert ctx.saved[0].ndim == 3  # frames kept
     kept = g.op().backward(ctx, dy, need=(True, True, True))
     monkeypatch.setattr(conv_module, "KEEP_FRAMES_BYTES", 0)
     y2, ctx2 = g.op().forward(x, w, b, clip=RELU)
-    assert ctx2[1] is x or ctx2[1].ndim == 4  # the input kept instead
+    assert ctx2.saved[0] is x or ctx2.saved[0].ndim == 4  # the input kept instead
     rebuilt = g.op().backward(ctx2, dy, need=(True, True, True))
     np.testing.assert_array_equal(y2, y)
     for a, c in zip(kept, rebuilt):
@@ -267,8 +267,8 @@ def test_strided_convs_of_many_entries_take_gemm_gradients(dtype, monkeypatch):
     im2col + GEMMs split over numba's threads; one BLAS call when BLAS runs its own threads."""
     g = GEOMETRIES["strided_many_entries"]
     x, w, b = random_inputs(g, 3, dtype, seed=4)
-    assert g.op().forward(x, w, b)[1][0] == "gemm"
-    assert GEOMETRIES["strided"].op().forward(*random_inputs(GEOMETRIES["strided"], 1, dtype, 0))[1][0] == "frames"
+    assert g.op().forward(x, w, b)[1].path == "gemm"
+    assert GEOMETRIES["strided"].op().forward(*random_inputs(GEOMETRIES["strided"], 1, dtype, 0))[1].path == "frames"
     check_conv(g, 3, dtype, True, RELU6, seed=4)
     y, ctx = g.op().forward(x, w, b, clip=RELU6)
     dy = np.random.default_rng(5).standard_normal(y.shape).astype(dtype)
@@ -315,7 +315,7 @@ def test_fused_clip_backward_equals_masking_dy_first(name, dtype):
     assert np.isnan(y).any() and (y == 0).any() and (y == 6).any()
     dy = np.random.default_rng(13).standard_normal(y.shape).astype(dtype)
     dy_masked = masked(dy, y, *RELU6)
-    unclipped_ctx = ctx[:-2] + (None, None)
+    unclipped_ctx = ctx._replace(clip=None, y=None)
     fused = op.backward(ctx, dy, need=(True, True, True))
     want = op.backward(unclipped_ctx, dy_masked, need=(True, True, True))
     for got, ref, what in zip(fused, want, ("dx", "dW", "db")):
@@ -727,7 +727,7 @@ def run_profiled(engine, feeds, **kwargs):
 def test_fused_chain_matches_reference_and_unfused_run(name):
     model, consts, x, g1 = chain_case(name)
     engine = Engine(read_model(model))
-    assert engine._fusable == {0: (1, RELU, ()), 2: (3, RELU6, ("lo", "hi"))}
+    assert engine.fusable == {0: (1, RELU, ()), 2: (3, RELU6, ("lo", "hi"))}
     want = reference_chain(x, consts, g1)
     assert (want["h2"] > 6).any() and (want["h2"] < 0).any() and (want["h1"] < 0).any()
 
@@ -786,7 +786,7 @@ def test_conv_read_twice_is_not_fused():
     rng = np.random.default_rng(6)
     w, x = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((2, 2, 5, 5))
     engine = Engine(read_model(_model(nodes, {"x": x}, {"w": w}, ["y"], 13)))
-    assert engine._fusable == {}
+    assert engine.fusable == {}
     h = reference_conv(x.transpose(1, 0, 2, 3), w, None, Geometry(2, 3, 5, 5, pads=(1, 1, 1, 1)))
     h = h.transpose(1, 0, 2, 3)
     assert (h < 0).any()
@@ -806,7 +806,7 @@ def test_residual_add_and_its_activation_fuse(act):
     w, x = rng.standard_normal((2, 2, 3, 3)), rng.standard_normal((3, 2, 5, 5))
     consts = {"w": w, **({"lo": np.array(-0.3), "hi": np.array(0.4)} if act == "Clip" else {})}
     engine = Engine(read_model(_model(nodes, {"x": x}, consts, ["y"], 13)))
-    assert list(engine._fusable) == [1]  # the Add; the Conv has the Add as its reader
+    assert list(engine.fusable) == [1]  # the Add; the Conv has the Add as its reader
     fused, tape = engine.run({"x": x}, record=True, wrt=["x", "w"])
     plain, plain_tape = engine.run({"x": x}, outputs=["s", "y"], record=True, wrt=["x", "w"])
     lo, hi = (-0.3, 0.4) if act == "Clip" else (0.0, np.inf)
@@ -845,7 +845,7 @@ def test_which_clips_fuse(case):
              helper.make_node("Clip", inputs, ["y"], **attrs)]
     consts = {"w": w, **{k: np.array(v) for k, v in bounds.items()}}
     engine = Engine(read_model(_model(nodes, feeds, consts, outputs, opset)))
-    assert engine._fusable == ({0: (1, (lo, hi), tuple(bounds))} if fused else {})
+    assert engine.fusable == ({0: (1, (lo, hi), tuple(bounds))} if fused else {})
     h = reference_conv(x.transpose(1, 0, 2, 3), w, None, Geometry(2, 3, 4, 4, pads=(1, 1, 1, 1)))
     want = np.clip(h, lo, hi).transpose(1, 0, 2, 3)
     values, _ = engine.run(feeds)

@@ -16,6 +16,7 @@ import torch
 
 import bwacal
 from bwacal.kernels import blas, winograd
+from bwacal.ops.conv import ConvContext
 from tests import naive
 from tests import torch_models as tm
 from tests.engine.test_frames import HEADS, Geometry, assert_close, check_conv, random_inputs, reference_conv
@@ -119,11 +120,11 @@ def test_layers_of_at_least_min_channels_take_it():
     """At the default threshold, a 128-channel layer runs Winograd and matches the references."""
     g = Geometry(128, 128, 7, 7, pads=(1, 1, 1, 1))
     x, w, b = random_inputs(g, 2, np.float32, seed=3)
-    assert g.op().forward(x, w, b)[1][0] == "winograd"
+    assert g.op().forward(x, w, b)[1].path == "winograd"
     check_conv(g, 2, np.float32, True, (0.0, np.inf), seed=3)
     small = Geometry(64, 128, 7, 7, pads=(1, 1, 1, 1))
     x, w, b = random_inputs(small, 2, np.float32, seed=3)
-    assert small.op().forward(x, w, b)[1][0] == "frames"
+    assert small.op().forward(x, w, b)[1].path == "frames"
 
 
 @pytest.mark.parametrize("g, dtype", [
@@ -137,7 +138,7 @@ def test_layers_of_at_least_min_channels_take_it():
 ])
 def test_other_convs_run_the_direct_kernels(every_conv, g, dtype):
     x, w, b = random_inputs(g, 2, dtype, seed=0)
-    assert g.op().forward(x, w, b)[1][0] != "winograd"
+    assert g.op().forward(x, w, b)[1].path != "winograd"
 
 
 def test_dw_sums_over_spans_of_tiles(every_conv, monkeypatch):
@@ -175,7 +176,7 @@ def test_infinite_input_gives_infinite_outputs(every_conv):
     w = np.abs(w) + 0.1
     x[1, 0, 3, 4] = np.inf
     y, ctx = g.op().forward(x, w, b)
-    assert ctx[0] == "frames"
+    assert ctx.path == "frames"
     want = reference_conv(x, w, b, g)
     assert np.isposinf(want).any() and not np.isnan(want).any()
     np.testing.assert_array_equal(np.isnan(y), False)
@@ -187,7 +188,7 @@ def test_nan_weight_falls_back(every_conv):
     x, w, b = random_inputs(g, 2, np.float32, seed=7)
     w[2, 1, 0, 2] = np.nan
     y, ctx = g.op().forward(x, w, b)
-    assert ctx[0] == "frames"
+    assert ctx.path == "frames"
     assert_close(y, reference_conv(x, w, b, g), 1e-5, "y")
 
 
@@ -197,7 +198,7 @@ def test_infinite_dy_gives_the_direct_gradients(every_conv, monkeypatch):
     dy = np.random.default_rng(9).standard_normal((g.o, 2, g.h, g.w)).astype(np.float32)
     dy[1, 0, 2, 2] = np.inf
     y, ctx = g.op().forward(x, w, b, clip=(0.0, 6.0))
-    assert ctx[0] == "winograd"
+    assert ctx.path == "winograd"
     got = g.op().backward(ctx, dy, need=(True, True, True))
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 10**9)
     y_direct, ctx_direct = g.op().forward(x, w, b, clip=(0.0, 6.0))
@@ -223,7 +224,7 @@ def test_resnet18_gradients_match_torch(tmp_path):
     r = np.random.default_rng(2).standard_normal((2, 10)).astype(np.float32)
     wrt = [model.input_name, *params]
     logits, tape = model.forward(x, record=True, wrt=wrt)
-    kinds = [ctx[0] for ctx in _conv_contexts(tape)]
+    kinds = [ctx.path for ctx in _conv_contexts(tape)]
     assert kinds.count("winograd") >= 9, kinds
     grads = model.backward(tape, r, wrt=wrt)
 
@@ -238,8 +239,7 @@ def test_resnet18_gradients_match_torch(tmp_path):
 
 def _conv_contexts(tape):
     """The saved contexts of the Conv nodes on an engine tape."""
-    return [ctx for _, ctx, *_ in tape.entries if isinstance(ctx, tuple) and ctx and isinstance(ctx[0], str)
-            and ctx[0] in ("winograd", "frames", "depthwise", "gemm")]
+    return [record.ctx for record in tape.entries if isinstance(record.ctx, ConvContext)]
 
 
 def test_blas_on_its_own_threads_runs_the_serial_gemms():
