@@ -247,7 +247,7 @@ def build_schedule(graph: Graph, ops: list, fusable: dict, blocks: dict, wanted:
 
 def _set_drops(steps, keep: set, initializers: dict):
     """Set each step's ``drop``: the values it reads or writes that no later step reads, except those
-    in ``keep`` and the initializers (never dropped: a run reads them from the graph)."""
+    in ``keep`` and the initializers (dropping them would free nothing: the graph holds them)."""
     last = {}
     for k, step in enumerate(steps):
         for name in step.outputs:
