@@ -1,4 +1,4 @@
-"""Throughput of the numba kernels in bwacal.kernels against their vectorised NumPy twins.
+"""Throughput of the numba kernels in bwacal.kernels.quant against their vectorised NumPy twins.
 
     python benchmarks/kernels.py [--threads 1 2] [--bits 2 3 4] [--append benchmarks/RESULTS.md]
 
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bwacal import kernels as K  # noqa: E402
+from bwacal.kernels import quant  # noqa: E402
 
 C, KDIM = 512, 4608
 SEARCH_STEPS = 16  # candidate steps per channel in the step-search benchmark
@@ -64,8 +64,8 @@ def numpy_errors(x, steps, qmin, qmax):
 
 def cases(bits, rng):
     codes = rng.integers(0, 2**bits, size=(C, KDIM)).astype(np.uint8)
-    planes = K.decompose_bitplanes(codes, bits)
-    packed = K.pack_bitplanes(planes)
+    planes = quant.decompose_bitplanes(codes, bits)
+    packed = quant.pack_bitplanes(planes)
     alpha = rng.normal(size=(C, bits)) * 2.0 ** np.arange(bits)
     gamma = rng.normal(size=C)
     step = rng.uniform(0.01, 0.1, size=C)
@@ -76,17 +76,17 @@ def cases(bits, rng):
     n = C * KDIM
     # name, numba call, numpy call, bytes read + written, output comparison
     return [
-        ("decompose_bitplanes", lambda: K.decompose_bitplanes(codes, bits), lambda: numpy_decompose(codes, bits),
+        ("decompose_bitplanes", lambda: quant.decompose_bitplanes(codes, bits), lambda: numpy_decompose(codes, bits),
          n + bits * n, "equal"),
-        ("compose_bitplanes", lambda: K.compose_bitplanes(planes, alpha, gamma, step),
+        ("compose_bitplanes", lambda: quant.compose_bitplanes(planes, alpha, gamma, step),
          lambda: numpy_compose(planes, alpha, gamma, step), bits * n + 4 * n, "close"),
-        ("bit_weight_grads", lambda: K.bit_weight_grads(planes, grad_w, step), lambda: numpy_grads(planes, grad_w, step),
+        ("bit_weight_grads", lambda: quant.bit_weight_grads(planes, grad_w, step), lambda: numpy_grads(planes, grad_w, step),
          bits * n + 4 * n, "close"),
-        ("pack_bitplanes", lambda: K.pack_bitplanes(planes),
+        ("pack_bitplanes", lambda: quant.pack_bitplanes(planes),
          lambda: np.packbits(planes, axis=-1, bitorder="little"), bits * n + bits * n // 8, "equal"),
-        ("unpack_bitplanes", lambda: K.unpack_bitplanes(packed, bits, C, KDIM),
+        ("unpack_bitplanes", lambda: quant.unpack_bitplanes(packed, bits, C, KDIM),
          lambda: np.unpackbits(packed, axis=-1, count=KDIM, bitorder="little"), bits * n // 8 + bits * n, "equal"),
-        (f"quantization_errors ({SEARCH_STEPS} steps)", lambda: K.quantization_errors(w, steps, qmin, qmax),
+        (f"quantization_errors ({SEARCH_STEPS} steps)", lambda: quant.quantization_errors(w, steps, qmin, qmax),
          lambda: numpy_errors(w, steps, qmin, qmax), SEARCH_STEPS * 4 * n, "close"),
     ]
 

@@ -1,5 +1,5 @@
 """Forward+backward of the element-wise activations on a 64x256x28x28 float32 tensor: bwacal's ops
-(numba kernels in bwacal/ops/_pointwise.py) against PyTorch autograd and plain NumPy+SciPy.
+(numba kernels in bwacal/kernels/pointwise.py) against PyTorch autograd and plain NumPy+SciPy.
 
     python -m benchmarks.pointwise [--threads 2] [--repeat 7]
 

@@ -53,7 +53,7 @@ def array_bytes(obj, seen: set | None = None) -> int:
 
 def tape_bytes(tape) -> int:
     """Bytes a recorded forward keeps for backward (every op context on the tape)."""
-    return array_bytes([entry[1] for entry in tape.entries])
+    return array_bytes([record.ctx for record in tape.entries])
 
 
 def recording_cost(run_recorded, input_shape, dtype=np.float32) -> tuple[int, int]:

@@ -86,7 +86,7 @@ def single_thread_blas() -> int:
     if "OPENBLAS_NUM_THREADS" in os.environ:
         return 0
     import numpy  # noqa: F401  (loads NumPy's OpenBLAS; SciPy's is loaded and set when first needed,
-    #                             ops/_kernels.blas_threads)
+    #                             kernels/blas.blas_threads)
 
     count = 0
     for _, lib in _openblas_libraries():

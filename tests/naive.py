@@ -1,5 +1,5 @@
-"""Slow, obvious reference versions of the numba kernels in ``bwacal.kernels`` (and of the Winograd
-transforms in ``bwacal/ops/_winograd.py``).
+"""Slow, obvious reference versions of the numba kernels in ``bwacal.kernels`` (bit planes and step
+search, the Winograd transforms, the element-wise activations, the output-aware step search).
 
 Written for clarity (Python loops or plain broadcasting, float64), never for speed; the kernel tests
 compare against these.
@@ -80,7 +80,7 @@ def quantization_errors(x, steps, qmin, qmax):
     return out
 
 
-# Winograd F(2x2, 3x3) (``bwacal/ops/_winograd.py``): the transform matrices of Lavin & Gray (2016),
+# Winograd F(2x2, 3x3) (``bwacal/kernels/winograd.py``): the transform matrices of Lavin & Gray (2016),
 # applied with einsum; the kernels store 16 (rows, cols) matrices at a stride, these return
 # (16, rows, cols) arrays.
 WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
@@ -146,7 +146,7 @@ def winograd_weight_grad(acc):
 
 
 # ---------------------------------------------------------------------------------------------
-# element-wise activations (bwacal/ops/_pointwise.py): plain NumPy/SciPy in float64, several passes
+# element-wise activations (bwacal/kernels/pointwise.py): plain NumPy/SciPy in float64, several passes
 
 
 def _erf64(x):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import bwacal.kernels as K
+from bwacal.kernels import quant
 from tests import naive
 
 SHAPES = [(1, 1), (1, 9), (3, 1), (4, 8), (5, 17), (2, 64), (7, 33)]
@@ -31,19 +31,19 @@ def random_case(rng, bits, C, Kdim):
 def test_kernels_match_naive(bits, shape):
     rng = np.random.default_rng(bits * 100 + shape[0] * 10 + shape[1])
     codes, alpha, gamma, step, grad_w = random_case(rng, bits, *shape)
-    planes = K.decompose_bitplanes(codes, bits)
+    planes = quant.decompose_bitplanes(codes, bits)
     np.testing.assert_array_equal(planes, naive.decompose_bitplanes(codes, bits))
     # same float64 summation order as the twin: equal bit for bit
     np.testing.assert_array_equal(
-        K.compose_bitplanes(planes, alpha, gamma, step), naive.compose_bitplanes(planes, alpha, gamma, step)
+        quant.compose_bitplanes(planes, alpha, gamma, step), naive.compose_bitplanes(planes, alpha, gamma, step)
     )
-    ga, gg = K.bit_weight_grads(planes, grad_w, step)
+    ga, gg = quant.bit_weight_grads(planes, grad_w, step)
     na, ng = naive.bit_weight_grads(planes, grad_w, step)
     np.testing.assert_allclose(ga, na, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(gg, ng, rtol=1e-12, atol=1e-12)
-    packed = K.pack_bitplanes(planes)
+    packed = quant.pack_bitplanes(planes)
     np.testing.assert_array_equal(packed, naive.pack_bitplanes(planes))
-    np.testing.assert_array_equal(K.unpack_bitplanes(packed, bits, *shape), planes)
+    np.testing.assert_array_equal(quant.unpack_bitplanes(packed, bits, *shape), planes)
     np.testing.assert_array_equal(naive.unpack_bitplanes(packed, bits, *shape), planes)
 
 
@@ -54,7 +54,7 @@ def test_quantization_errors_match_naive(shape):
     steps = rng.uniform(0.01, 2.0, size=(shape[0], 6))
     for qmin, qmax in [(-2, 1), (-4, 3), (0, 15), (-128, 127)]:
         np.testing.assert_allclose(
-            K.quantization_errors(x, steps, qmin, qmax), naive.quantization_errors(x, steps, qmin, qmax), rtol=1e-12
+            quant.quantization_errors(x, steps, qmin, qmax), naive.quantization_errors(x, steps, qmin, qmax), rtol=1e-12
         )
 
 
@@ -72,7 +72,7 @@ def test_uniform_bit_weights_reproduce_dequantization_exactly(bits, C, Kdim, see
     step = (2.0**log_step * rng.uniform(0.5, 1.0, size=C)).astype(np.float32)
     alpha = np.tile(2.0 ** np.arange(bits), (C, 1)).astype(np.float32)
     gamma = np.full(C, -(2.0 ** (bits - 1)), dtype=np.float32)
-    composed = K.compose_bitplanes(K.decompose_bitplanes(codes, bits), alpha, gamma, step)
+    composed = quant.compose_bitplanes(quant.decompose_bitplanes(codes, bits), alpha, gamma, step)
     uniform = step[:, None] * (codes.astype(np.float32) - np.float32(2 ** (bits - 1)))
     assert composed.dtype == np.float32 and uniform.dtype == np.float32
     np.testing.assert_array_equal(composed, uniform)
@@ -82,9 +82,9 @@ def test_uniform_bit_weights_reproduce_dequantization_exactly(bits, C, Kdim, see
 @given(bits=st.integers(1, 8), C=st.integers(1, 5), Kdim=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
 def test_pack_round_trip_and_numpy_twin(bits, C, Kdim, seed):
     planes = np.random.default_rng(seed).integers(0, 2, size=(bits, C, Kdim)).astype(np.uint8)
-    packed = K.pack_bitplanes(planes)
+    packed = quant.pack_bitplanes(planes)
     np.testing.assert_array_equal(packed, np.packbits(planes, axis=-1, bitorder="little"))
-    np.testing.assert_array_equal(K.unpack_bitplanes(packed, bits, C, Kdim), planes)
+    np.testing.assert_array_equal(quant.unpack_bitplanes(packed, bits, C, Kdim), planes)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 5])
@@ -95,7 +95,7 @@ def test_gradients_match_finite_differences(bits):
     C, Kdim = 3, 11
     codes, alpha, gamma, step, _ = random_case(rng, bits, C, Kdim)
     step = step.astype(np.float64)
-    planes = K.decompose_bitplanes(codes, bits).astype(np.float64)
+    planes = quant.decompose_bitplanes(codes, bits).astype(np.float64)
     target = rng.normal(size=(C, Kdim))
 
     def weights(a, g):
@@ -105,7 +105,7 @@ def test_gradients_match_finite_differences(bits):
         return 0.5 * np.sum((weights(a, g) - target) ** 2)
 
     grad_w = weights(alpha, gamma) - target  # dL/dW
-    ga, gg = K.bit_weight_grads(planes.astype(np.uint8), grad_w, step)
+    ga, gg = quant.bit_weight_grads(planes.astype(np.uint8), grad_w, step)
     eps = 1e-6
     fa = np.zeros_like(alpha)
     for c in range(C):
@@ -120,57 +120,57 @@ def test_gradients_match_finite_differences(bits):
 
 def test_wrappers_reject_bad_input():
     with pytest.raises(ValueError):
-        K.decompose_bitplanes(np.full((2, 2), 4, np.uint8), 2)
+        quant.decompose_bitplanes(np.full((2, 2), 4, np.uint8), 2)
     with pytest.raises(ValueError):
-        K.decompose_bitplanes(np.zeros(3, np.uint8), 2)
+        quant.decompose_bitplanes(np.zeros(3, np.uint8), 2)
     planes = np.zeros((3, 2, 5), np.uint8)
     with pytest.raises(ValueError):
-        K.compose_bitplanes(planes, np.ones((2, 2)), np.zeros(2), np.ones(2))
+        quant.compose_bitplanes(planes, np.ones((2, 2)), np.zeros(2), np.ones(2))
     with pytest.raises(ValueError):
-        K.bit_weight_grads(planes, np.ones((2, 4)), np.ones(2))
+        quant.bit_weight_grads(planes, np.ones((2, 4)), np.ones(2))
     with pytest.raises(ValueError):
-        K.unpack_bitplanes(np.zeros(5, np.uint8), 3, 2, 5)
+        quant.unpack_bitplanes(np.zeros(5, np.uint8), 3, 2, 5)
     with pytest.raises(ValueError):
-        K.quantization_errors(np.ones((2, 3)), np.zeros((2, 1)), -2, 1)
+        quant.quantization_errors(np.ones((2, 3)), np.zeros((2, 1)), -2, 1)
 
 
 def test_wrappers_accept_any_layout():
     rng = np.random.default_rng(0)
     codes = np.asfortranarray(rng.integers(0, 8, size=(6, 10)).astype(np.int64))
-    planes = K.decompose_bitplanes(codes, 3)
+    planes = quant.decompose_bitplanes(codes, 3)
     np.testing.assert_array_equal(planes, naive.decompose_bitplanes(codes, 3))
     grad_w = rng.normal(size=(10, 6)).T  # non-contiguous float64
-    ga, gg = K.bit_weight_grads(planes, grad_w, np.ones(6, np.float32))
+    ga, gg = quant.bit_weight_grads(planes, grad_w, np.ones(6, np.float32))
     np.testing.assert_allclose(gg, grad_w.sum(axis=1), rtol=1e-12)
 
 
 _PYTHON_BODIES = """
 import numpy as np
-import bwacal.kernels as K
+from bwacal.kernels import quant
 from tests import naive
-assert not hasattr(K._compose_bitplanes, "py_func"), "JIT is still on"
+assert not hasattr(quant._compose_bitplanes, "py_func"), "JIT is still on"
 rng = np.random.default_rng(1)
 for bits, C, Kdim in [(2, 3, 16), (3, 2, 5), (8, 1, 9)]:
     codes = rng.integers(0, 2**bits, size=(C, Kdim)).astype(np.uint8)
-    planes = K.decompose_bitplanes(codes, bits)
+    planes = quant.decompose_bitplanes(codes, bits)
     assert (planes == naive.decompose_bitplanes(codes, bits)).all()
     a, g, s = rng.normal(size=(C, bits)), rng.normal(size=C), rng.uniform(0.1, 1, size=C)
-    assert (K.compose_bitplanes(planes, a, g, s) == naive.compose_bitplanes(planes, a, g, s)).all()
+    assert (quant.compose_bitplanes(planes, a, g, s) == naive.compose_bitplanes(planes, a, g, s)).all()
     gw = rng.normal(size=(C, Kdim))
-    for x, y in zip(K.bit_weight_grads(planes, gw, s), naive.bit_weight_grads(planes, gw, s)):
+    for x, y in zip(quant.bit_weight_grads(planes, gw, s), naive.bit_weight_grads(planes, gw, s)):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
-    packed = K.pack_bitplanes(planes)
+    packed = quant.pack_bitplanes(planes)
     assert (packed == naive.pack_bitplanes(planes)).all()
-    assert (K.unpack_bitplanes(packed, bits, C, Kdim) == planes).all()
+    assert (quant.unpack_bitplanes(packed, bits, C, Kdim) == planes).all()
     steps = rng.uniform(0.1, 1, size=(C, 3))
-    np.testing.assert_allclose(K.quantization_errors(gw, steps, -4, 3), naive.quantization_errors(gw, steps, -4, 3))
+    np.testing.assert_allclose(quant.quantization_errors(gw, steps, -4, 3), naive.quantization_errors(gw, steps, -4, 3))
 print("ok")
 """
 
 
 def test_kernel_python_bodies_without_jit():
     """The kernels' Python bodies (NUMBA_DISABLE_JIT=1) agree with the naive twins: lets coverage see them."""
-    root = Path(K.__file__).resolve().parent.parent
+    root = Path(quant.__file__).resolve().parents[2]
     env = dict(os.environ, NUMBA_DISABLE_JIT="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, "-c", _PYTHON_BODIES], env=env, cwd=root, capture_output=True, text=True,
                          timeout=120)
@@ -184,5 +184,5 @@ def test_quantization_errors_round_ties_to_even():
     x = (np.arange(-20, 21) * 0.25 + 0.125).reshape(1, -1)  # k/8 + 1/8: ties for step 0.25
     x = np.concatenate([x, np.arange(-20, 21).reshape(1, -1) * 0.25], axis=1)  # ties for 0.5 and 1.0
     for qmin, qmax in [(-2, 1), (-128, 127), (0, 3)]:
-        np.testing.assert_array_equal(K.quantization_errors(x, steps, qmin, qmax),
+        np.testing.assert_array_equal(quant.quantization_errors(x, steps, qmin, qmax),
                                       naive.quantization_errors(x, steps, qmin, qmax))

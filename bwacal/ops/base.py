@@ -12,6 +12,9 @@ spec's defaults (plus ``opset`` when the semantics depend on it), so the signatu
 - An op with several differentiable outputs (Split) sets ``grads_all_outputs = True``: its
   ``backward`` then gets a tuple ``dys``, one gradient per node output, ``None`` for an output no
   gradient reached. Every other op keeps the single ``dy`` of its first output.
+
+What else an op may do it declares on its class, overriding the defaults of ``Op``; the engine reads
+these and nothing else (see ``bwacal/schedule.py`` and the layout notes in ``bwacal/engine.py``).
 """
 
 from __future__ import annotations
@@ -37,11 +40,25 @@ def register(*op_types):
 
 
 class Op:
-    differentiable = True
+    """The base of every op: the capabilities an op may declare, with their defaults."""
+
+    differentiable = True  # False: no gradient flows through it (comparisons, shapes, casts)
     max_outputs = 1  # node outputs the op can produce; more is refused at load
     layout = None  # "cnhw", "follow" or None: see the layout notes in bwacal/engine.py
     follow_inputs = 1 << 30  # with layout "follow": how many leading inputs share the data layout
     grads_all_outputs = False  # backward takes a tuple of dys, one per output (see the docstring)
+    fuses_clip = False  # forward takes ``clip=(lo, hi)`` and applies a following Relu/Clip to its output
+
+    def check(self, shapes):
+        """Raise ``Unsupported`` at load for inputs of these static shapes (None where unknown) that
+        the op cannot run; by default every shape is accepted."""
+
+    def as_clip(self, consts):
+        """``(lo, hi)`` when this node computes ``clip(input 0, lo, hi)`` given the values of its
+        other inputs (``consts``: one constant array per input after the first, None where omitted);
+        None (the default) when it is no clip. A clip that reads a conv's or an Add's output alone is
+        applied by that op (``fuses_clip``)."""
+        return None
 
     def backward(self, ctx, dy, need):
         raise NotImplementedError(f"{type(self).__name__} has no backward")

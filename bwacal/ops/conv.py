@@ -1,9 +1,9 @@
 """2-D convolution on channel-major (CNHW) activations.
 
 Dense convs (pointwise ones included: their input is its own frame) and depthwise convs run direct
-numba kernels on padded frames of the input (``bwacal/ops/_frames.py``), which can also apply a
+numba kernels on padded frames of the input (``bwacal/kernels/frames.py``), which can also apply a
 following Relu/Clip as they write the output (the engine fuses it); 3x3, stride-1, padding-1 float32
-convs of at least 128 channels run Winograd F(2x2, 3x3) instead (``bwacal/ops/_winograd.py``),
+convs of at least 128 channels run Winograd F(2x2, 3x3) instead (``bwacal/kernels/winograd.py``),
 falling back to the frames on non-finite values. Other grouped convs are
 im2col + one BLAS GEMM per group, ``W_g (O/g, C/g*kh*kw) @ cols_g``, whose result is already the
 CNHW output; strided dense convs of at least ``GEMM_BACKWARD_ENTRIES`` (channel, tap) entries take
@@ -12,11 +12,12 @@ that path's backward (its GEMMs split over numba's threads for one group).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from bwacal.ops import _frames as FR
-from bwacal.ops import _kernels as K
-from bwacal.ops import _winograd as WG
+from bwacal.kernels import blas, frames, patches, winograd
+from bwacal.kernels.pointwise import clip_grad
 from bwacal.ops.base import Op, register
 from bwacal.ops.window import Window, check_2d, window
 
@@ -37,7 +38,7 @@ KEEP_FRAMES_BYTES = 32 << 20
 # 6.6 ms either way (5.4 on the frames since dL/dW sums short groups as one span, below). Its forward
 # stays on the frames: 5.7 ms against 6.5 as a GEMM (128->256).
 GEMM_BACKWARD_ENTRIES = 1024
-# dL/dW sums each group of images' positions as one span (``FR.dense_weight_grad``); groups whose
+# dL/dW sums each group of images' positions as one span (``frames.dense_weight_grad``); groups whose
 # span is shorter than this (one image each: strided and pointwise convs, whose images do not
 # interleave) are summed as one span over all of them instead, the positions between images
 # included. Short spans left the kernel in its per-span set-up and reductions: ResNet-20's 32->64
@@ -58,7 +59,7 @@ def _cols(x, g):
     if _pointwise(x.shape, g):
         return np.ascontiguousarray(x).reshape(c, n * h * w)
     cols = np.empty((c * g.kh * g.kw, n * g.ho * g.wo), dtype=x.dtype)
-    K.im2col(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, cols)
+    patches.im2col(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, cols)
     return cols
 
 
@@ -71,7 +72,7 @@ def _frames(x, g, p, mask=NO_MASK):
     With ``mask=(y, lo, hi)``, the frames of ``_masked(x, mask)``."""
     if _pointwise(x.shape, g):
         return _masked(x, mask).reshape(1, x.shape[0], -1)
-    return FR.build_frames(x, g, p, *mask)
+    return frames.build_frames(x, g, p, *mask)
 
 
 def _plan(g, shape):
@@ -80,7 +81,7 @@ def _plan(g, shape):
     whose frame is the input itself; images one after another otherwise (what the strided dL/dx,
     and ``to_frame`` for it, read)."""
     interleave = not _pointwise(shape, g) and _mirror(g, shape) is not None
-    return FR.plan(g, shape[2], shape[3], shape[1] if interleave else None)
+    return frames.plan(g, shape[2], shape[3], shape[1] if interleave else None)
 
 
 def _masked(dy, mask):
@@ -90,7 +91,7 @@ def _masked(dy, mask):
     if y is None:
         return dy
     out = np.empty(y.shape, dtype=y.dtype)
-    FR.clip_grad(np.ascontiguousarray(dy, dtype=y.dtype), y, lo, hi, out)
+    clip_grad(np.ascontiguousarray(dy, dtype=y.dtype), y, lo, hi, out)
     return out
 
 
@@ -123,10 +124,21 @@ def _batch_chunks(x, g):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+class ConvContext(NamedTuple):
+    """What ``Conv.backward`` reads: the path forward took, what that path's backward needs
+    (``_winograd_backward`` and the others unpack it), and the fused clip with the clipped output
+    that masks dL/dy (None without one)."""
+
+    path: str  # "winograd", "frames", "depthwise" or "gemm"
+    saved: tuple
+    clip: tuple | None
+    y: np.ndarray | None
+
+
 @register("Conv")
 class Conv(Op):
     layout = "cnhw"
-    fuses_clip = True  # forward takes clip=(lo, hi): see bwacal/engine.py
+    fuses_clip = True
 
     def __init__(self, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None,
                  strides=None):
@@ -162,40 +174,45 @@ class Conv(Op):
             raise ValueError(f"input has {x.shape[0]} channels, weight expects {w.shape[1] * self.group}")
         x = np.ascontiguousarray(x)
         g = self._geometry(x, w)
-        if WG.applies(x, w, g, self.group):
-            done = WG.forward(x, w, *_bias_and_bounds(b, w.shape[0], clip, x.dtype))
-            if done is not None:
-                y, kept = done
-                return y, ("winograd", x, kept, w, g, b is not None, clip, y if clip is not None else None)
-        if self._uses_frames(x, w):
-            return self._frames_forward(x, w, b, g, clip)
-        y, ctx = self._gemm_forward(x, w, b, g)
-        if clip is not None:
-            lo, hi = clip
-            y = np.minimum(np.maximum(y, y.dtype.type(lo)), y.dtype.type(hi))
-        return y, ctx + (clip, y if clip is not None else None)
+        done = None  # (y, kept) when Winograd applies to the values (all finite)
+        if winograd.applies(x, w, g, self.group):
+            done = winograd.forward(x, w, *_bias_and_bounds(b, w.shape[0], clip, x.dtype))
+        if done is not None:
+            y, kept = done
+            path, saved = "winograd", (x, kept, w, g, b is not None)
+        elif self._uses_frames(x, w):
+            y, path, saved = self._frames_forward(x, w, b, g, clip)
+        else:
+            y, saved = self._gemm_forward(x, w, b, g)
+            path = "gemm"
+            if clip is not None:
+                lo, hi = clip
+                y = np.minimum(np.maximum(y, y.dtype.type(lo)), y.dtype.type(hi))
+        return y, ConvContext(path, saved, clip, y if clip is not None else None)
 
     def _uses_frames(self, x, w):
         return self.group == 1 or self._depthwise(x, w)
 
     def _frames_forward(self, x, w, b, g, clip):
+        """``(y, path, saved)``: on the frames; a strided conv of many entries saves for the GEMM
+        backward."""
         o, n = w.shape[0], x.shape[1]
-        p = FR.plan(g, x.shape[2], x.shape[3]) if self._depthwise(x, w) else _plan(g, x.shape)
+        p = frames.plan(g, x.shape[2], x.shape[3]) if self._depthwise(x, w) else _plan(g, x.shape)
         taps = g.kh * g.kw
         y = np.empty((o, n, g.ho, g.wo), dtype=x.dtype)
         bias, lo, hi = _bias_and_bounds(b, o, clip, x.dtype)
         if self._depthwise(x, w):
             wt = np.ascontiguousarray(w.reshape(o, taps), dtype=x.dtype)
-            FR.depthwise_forward(x, p.src, p.off, wt, bias, lo, hi, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, y)
-            return y, ("depthwise", x, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
-        wk = FR.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
-        eph, ech, eoff = FR.entry_tables(x.shape[0], p)
+            frames.depthwise_forward(x, p.src, p.off, wt, bias, lo, hi, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, y)
+            return y, "depthwise", (x, p, x.shape, w, g, b is not None)
+        wk = frames.dense_weights(w.reshape(o, -1).astype(x.dtype, copy=False))
+        eph, ech, eoff = frames.entry_tables(x.shape[0], p)
         f = _frames(x, g, p)
-        FR.conv(f, eph, ech, eoff, wk, bias, lo, hi, p, y)
+        frames.conv(f, eph, ech, eoff, wk, bias, lo, hi, p, y)
         if _mirror(g, x.shape) is None and w[0].size >= GEMM_BACKWARD_ENTRIES:
-            return y, ("gemm", x, x.shape, w, g, b is not None, clip, y if clip is not None else None)
+            return y, "gemm", (x, x.shape, w, g, b is not None)
         keep = f if f.nbytes <= KEEP_FRAMES_BYTES or _pointwise(x.shape, g) else x  # else rebuilt in backward
-        return y, ("frames", keep, p, x.shape, w, g, b is not None, clip, y if clip is not None else None)
+        return y, "frames", (keep, p, x.shape, w, g, b is not None)
 
     def _gemm_forward(self, x, w, b, g):
         o, n = w.shape[0], x.shape[1]
@@ -214,20 +231,19 @@ class Conv(Op):
             y = y.reshape(o, -1)
         if b is not None:
             y += b.reshape(o, 1).astype(y.dtype, copy=False)
-        return y.reshape(o, n, g.ho, g.wo), ("gemm", keep, x.shape, w, g, b is not None)
+        return y.reshape(o, n, g.ho, g.wo), (keep, x.shape, w, g, b is not None)
 
     def backward(self, ctx, dy, need):
-        clip, y = ctx[-2:]
         # the fused Relu/Clip: gradient only where the output was not clipped
-        mask = NO_MASK if clip is None else (y, *clip)
-        if ctx[0] == "winograd":
-            return self._winograd_backward(ctx[1:-2], dy, mask, need)
-        if ctx[0] == "frames":
-            return self._frames_backward(ctx[1:-2], dy, mask, need)
+        mask = NO_MASK if ctx.clip is None else (ctx.y, *ctx.clip)
+        if ctx.path == "winograd":
+            return self._winograd_backward(ctx.saved, dy, mask, need)
+        if ctx.path == "frames":
+            return self._frames_backward(ctx.saved, dy, mask, need)
         dy = _masked(dy, mask)
-        if ctx[0] == "depthwise":
-            return self._depthwise_backward(ctx[1:-2], dy, need)
-        return self._gemm_backward(ctx[1:-2], dy, need)
+        if ctx.path == "depthwise":
+            return self._depthwise_backward(ctx.saved, dy, need)
+        return self._gemm_backward(ctx.saved, dy, need)
 
     def _depthwise_backward(self, ctx, dy, need):
         x, p, xshape, w, g, has_b = ctx
@@ -239,18 +255,18 @@ class Conv(Op):
         taps = g.kh * g.kw
         if need[1]:
             out = np.empty((o, taps), dtype=np.float64)
-            FR.depthwise_weight_grad(x, dy, p.src, p.off, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, out)
+            frames.depthwise_weight_grad(x, dy, p.src, p.off, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, out)
             dw = out.astype(w.dtype).reshape(w.shape)
         if need[0]:
             dx = np.empty(xshape, dtype=x.dtype)
             wt = np.ascontiguousarray(w.reshape(o, taps), dtype=x.dtype)
-            FR.depthwise_input_grad(dy, p.src, p.off, wt, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, dx)
+            frames.depthwise_input_grad(dy, p.src, p.off, wt, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, p.tail, dx)
         return dx, dw, db
 
     def _winograd_backward(self, ctx, dy, mask, need):
         x, kept, w, g, has_b = ctx
         dy = np.ascontiguousarray(dy, dtype=x.dtype)
-        done = WG.backward(x, w, kept, dy, mask, need[0], need[1])
+        done = winograd.backward(x, w, kept, dy, mask, need[0], need[1])
         if done is None:  # dL/dy holds a non-finite value: the direct kernels, on the input's frames
             return self._frames_backward((x, _plan(g, x.shape), x.shape, w, g, has_b), dy, mask, need)
         dx, dw, db = done
@@ -283,9 +299,9 @@ class Conv(Op):
         else:
             head = int(p.off.max())
             dyf = np.empty((o, head + p.length(n)), dtype=dy.dtype)
-            FR.to_frame(dy, *mask, p.group, p.gstr, p.rstr, p.wf, head, dyf)
+            frames.to_frame(dy, *mask, p.group, p.gstr, p.rstr, p.wf, head, dyf)
         if need[1]:
-            eph, ech, eoff = FR.padded_entry_tables(xshape[0], p)
+            eph, ech, eoff = frames.padded_entry_tables(xshape[0], p)
             # summed over each group's positions up to its last output (the padding rows between
             # groups skipped), rounded up to whole 16-position vectors where the frames have room
             # (they are zeros there): the kernel's vector loop then leaves no scalar remainder,
@@ -298,17 +314,17 @@ class Conv(Op):
                 # of them, the positions between images included (dL/dy is zero there)
                 glen, room, groups = p.span(n, dy.shape[2], dy.shape[3]), room + (groups - 1) * p.gstr, 1
             glen = max(glen, min(-(-glen // 16) * 16, p.gstr, room))
-            splits = FR.weight_grad_splits(o, eph.size, groups * glen)
+            splits = frames.weight_grad_splits(o, eph.size, groups * glen)
             k = w[0].size
             # one split: the kernel's float64 sums are rounded straight into dL/dW
             part = np.empty((splits, o, eph.size), dtype=w.dtype if splits == 1 else np.float64)
             bias_part = np.empty((splits, o), dtype=np.float64)
-            FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, p.gstr, splits, part, bias_part)
+            frames.dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, p.gstr, splits, part, bias_part)
             if splits == 1:
                 dw = np.ascontiguousarray(part[0, :, :k]).reshape(w.shape)
             else:
                 dw = np.empty(w.shape, dtype=w.dtype)
-                FR.sum_splits(part, k, dw.reshape(o, -1))
+                frames.sum_splits(part, k, dw.reshape(o, -1))
             if want_db:
                 db = bias_part.sum(axis=0).astype(dy.dtype)
         elif want_db:  # dL/dy's frame is zero outside the outputs
@@ -316,9 +332,9 @@ class Conv(Op):
         if need[0]:
             if mirror is not None:
                 dx = np.empty(xshape, dtype=dy.dtype)
-                wk = FR.transposed_weights(w, np.arange(g.kh * g.kw)[::-1], dy.dtype)
-                eph, ech, eoff = FR.entry_tables(o, pm)
-                FR.conv(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf, pm, dx)
+                wk = frames.transposed_weights(w, np.arange(g.kh * g.kw)[::-1], dy.dtype)
+                eph, ech, eoff = frames.entry_tables(o, pm)
+                frames.conv(fy, eph, ech, eoff, wk, np.zeros(xshape[0], dtype=dy.dtype), -np.inf, np.inf, pm, dx)
             else:  # dyf was built by to_frame, with the head the strided input gradient reads at
                 dx = self._frames_input_grad(dyf, head, p, xshape, w, g)
         return dx, dw, db
@@ -331,7 +347,7 @@ class Conv(Op):
         fsz = p.hf * p.wf
         o = dyf.shape[0]
         dyf3 = dyf.reshape(1, o, -1)
-        ipc = FR.images_per_job(fsz, n)
+        ipc = frames.images_per_job(fsz, n)
         df = np.empty((g.sh * g.sw, c, n * fsz), dtype=dyf.dtype)
         for ph in range(g.sh * g.sw):
             taps = np.flatnonzero(p.src == ph)
@@ -339,13 +355,13 @@ class Conv(Op):
                 df[ph] = 0
                 continue
             # entries (o, t): weight w[o, c, t] for output row c, reading dL/dy at head - off[t]
-            wk = FR.transposed_weights(w, taps, dyf.dtype)
+            wk = frames.transposed_weights(w, taps, dyf.dtype)
             eph = np.zeros(o * taps.size, dtype=np.int64)
             ech = np.repeat(np.arange(o, dtype=np.int64), taps.size)
             eoff = np.tile(head - p.off[taps], o)
-            FR.dense_frames(dyf3, eph, ech, eoff, wk, fsz, n, ipc, df[ph])
+            frames.dense_frames(dyf3, eph, ech, eoff, wk, fsz, n, ipc, df[ph])
         dx = np.empty(xshape, dtype=dyf.dtype)
-        FR.from_frames(df, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, dx)
+        frames.from_frames(df, g.sh, g.sw, g.ph, g.pw, p.hf, p.wf, dx)
         return dx
 
     def _gemm_backward(self, ctx, dy, need):
@@ -375,14 +391,14 @@ class Conv(Op):
                 if pointwise:
                     dx = dcols.reshape(xshape)
                 else:
-                    K.col2im(dcols, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, dx[:, lo:hi])
+                    patches.col2im(dcols, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, g.ho, g.wo, dx[:, lo:hi])
         return dx, (dw.reshape(w.shape) if dw is not None else None), db
 
     def _weight_grad(self, cols, dy2):
         k, og = cols.shape[0] // self.group, dy2.shape[0] // self.group
         dw = np.empty((dy2.shape[0], k), dtype=dy2.dtype)
         if self.group == 1:  # (only strided convs of many entries: dL/dW is no tiny output)
-            K.rows_dot(np.ascontiguousarray(dy2), cols, dw)
+            blas.rows_dot(np.ascontiguousarray(dy2), cols, dw)
             return dw
         for i in range(self.group):
             # NOTE: written as (cols @ dy.T).T: OpenBLAS takes ~100x longer on dy @ cols.T, whose
@@ -394,7 +410,7 @@ class Conv(Op):
         k, og = w2.shape[1], w2.shape[0] // self.group
         dcols = np.empty((k * self.group, dy2.shape[1]), dtype=dy2.dtype)
         if self.group == 1:
-            K.rows_dot(np.ascontiguousarray(w2.T), dy2.T, dcols)
+            blas.rows_dot(np.ascontiguousarray(w2.T), dy2.T, dcols)
             return dcols
         for i in range(self.group):
             np.matmul(w2[i * og:(i + 1) * og].T, dy2[i * og:(i + 1) * og], out=dcols[i * k:(i + 1) * k])

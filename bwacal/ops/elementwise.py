@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from bwacal.graph import ONNX_DTYPES
-from bwacal.ops import _pointwise
-from bwacal.ops._frames import add_clip, clip_grad
+from bwacal.kernels import pointwise
+from bwacal.kernels.pointwise import add_clip, clip_grad
 from bwacal.ops.base import Op, Unsupported, register
 
 
 @register("Add")
 class Add(Op):
     layout = "follow"
-    fuses_clip = True  # a residual Add followed by Relu: one pass, see bwacal/engine.py
+    fuses_clip = True  # a residual Add followed by Relu: one pass (kernels.pointwise.add_clip)
 
     def forward(self, a, b, clip=None):
         if clip is None:
@@ -79,6 +79,9 @@ class Div(Op):
 class Relu(Op):
     layout = "follow"
 
+    def as_clip(self, consts):
+        return 0.0, np.inf
+
     def forward(self, x):
         y = np.maximum(x, 0)
         return y, y
@@ -124,6 +127,16 @@ class Clip(Op):
 
     def __init__(self, min=None, max=None, opset=13):
         self.lo_attr, self.hi_attr = min, max
+
+    def as_clip(self, consts):
+        bounds = [self.lo_attr, self.hi_attr]
+        for k, value in enumerate(consts[:2]):
+            if value is not None:
+                if np.size(value) != 1:
+                    return None
+                bounds[k] = float(np.asarray(value).reshape(()))
+        return (-np.inf if bounds[0] is None else float(bounds[0]),
+                np.inf if bounds[1] is None else float(bounds[1]))
 
     def forward(self, x, lo=None, hi=None):
         lo = self.lo_attr if lo is None else lo
@@ -460,16 +473,16 @@ class Round(_Piecewise):
     fn = np.round  # half to even, as ONNX rounds
 
 
-# activations (the one-pass kernels are in _pointwise.py)
+# activations (the one-pass kernels are in bwacal/kernels/pointwise.py)
 
 
 @register("Erf")
 class Erf(_Unary):
     def forward(self, x):
-        return _pointwise.erf(x), x
+        return pointwise.erf(x), x
 
     def backward(self, ctx, dy, need):
-        return (_pointwise.erf_grad(ctx, dy),)
+        return (pointwise.erf_grad(ctx, dy),)
 
 
 @register("Gelu")
@@ -480,28 +493,28 @@ class Gelu(_Unary):
         self.tanh_approx = approximate == "tanh"
 
     def forward(self, x):
-        return _pointwise.gelu(x, self.tanh_approx), x
+        return pointwise.gelu(x, self.tanh_approx), x
 
     def backward(self, ctx, dy, need):
-        return (_pointwise.gelu_grad(ctx, dy, self.tanh_approx),)
+        return (pointwise.gelu_grad(ctx, dy, self.tanh_approx),)
 
 
 @register("Softplus")
 class Softplus(_Unary):
     def forward(self, x):
-        return _pointwise.softplus(x), x
+        return pointwise.softplus(x), x
 
     def backward(self, ctx, dy, need):
-        return (_pointwise.softplus_grad(ctx, dy),)
+        return (pointwise.softplus_grad(ctx, dy),)
 
 
 @register("Mish")
 class Mish(_Unary):
     def forward(self, x):
-        return _pointwise.mish(x), x
+        return pointwise.mish(x), x
 
     def backward(self, ctx, dy, need):
-        return (_pointwise.mish_grad(ctx, dy),)
+        return (pointwise.mish_grad(ctx, dy),)
 
 
 @register("Elu")
@@ -510,10 +523,10 @@ class Elu(_Unary):
         self.alpha = alpha
 
     def forward(self, x):
-        return _pointwise.elu(x, self.alpha), x
+        return pointwise.elu(x, self.alpha), x
 
     def backward(self, ctx, dy, need):
-        return (_pointwise.elu_grad(ctx, dy, self.alpha),)
+        return (pointwise.elu_grad(ctx, dy, self.alpha),)
 
 
 @register("Selu")
@@ -524,10 +537,10 @@ class Selu(_Unary):
         self.alpha, self.gamma = alpha, gamma
 
     def forward(self, x):
-        return _pointwise.elu(x, self.alpha) * x.dtype.type(self.gamma), x
+        return pointwise.elu(x, self.alpha) * x.dtype.type(self.gamma), x
 
     def backward(self, ctx, dy, need):
-        return (_pointwise.elu_grad(ctx, dy, self.alpha) * dy.dtype.type(self.gamma),)
+        return (pointwise.elu_grad(ctx, dy, self.alpha) * dy.dtype.type(self.gamma),)
 
 
 @register("Celu")
@@ -539,10 +552,10 @@ class Celu(_Unary):
 
     def forward(self, x):
         a = x.dtype.type(self.alpha)
-        return _pointwise.elu(x / a, 1.0) * a, x
+        return pointwise.elu(x / a, 1.0) * a, x
 
     def backward(self, ctx, dy, need):
-        return (_pointwise.elu_grad(ctx / ctx.dtype.type(self.alpha), dy, 1.0),)
+        return (pointwise.elu_grad(ctx / ctx.dtype.type(self.alpha), dy, 1.0),)
 
 
 @register("Softsign")

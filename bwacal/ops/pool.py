@@ -1,10 +1,10 @@
-"""2-D MaxPool and AveragePool on channel-major (CNHW) input (numba kernels in ``_kernels``)."""
+"""2-D MaxPool and AveragePool on channel-major (CNHW) input (numba kernels in ``bwacal/kernels/pools.py``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bwacal.ops import _kernels as K
+from bwacal.kernels import pools
 from bwacal.ops.base import Op, Unsupported, register
 from bwacal.ops.window import check_2d, window
 
@@ -38,13 +38,13 @@ class MaxPool(_Pool):
         # stem MaxPool at batch 8: 1.6 MB of int8). Finding the winners again in backward from x and y
         # took 11.6 ms there; routing by index takes 3.5, and forward went from 7.8 to 8.1 ms.
         arg = np.empty(y.shape, dtype=np.int8 if g.kh * g.kw <= 127 else np.int32)
-        K.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y, arg)
+        pools.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y, arg)
         return y, (arg, x.shape, x.dtype, g)
 
     def backward(self, ctx, dy, need):
         arg, shape, dtype, g = ctx
         dx = np.empty(shape, dtype=dtype)
-        K.maxpool_backward(arg, np.ascontiguousarray(dy, dtype=dtype), g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
+        pools.maxpool_backward(arg, np.ascontiguousarray(dy, dtype=dtype), g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
         return (dx,)
 
 
@@ -70,11 +70,11 @@ class AveragePool(_Pool):
         g = self._geometry(x)
         div = self._divisor(x, g)
         y = np.empty(x.shape[:2] + (g.ho, g.wo), dtype=x.dtype)
-        K.avgpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, div, y)
+        pools.avgpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, div, y)
         return y, (x.shape, x.dtype, g, div)
 
     def backward(self, ctx, dy, need):
         shape, dtype, g, div = ctx
         dx = np.zeros(shape, dtype=dtype)
-        K.avgpool_backward(np.ascontiguousarray(dy), g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, div, dx)
+        pools.avgpool_backward(np.ascontiguousarray(dy), g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, div, dx)
         return (dx,)

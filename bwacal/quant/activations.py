@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bwacal.kernels import quantization_errors
+from bwacal.kernels.quant import quantization_errors
 from bwacal.quant.bwa import bit_scale, code_bits, code_levels
 from bwacal.quant.uniform import check_bits, qrange
 

@@ -16,10 +16,10 @@ two searches agree exactly).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-from bwacal.kernels import JIT_REDUCE, _round_clip, _threads_for
+from bwacal.kernels.flags import threads_for
+from bwacal.kernels.quant import factored_errors, hessian_errors
 from bwacal.ops.window import window
 from bwacal.quant.uniform import check_bits, qrange
 from bwacal.quant.weights import MSE_RATIOS, ZERO_CHANNEL_STEP, candidate_steps, channels_first, mse_steps
@@ -36,83 +36,6 @@ LOW_RANK_FRACTION = 0.5
 # bytes of layer inputs one batch of the H collection may hold at once
 ACTIVATION_BYTES = 256 << 20
 RANK_TOLERANCE = 1e-12
-
-
-@numba.njit(**JIT_REDUCE)
-def _output_errors(w, steps, hessians, group_of, qmin, qmax, out):
-    """Output error ``e^T H e`` of quantizing each row with each candidate step, in place.
-
-    ``e = w[c] - s * clip(rint(w[c] / s), qmin, qmax)`` with ``s = steps[c, r]`` and
-    ``H = hessians[group_of[c]]``; ``H e`` is accumulated column by column (``u += H[k] e[k]``, using
-    the symmetry of H so each pass reads a contiguous row and vectorises without reassociation),
-    then dotted with ``e``; all in float64.
-
-    Parameters
-    ----------
-    w : float32 or float64 [:, ::1], shape (C, K)
-    steps : float64[:, ::1], shape (C, R), all > 0
-    hessians : float64[:, :, ::1], shape (G, K, K), symmetric
-    group_of : int64[::1], shape (C,), values in [0, G)
-    qmin, qmax : float
-    out : float64[:, ::1], shape (C, R)
-    """
-    C, K = w.shape
-    R = steps.shape[1]
-    for i in numba.prange(C * R):
-        c = i // R
-        r = i - c * R
-        s = steps[c, r]
-        h = hessians[group_of[c]]
-        e = np.empty(K, dtype=np.float64)
-        u = np.zeros(K, dtype=np.float64)
-        for j in range(K):
-            v = np.float64(w[c, j])
-            e[j] = v - s * _round_clip(v / s, qmin, qmax)
-        for k in range(K):
-            ek = e[k]
-            if ek != 0.0:
-                for j in range(K):
-                    u[j] += h[k, j] * ek
-        err = 0.0
-        for j in range(K):
-            err += e[j] * u[j]
-        out[c, r] = err
-
-
-@numba.njit(**JIT_REDUCE)
-def _factored_errors(w, steps, factors, group_of, qmin, qmax, out):
-    """Output error ``|L e|**2`` of quantizing each row with each candidate step, in place.
-
-    As :func:`_output_errors` with ``H = L^T L`` given by ``L = factors[group_of[c]]``.
-
-    Parameters
-    ----------
-    w : float32 or float64 [:, ::1], shape (C, K)
-    steps : float64[:, ::1], shape (C, R), all > 0
-    factors : float64[:, :, ::1], shape (G, r, K)
-    group_of : int64[::1], shape (C,)
-    qmin, qmax : float
-    out : float64[:, ::1], shape (C, R)
-    """
-    C, K = w.shape
-    R = steps.shape[1]
-    rank = factors.shape[1]
-    for i in numba.prange(C * R):
-        c = i // R
-        r = i - c * R
-        s = steps[c, r]
-        f = factors[group_of[c]]
-        e = np.empty(K, dtype=np.float64)
-        for j in range(K):
-            v = np.float64(w[c, j])
-            e[j] = v - s * _round_clip(v / s, qmin, qmax)
-        err = 0.0
-        for t in range(rank):
-            acc = 0.0
-            for j in range(K):
-                acc += f[t, j] * e[j]
-            err += acc * acc
-        out[c, r] = err
 
 
 def low_rank_factors(hessians):
@@ -157,11 +80,11 @@ def output_errors(w2d, steps, hessians, qmin, qmax) -> np.ndarray:
     out = np.empty(steps.shape, dtype=np.float64)
     factors = low_rank_factors(hessians) if K > 1 else None
     if factors is not None:
-        with _threads_for(factors.shape[1] * K * steps.size):
-            _factored_errors(w2d, steps, factors, group_of, float(qmin), float(qmax), out)
+        with threads_for(factors.shape[1] * K * steps.size):
+            factored_errors(w2d, steps, factors, group_of, float(qmin), float(qmax), out)
     else:
-        with _threads_for(K * K * steps.size):
-            _output_errors(w2d, steps, hessians, group_of, float(qmin), float(qmax), out)
+        with threads_for(K * K * steps.size):
+            hessian_errors(w2d, steps, hessians, group_of, float(qmin), float(qmax), out)
     return out
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bwacal.kernels import bit_weight_grads, compose_bitplanes, decompose_bitplanes, quantization_errors
+from bwacal.kernels.quant import bit_weight_grads, compose_bitplanes, decompose_bitplanes, quantization_errors
 from bwacal.quant.bwa import bit_scale, code_levels
 from bwacal.quant.rounding import initial_v, rectified_sigmoid, rectified_sigmoid_grad
 from bwacal.quant.uniform import check_bits, qrange, quantize

@@ -1,4 +1,4 @@
-"""The inverted-residual block kernel (``bwacal/ops/block.py``) and when the engine uses it.
+"""The inverted-residual block kernel (``bwacal/kernels/block.py``) and when the engine uses it.
 
 The kernel is checked against torch's float64 convolutions composed node by node; the engine's
 forward runs with blocks against the same graph run node by node (a recorded run, or with an inner
@@ -18,7 +18,7 @@ from onnx import helper
 from bwacal.engine import Engine
 from bwacal.errors import ModelError
 from bwacal.onnx_io import read_model
-from bwacal.ops import block
+from bwacal.kernels import block
 from bwacal.ops.conv import Conv
 from tests.engine.test_gradients import _model
 
@@ -149,7 +149,7 @@ def test_engine_runs_the_block_in_one_kernel_when_nothing_is_recorded(name):
     model, x = block_model(case)
     engine = Engine(read_model(model))
     first = 0
-    assert list(engine._blocks) == [first]
+    assert list(engine.blocks) == [first]
     want = reference(x, case, weights(case))
     got, ran = run_profiled(engine, {"x": x})
     assert ran == {"expand"}
@@ -207,7 +207,7 @@ def test_a_block_without_expansion_runs_node_by_node():
     case = Case(6, 6, 4, 5, 5)
     model, x = block_model(case, expand=False)
     engine = Engine(read_model(model))
-    assert engine._blocks == {}
+    assert engine.blocks == {}
     got, ran = run_profiled(engine, {"x": x})
     assert ran == {"depthwise", "project"}
     t = {k: torch.from_numpy(v.astype(np.float32)) for k, v in weights(case).items()}
@@ -231,7 +231,7 @@ def test_blocks_are_found_only_where_values_have_one_reader():
     model.graph.node.append(helper.make_node("Relu", ["ea"], ["extra"], name="extra"))
     model.graph.output.append(helper.make_tensor_value_info("extra", 0, None))
     engine = Engine(read_model(model))
-    assert engine._blocks == {}
+    assert engine.blocks == {}
     got, ran = run_profiled(engine, {"x": x})
     assert {"expand", "depthwise", "project", "add", "extra"} <= ran
     close(got["y"], reference(x, case, weights(case)))

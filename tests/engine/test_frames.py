@@ -1,4 +1,4 @@
-"""The direct-convolution frame kernels (``bwacal/ops/_frames.py``) behind ``Conv``, the engine's
+"""The direct-convolution frame kernels (``bwacal/kernels/frames.py``) behind ``Conv``, the engine's
 Conv+Relu/Clip fusion, and ``bwacal.runtime``.
 
 ``Conv`` forward is checked against a float64 sum over taps of the padded input, backward (dx, dW, db,
@@ -24,8 +24,7 @@ from bwacal.engine import Engine
 from bwacal import runtime
 from bwacal.runtime import keep_freed_memory
 from bwacal.onnx_io import read_model
-from bwacal.ops import _frames as FR
-from bwacal.ops import _kernels as K
+from bwacal.kernels import blas, frames, pointwise
 from bwacal.ops.conv import Conv
 from bwacal.ops.window import window
 from tests.engine.test_gradients import _model
@@ -212,9 +211,9 @@ def test_conv_on_groups_of_interleaved_images(name, dtype, monkeypatch):
     last of one), with jobs of a few rows, forward and backward as in ``test_conv``."""
     g = GEOMETRIES[name]
     wf = g.w + g.pads[1] + g.pads[3]
-    monkeypatch.setattr(FR, "GROUP_ROW", 2 * wf + 1)
-    monkeypatch.setattr(FR, "CHUNK", 5 * wf)
-    p = FR.plan(g.window(), g.h, g.w, 7)
+    monkeypatch.setattr(frames, "GROUP_ROW", 2 * wf + 1)
+    monkeypatch.setattr(frames, "CHUNK", 5 * wf)
+    p = frames.plan(g.window(), g.h, g.w, 7)
     assert p.group == 2 and p.rstr == 2 * p.wf
     check_conv(g, 7, dtype, True, RELU6, seed=case_seed(name, 7))
 
@@ -240,11 +239,11 @@ def test_frames_too_large_to_keep_are_rebuilt_in_backward(name, monkeypatch):
     x, w, b = random_inputs(g, 3, np.float64, seed=9)
     dy = np.random.default_rng(10).standard_normal(reference_conv(x, w, b, g).shape)
     y, ctx = g.op().forward(x, w, b, clip=RELU)
-    assert ctx[1].ndim == 3  # frames kept
+    assert ctx.saved[0].ndim == 3  # frames kept
     kept = g.op().backward(ctx, dy, need=(True, True, True))
     monkeypatch.setattr(conv_module, "KEEP_FRAMES_BYTES", 0)
     y2, ctx2 = g.op().forward(x, w, b, clip=RELU)
-    assert ctx2[1] is x or ctx2[1].ndim == 4  # the input kept instead
+    assert ctx2.saved[0] is x or ctx2.saved[0].ndim == 4  # the input kept instead
     rebuilt = g.op().backward(ctx2, dy, need=(True, True, True))
     np.testing.assert_array_equal(y2, y)
     for a, c in zip(kept, rebuilt):
@@ -268,13 +267,13 @@ def test_strided_convs_of_many_entries_take_gemm_gradients(dtype, monkeypatch):
     im2col + GEMMs split over numba's threads; one BLAS call when BLAS runs its own threads."""
     g = GEOMETRIES["strided_many_entries"]
     x, w, b = random_inputs(g, 3, dtype, seed=4)
-    assert g.op().forward(x, w, b)[1][0] == "gemm"
-    assert GEOMETRIES["strided"].op().forward(*random_inputs(GEOMETRIES["strided"], 1, dtype, 0))[1][0] == "frames"
+    assert g.op().forward(x, w, b)[1].path == "gemm"
+    assert GEOMETRIES["strided"].op().forward(*random_inputs(GEOMETRIES["strided"], 1, dtype, 0))[1].path == "frames"
     check_conv(g, 3, dtype, True, RELU6, seed=4)
     y, ctx = g.op().forward(x, w, b, clip=RELU6)
     dy = np.random.default_rng(5).standard_normal(y.shape).astype(dtype)
     threaded = g.op().backward(ctx, dy, need=(True, True, True))
-    monkeypatch.setattr(K, "blas_threads", lambda: 2)
+    monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     for got, want in zip(g.op().backward(ctx, dy, need=(True, True, True)), threaded):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
@@ -283,8 +282,8 @@ def test_short_groups_are_summed_as_one_span(monkeypatch):
     """dL/dW of a strided conv (one image per group) runs as one span over all the images, the
     positions between them included, and still matches torch."""
     calls = []
-    kernel = FR.dense_weight_grad
-    monkeypatch.setattr(FR, "dense_weight_grad", lambda *a: calls.append(a[6:8]) or kernel(*a))
+    kernel = frames.dense_weight_grad
+    monkeypatch.setattr(frames, "dense_weight_grad", lambda *a: calls.append(a[6:8]) or kernel(*a))
     check_conv(GEOMETRIES["strided"], 3, np.float32, True, RELU, seed=12)
     groups, glen = calls[-1]
     # 3 images of 6x6 phase frames with 5x5 outputs: the last output at 2*36 + 4*6 + 4
@@ -316,7 +315,7 @@ def test_fused_clip_backward_equals_masking_dy_first(name, dtype):
     assert np.isnan(y).any() and (y == 0).any() and (y == 6).any()
     dy = np.random.default_rng(13).standard_normal(y.shape).astype(dtype)
     dy_masked = masked(dy, y, *RELU6)
-    unclipped_ctx = ctx[:-2] + (None, None)
+    unclipped_ctx = ctx._replace(clip=None, y=None)
     fused = op.backward(ctx, dy, need=(True, True, True))
     want = op.backward(unclipped_ctx, dy_masked, need=(True, True, True))
     for got, ref, what in zip(fused, want, ("dx", "dW", "db")):
@@ -410,8 +409,8 @@ def test_build_frames_holds_the_phases_of_the_padded_input(name, n, dtype):
     g = GEOMETRIES[name]
     x = np.random.default_rng(1).standard_normal((g.c, n, g.h, g.w)).astype(dtype)
     win = g.window()
-    p = FR.plan(win, g.h, g.w)
-    f = FR.build_frames(x, win, p)
+    p = frames.plan(win, g.h, g.w)
+    f = frames.build_frames(x, win, p)
     sh, sw = g.strides
     assert f.shape == (sh * sw, g.c, n * p.hf * p.wf + p.tail)
     canvas = padded_canvas(x, g, p.hf, p.wf)
@@ -436,12 +435,12 @@ def test_taps_read_the_pixel_their_window_covers(name, n, grouped, dtype, monkey
     past the frame's end. Grouped: stride-1 plans get groups of 2 images with interleaved rows; every
     image pixel is then in the frame once and every other entry is zero."""
     g = GEOMETRIES[name]
-    monkeypatch.setattr(FR, "GROUP_ROW", 2 * (g.w + g.pads[1] + g.pads[3]) + 1)
+    monkeypatch.setattr(frames, "GROUP_ROW", 2 * (g.w + g.pads[1] + g.pads[3]) + 1)
     x = (np.random.default_rng(2).standard_normal((g.c, n, g.h, g.w)) + 5).astype(dtype)  # no pixel is 0
     win = g.window()
-    p = FR.plan(win, g.h, g.w, n if grouped else None)
+    p = frames.plan(win, g.h, g.w, n if grouped else None)
     assert p.group == (min(n, 2) if grouped and g.strides == (1, 1) else 1)
-    f = FR.build_frames(x, win, p)
+    f = frames.build_frames(x, win, p)
     (sh, sw), (dh, dw) = g.strides, g.dilations
     xp = np.pad(x, [(0, 0), (0, 0), (g.pads[0], g.pads[2]), (g.pads[1], g.pads[3])])
     i, oi, oj = np.meshgrid(np.arange(n), np.arange(win.ho), np.arange(win.wo), indexing="ij")
@@ -463,10 +462,10 @@ def test_from_frames_inverts_build_frames(name, n):
     g = GEOMETRIES[name]
     x = np.random.default_rng(3).standard_normal((g.c, n, g.h, g.w))
     win = g.window()
-    p = FR.plan(win, g.h, g.w)
-    f = FR.build_frames(x, win, p)
+    p = frames.plan(win, g.h, g.w)
+    f = frames.build_frames(x, win, p)
     back = np.full_like(x, np.nan)
-    FR.from_frames(f, win.sh, win.sw, win.ph, win.pw, p.hf, p.wf, back)
+    frames.from_frames(f, win.sh, win.sw, win.ph, win.pw, p.hf, p.wf, back)
     # pixels of phases no tap reads are not in the frames (and get no gradient)
     rows = (np.arange(g.h) + win.ph) % win.sh
     cols = (np.arange(g.w) + win.pw) % win.sw
@@ -502,15 +501,15 @@ def test_to_frame_places_each_output_at_its_frame_position(interleaved, n, head,
     dy = np.random.default_rng(4).standard_normal((o, n, ho, wo))
     out = np.full((o, head + n * hf * wf + extra), np.nan)
     if BOUNDS[bounds] is None:
-        FR.to_frame(dy, None, -np.inf, np.inf, *layout, head, out)
+        frames.to_frame(dy, None, -np.inf, np.inf, *layout, head, out)
     else:
         y = mask_source(dy.shape, BOUNDS[bounds][0], seed=5)
-        FR.to_frame(dy, y, *BOUNDS[bounds], *layout, head, out)
+        frames.to_frame(dy, y, *BOUNDS[bounds], *layout, head, out)
         dy = masked(dy, y, *BOUNDS[bounds])
     want = np.zeros_like(out)
-    frames = want[:, head:head + n * hf * wf]  # a view into want
-    frames = frames.reshape(o, hf, n, wf).transpose(0, 2, 1, 3) if interleaved else frames.reshape(o, n, hf, wf)
-    frames[:, :, :ho, :wo] = dy
+    placed = want[:, head:head + n * hf * wf]  # a view into want
+    placed = placed.reshape(o, hf, n, wf).transpose(0, 2, 1, 3) if interleaved else placed.reshape(o, n, hf, wf)
+    placed[:, :, :ho, :wo] = dy
     np.testing.assert_array_equal(out, want)
 
 
@@ -524,9 +523,9 @@ def test_masked_frames_are_the_frames_of_the_masked_array(name, dtype, bounds):
     x = np.random.default_rng(6).standard_normal((g.c, 3, g.h, g.w)).astype(dtype)
     y = mask_source(x.shape, BOUNDS[bounds][0], seed=7).astype(dtype)
     win = g.window()
-    p = FR.plan(win, g.h, g.w)
-    got = FR.build_frames(x, win, p, y, *BOUNDS[bounds])
-    want = FR.build_frames(masked(x, y, *BOUNDS[bounds]), win, p)
+    p = frames.plan(win, g.h, g.w)
+    got = frames.build_frames(x, win, p, y, *BOUNDS[bounds])
+    want = frames.build_frames(masked(x, y, *BOUNDS[bounds]), win, p)
     read = sorted(set(p.src.tolist()))
     np.testing.assert_array_equal(got[read], want[read])
 
@@ -558,16 +557,16 @@ def test_dense_weight_grad_sums_products_and_dy(o, splits, groups, gap, dtype):
     positions of each (the ``gap`` after them, padding rows in a frame, is skipped)."""
     rng = np.random.default_rng(o + groups)
     c, head = 3, 5
-    glen = (2 * FR.SPAN + 1000) // groups
+    glen = (2 * frames.SPAN + 1000) // groups
     gstr = glen + gap
     length = groups * gstr
-    eph, ech, eoff = FR.pad_entries(np.zeros(c * 2, dtype=np.int64), np.repeat(np.arange(c), 2),
+    eph, ech, eoff = frames.pad_entries(np.zeros(c * 2, dtype=np.int64), np.repeat(np.arange(c), 2),
                                     np.tile(np.array([0, 7]), c))
     f = rng.standard_normal((1, c, length + 7)).astype(dtype)
     dyf = rng.standard_normal((o, head + length)).astype(dtype)
     part = np.full((splits, o, eph.size), np.nan)
     bias_part = np.full((splits, o), np.nan)
-    FR.dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits, part, bias_part)
+    frames.dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits, part, bias_part)
     want_part, want_bias = naive_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits)
     tol = {np.float32: 1e-5, np.float64: 1e-12}[dtype] * np.sqrt(groups * glen)
     np.testing.assert_allclose(part, want_part, rtol=0, atol=tol)
@@ -576,12 +575,12 @@ def test_dense_weight_grad_sums_products_and_dy(o, splits, groups, gap, dtype):
 
 @njit
 def _accumulate_into(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
-    FR._accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
+    frames.accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
 
 
 @njit
 def _accumulate_narrow_into(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
-    FR._accumulate_narrow(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
+    frames.accumulate_narrow(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
 
 
 @pytest.mark.parametrize("narrow", [False, True])
@@ -618,24 +617,24 @@ def test_rows_kernel_gives_the_position_kernels_sums_bit_for_bit(c, o, w, n, gro
     """``conv`` takes ``dense_forward_rows`` for float32 output rows of 8 or 16 and at least 32
     channels; its tiles sum the same products in the same order as ``dense_forward``'s, so the
     outputs are equal bit for bit, for partial channel blocks and a partial last group too."""
-    monkeypatch.setattr(FR, "GROUP_ROW", group_row)
+    monkeypatch.setattr(frames, "GROUP_ROW", group_row)
     rng = np.random.default_rng(o + w + n)
     x = rng.standard_normal((c, n, w, w)).astype(np.float32)
     wt = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
     win = window(w, w, (3, 3), [1, 1], None, [1] * 4, "NOTSET")
-    p = FR.plan(win, w, w, n)
-    f = FR.build_frames(x, win, p)
-    wk = FR.dense_weights(wt.reshape(o, -1))
-    eph, ech, eoff = FR.entry_tables(c, p)
+    p = frames.plan(win, w, w, n)
+    f = frames.build_frames(x, win, p)
+    wk = frames.dense_weights(wt.reshape(o, -1))
+    eph, ech, eoff = frames.entry_tables(c, p)
     calls = []
-    rows = FR.dense_forward_rows
-    monkeypatch.setattr(FR, "dense_forward_rows", lambda *a: calls.append(1) or rows(*a))
+    rows = frames.dense_forward_rows
+    monkeypatch.setattr(frames, "dense_forward_rows", lambda *a: calls.append(1) or rows(*a))
     got = np.full((o, n, w, w), np.nan, dtype=np.float32)
-    FR.conv(f, eph, ech, eoff, wk, b, *clip, p, got)
+    frames.conv(f, eph, ech, eoff, wk, b, *clip, p, got)
     assert calls, "the rows kernel was not used"
     want = np.full_like(got, np.nan)
-    FR.dense_forward(f, eph, ech, eoff, wk, b, *clip, p.group, p.gstr, p.rstr, p.wf, *p.jobs(n, w), want)
+    frames.dense_forward(f, eph, ech, eoff, wk, b, *clip, p.group, p.gstr, p.rstr, p.wf, *p.jobs(n, w), want)
     np.testing.assert_array_equal(got, want)
 
 
@@ -643,14 +642,14 @@ def test_plans_and_entry_tables_are_made_once_per_geometry(monkeypatch):
     """``plan`` and the entry tables are cached per geometry and batch; a different GROUP_ROW (the
     grouping tests set it) gives a different plan, as does a different batch."""
     win = window(8, 8, (3, 3), [1, 1], None, [1] * 4, "NOTSET")
-    p = FR.plan(win, 8, 8, 16)
-    assert FR.plan(win, 8, 8, 16) is p
-    assert FR.entry_tables(5, p) is FR.entry_tables(5, p)
-    assert FR.padded_entry_tables(5, p) is FR.padded_entry_tables(5, p)
-    np.testing.assert_array_equal(FR.padded_entry_tables(5, p)[2], FR.pad_entries(*FR.entry_tables(5, p))[2])
-    assert FR.plan(win, 8, 8, 17) is not p
-    monkeypatch.setattr(FR, "GROUP_ROW", 2 * p.wf + 1)
-    q = FR.plan(win, 8, 8, 16)
+    p = frames.plan(win, 8, 8, 16)
+    assert frames.plan(win, 8, 8, 16) is p
+    assert frames.entry_tables(5, p) is frames.entry_tables(5, p)
+    assert frames.padded_entry_tables(5, p) is frames.padded_entry_tables(5, p)
+    np.testing.assert_array_equal(frames.padded_entry_tables(5, p)[2], frames.pad_entries(*frames.entry_tables(5, p))[2])
+    assert frames.plan(win, 8, 8, 17) is not p
+    monkeypatch.setattr(frames, "GROUP_ROW", 2 * p.wf + 1)
+    q = frames.plan(win, 8, 8, 16)
     assert q is not p and (q.group, p.group) == (2, 8)
 
 
@@ -658,12 +657,12 @@ def test_plans_and_entry_tables_are_made_once_per_geometry(monkeypatch):
 def test_transposed_weights_swap_the_channels_and_take_the_taps(dtype):
     """All taps reversed: the weights with both kernel axes flipped; some taps: those, in order."""
     w = np.random.default_rng(0).standard_normal((5, 11, 3, 2))
-    got = FR.transposed_weights(w, np.arange(6)[::-1], dtype)
-    want = FR.dense_weights(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(11, -1).astype(dtype))
+    got = frames.transposed_weights(w, np.arange(6)[::-1], dtype)
+    want = frames.dense_weights(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(11, -1).astype(dtype))
     assert got.dtype == dtype and got.shape == (16, 5 * 6)
     np.testing.assert_array_equal(got, want)
-    got = FR.transposed_weights(w, [4, 1, 3], dtype)
-    want = FR.dense_weights(w.reshape(5, 11, 6)[:, :, [4, 1, 3]].transpose(1, 0, 2).reshape(11, -1).astype(dtype))
+    got = frames.transposed_weights(w, [4, 1, 3], dtype)
+    want = frames.dense_weights(w.reshape(5, 11, 6)[:, :, [4, 1, 3]].transpose(1, 0, 2).reshape(11, -1).astype(dtype))
     np.testing.assert_array_equal(got, want)
 
 
@@ -671,7 +670,7 @@ def test_sum_splits_adds_the_partial_sums_in_float64():
     part = np.random.default_rng(1).standard_normal((3, 5, 12)) * 1e8
     part[1] += 1.0  # lost in float32 sums of the float32-rounded parts
     out = np.empty((5, 10), dtype=np.float32)
-    FR.sum_splits(part, 10, out)
+    frames.sum_splits(part, 10, out)
     np.testing.assert_array_equal(out, part.sum(axis=0)[:, :10].astype(np.float32))
 
 
@@ -728,7 +727,7 @@ def run_profiled(engine, feeds, **kwargs):
 def test_fused_chain_matches_reference_and_unfused_run(name):
     model, consts, x, g1 = chain_case(name)
     engine = Engine(read_model(model))
-    assert engine._fusable == {0: (1, RELU, ()), 2: (3, RELU6, ("lo", "hi"))}
+    assert engine.fusable == {0: (1, RELU, ()), 2: (3, RELU6, ("lo", "hi"))}
     want = reference_chain(x, consts, g1)
     assert (want["h2"] > 6).any() and (want["h2"] < 0).any() and (want["h1"] < 0).any()
 
@@ -787,7 +786,7 @@ def test_conv_read_twice_is_not_fused():
     rng = np.random.default_rng(6)
     w, x = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((2, 2, 5, 5))
     engine = Engine(read_model(_model(nodes, {"x": x}, {"w": w}, ["y"], 13)))
-    assert engine._fusable == {}
+    assert engine.fusable == {}
     h = reference_conv(x.transpose(1, 0, 2, 3), w, None, Geometry(2, 3, 5, 5, pads=(1, 1, 1, 1)))
     h = h.transpose(1, 0, 2, 3)
     assert (h < 0).any()
@@ -807,7 +806,7 @@ def test_residual_add_and_its_activation_fuse(act):
     w, x = rng.standard_normal((2, 2, 3, 3)), rng.standard_normal((3, 2, 5, 5))
     consts = {"w": w, **({"lo": np.array(-0.3), "hi": np.array(0.4)} if act == "Clip" else {})}
     engine = Engine(read_model(_model(nodes, {"x": x}, consts, ["y"], 13)))
-    assert list(engine._fusable) == [1]  # the Add; the Conv has the Add as its reader
+    assert list(engine.fusable) == [1]  # the Add; the Conv has the Add as its reader
     fused, tape = engine.run({"x": x}, record=True, wrt=["x", "w"])
     plain, plain_tape = engine.run({"x": x}, outputs=["s", "y"], record=True, wrt=["x", "w"])
     lo, hi = (-0.3, 0.4) if act == "Clip" else (0.0, np.inf)
@@ -846,7 +845,7 @@ def test_which_clips_fuse(case):
              helper.make_node("Clip", inputs, ["y"], **attrs)]
     consts = {"w": w, **{k: np.array(v) for k, v in bounds.items()}}
     engine = Engine(read_model(_model(nodes, feeds, consts, outputs, opset)))
-    assert engine._fusable == ({0: (1, (lo, hi), tuple(bounds))} if fused else {})
+    assert engine.fusable == ({0: (1, (lo, hi), tuple(bounds))} if fused else {})
     h = reference_conv(x.transpose(1, 0, 2, 3), w, None, Geometry(2, 3, 4, 4, pads=(1, 1, 1, 1)))
     want = np.clip(h, lo, hi).transpose(1, 0, 2, 3)
     values, _ = engine.run(feeds)
@@ -887,7 +886,7 @@ def test_residual_gradients_sum_exactly_into_a_new_array(dtype, monkeypatch):
     from bwacal.engine import _sum
 
     calls = []
-    monkeypatch.setattr(engine, "add_clip", lambda *args: (calls.append(1), FR.add_clip(*args)))
+    monkeypatch.setattr(engine, "add_clip", lambda *args: (calls.append(1), pointwise.add_clip(*args)))
     rng = np.random.default_rng(7)
     a = rng.standard_normal((4, 64, 32, 16)).astype(dtype)
     b = rng.standard_normal(a.shape).astype(dtype)

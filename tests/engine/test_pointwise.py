@@ -1,10 +1,10 @@
-"""The one-pass activation kernels of ``bwacal/ops/_pointwise.py`` against the NumPy twins in
+"""The one-pass activation kernels of ``bwacal/kernels/pointwise.py`` against the NumPy twins in
 ``tests/naive.py``, in float32 and float64, including the tails where a careless form overflows."""
 
 import numpy as np
 import pytest
 
-from bwacal.ops import _pointwise
+from bwacal.kernels import pointwise
 from tests import naive
 
 # a spread of ordinary values, both tails and the exact points where the forms switch branch
@@ -29,7 +29,7 @@ FORWARD = {
 
 def _fn(case, grad=False):
     name = case.split("_")[0] if case.startswith(("gelu", "elu")) else case
-    return getattr(_pointwise, name + ("_grad" if grad else "")), getattr(naive, name + ("_grad" if grad else ""))
+    return getattr(pointwise, name + ("_grad" if grad else "")), getattr(naive, name + ("_grad" if grad else ""))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -59,7 +59,7 @@ def test_backward(case, dtype):
 
 def test_float16_computed_in_float32():
     x = X[:100].astype(np.float16)
-    got = _pointwise.gelu(x, False)
+    got = pointwise.gelu(x, False)
     assert got.dtype == np.float16
     np.testing.assert_allclose(got, naive.gelu(x.astype(np.float64), False).astype(np.float16), rtol=1e-3)
 
@@ -67,10 +67,10 @@ def test_float16_computed_in_float32():
 def test_broadcast_gradient_seed():
     """``dy`` of another (broadcastable) shape is brought to x's shape."""
     x = X[:12].reshape(3, 4)
-    np.testing.assert_allclose(_pointwise.erf_grad(x, np.float64(2.0)), naive.erf_grad(x, 2.0), rtol=1e-13)
+    np.testing.assert_allclose(pointwise.erf_grad(x, np.float64(2.0)), naive.erf_grad(x, 2.0), rtol=1e-13)
 
 
 def test_large_tensor_all_jobs():
     """More elements than one job (ELEMENTS), with a ragged last job."""
     x = np.random.default_rng(2).standard_normal((1 << 17) + 5).astype(np.float32)
-    np.testing.assert_allclose(_pointwise.mish(x), naive.mish(x).astype(np.float32), rtol=2e-6, atol=1e-37)
+    np.testing.assert_allclose(pointwise.mish(x), naive.mish(x).astype(np.float32), rtol=2e-6, atol=1e-37)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bwacal.ops import _kernels as K
+from bwacal.kernels import pools
 from bwacal.ops.window import window
 
 
@@ -56,8 +56,8 @@ def test_maxpool_matches_a_row_major_scan(name, dtype):
     want_y, dy, want_dx = naive(x, g)
     y = np.empty_like(want_y)
     arg = np.empty(y.shape, dtype=np.int8 if g.kh * g.kw <= 127 else np.int32)  # as MaxPool chooses
-    K.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y, arg)
+    pools.maxpool_forward(x, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, y, arg)
     np.testing.assert_array_equal(y, want_y)
     dx = np.full_like(x, 99.0)  # every entry is written: zeros where nothing won
-    K.maxpool_backward(arg, dy, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
+    pools.maxpool_backward(arg, dy, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, dx)
     np.testing.assert_array_equal(dx, want_dx)

@@ -5,7 +5,7 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from bwacal.ops._simd import LANES, sclip, smask, vadd, vbcast, vclip, vfma, vload, vmask, vstore, vzero
+from bwacal.kernels.simd import LANES, sclip, smask, vadd, vbcast, vclip, vfma, vload, vmask, vstore, vzero
 
 
 @njit

@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) convs (``bwacal/ops/_winograd.py``): each kernel against its naive NumPy
+"""Winograd F(2x2, 3x3) convs (``bwacal/kernels/winograd.py``): each kernel against its naive NumPy
 version (``tests/naive.py``), the conv forward and backward against a float64 reference and torch
 autograd (through ``Conv``, with the channel threshold lowered so small cases take it), the fall-back
 to the direct kernels on non-finite values, and whole models against torch."""
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import bwacal
-from bwacal.ops import _winograd as WG
+from bwacal.kernels import blas, winograd
+from bwacal.ops.conv import ConvContext
 from tests import naive
 from tests import torch_models as tm
 from tests.engine.test_frames import HEADS, Geometry, assert_close, check_conv, random_inputs, reference_conv
@@ -35,7 +36,7 @@ KERNEL_TOL = 1e-6  # of the largest |value|: float32 transforms against float64 
 @pytest.fixture
 def every_conv(monkeypatch):
     """Winograd for any channel count."""
-    monkeypatch.setattr(WG, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
 
 
 def close(got, want, what):
@@ -56,31 +57,31 @@ def matrices(buf, stride, rows, cols):
 def test_transforms_equal_their_naive_versions(name):
     g = GEOMETRIES[name]
     x, w, b = random_inputs(g, 3, np.float32, seed=1)
-    n, p = 3, WG.tiles(3, g.h, g.w)
-    u, us = WG.stacked(g.o, g.c)
-    assert WG._weights(w, u, us) == 0
+    n, p = 3, winograd.tiles(3, g.h, g.w)
+    u, us = winograd.stacked(g.o, g.c)
+    assert winograd._weights(w, u, us) == 0
     close(matrices(u, us, g.o, g.c), naive.winograd_weights(w), "U")
-    v, vs = WG.stacked(g.c, p)
-    assert WG._input(x, v, vs) == 0
+    v, vs = winograd.stacked(g.c, p)
+    assert winograd._input(x, v, vs) == 0
     close(matrices(v, vs, g.c, p), naive.winograd_input(x), "V")
 
     m = np.random.default_rng(2).standard_normal((16, g.o, p)).astype(np.float32)
-    ms = g.o * p + WG.GAP
+    ms = g.o * p + winograd.GAP
     flat = np.zeros(16 * ms, dtype=np.float32)
     for k in range(16):
         flat[k * ms:k * ms + g.o * p] = m[k].ravel()
     for clip in [(-np.inf, np.inf), (0.0, 6.0)]:
         y = np.empty((g.o, n, g.h, g.w), dtype=np.float32)
-        WG._output(flat, ms, b, *clip, y)
+        winograd._output(flat, ms, b, *clip, y)
         close(y, naive.winograd_output(m, b, clip, y.shape), f"y, clip {clip}")
 
     dy = np.random.default_rng(3).standard_normal((g.o, n, g.h, g.w)).astype(np.float32)
     y = np.random.default_rng(4).standard_normal(dy.shape).astype(np.float32) * 4
     for masked, clip in [(False, (-np.inf, np.inf)), (True, (0.0, 6.0))]:
-        vb, bs = WG.stacked(g.o, p)
-        va, as_ = WG.stacked(g.o, p)
+        vb, bs = winograd.stacked(g.o, p)
+        va, as_ = winograd.stacked(g.o, p)
         db = np.empty(g.o)
-        assert WG._grad(dy, y, masked, *clip, vb, bs, va, as_, db) == 0
+        assert winograd._grad(dy, y, masked, *clip, vb, bs, va, as_, db) == 0
         want_vb, want_va, want_db = naive.winograd_grad(dy, y if masked else None, clip)
         close(matrices(vb, bs, g.o, p), want_vb, f"VB, masked {masked}")
         close(matrices(va, as_, g.o, p), want_va, f"VA, masked {masked}")
@@ -88,11 +89,11 @@ def test_transforms_equal_their_naive_versions(name):
 
     acc = np.random.default_rng(5).standard_normal((16, g.o, g.c))
     for dtype in (np.float32, np.float64):
-        flat, acs = WG.stacked(g.o, g.c, dtype)
+        flat, acs = winograd.stacked(g.o, g.c, dtype)
         for k in range(16):
             flat[k * acs:k * acs + g.o * g.c] = acc[k].ravel()
         dw = np.empty((g.o, g.c, 3, 3), dtype=np.float32)
-        WG._weight_grad(flat, acs, dw)
+        winograd._weight_grad(flat, acs, dw)
         close(dw, naive.winograd_weight_grad(acc.astype(dtype)), f"dW from {dtype.__name__} sums")
 
 
@@ -100,7 +101,7 @@ def test_swap_is_the_half_turn_of_the_kernel():
     """U of the kernel turned half a turn is U with its first and last rows and columns swapped."""
     w = np.random.default_rng(0).standard_normal((2, 3, 3, 3))
     u, turned = naive.winograd_weights(w), naive.winograd_weights(w[:, :, ::-1, ::-1])
-    np.testing.assert_allclose(turned, u[WG.SWAP], atol=1e-12)
+    np.testing.assert_allclose(turned, u[winograd.SWAP], atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,11 +120,11 @@ def test_layers_of_at_least_min_channels_take_it():
     """At the default threshold, a 128-channel layer runs Winograd and matches the references."""
     g = Geometry(128, 128, 7, 7, pads=(1, 1, 1, 1))
     x, w, b = random_inputs(g, 2, np.float32, seed=3)
-    assert g.op().forward(x, w, b)[1][0] == "winograd"
+    assert g.op().forward(x, w, b)[1].path == "winograd"
     check_conv(g, 2, np.float32, True, (0.0, np.inf), seed=3)
     small = Geometry(64, 128, 7, 7, pads=(1, 1, 1, 1))
     x, w, b = random_inputs(small, 2, np.float32, seed=3)
-    assert small.op().forward(x, w, b)[1][0] == "frames"
+    assert small.op().forward(x, w, b)[1].path == "frames"
 
 
 @pytest.mark.parametrize("g, dtype", [
@@ -137,12 +138,12 @@ def test_layers_of_at_least_min_channels_take_it():
 ])
 def test_other_convs_run_the_direct_kernels(every_conv, g, dtype):
     x, w, b = random_inputs(g, 2, dtype, seed=0)
-    assert g.op().forward(x, w, b)[1][0] != "winograd"
+    assert g.op().forward(x, w, b)[1].path != "winograd"
 
 
 def test_dw_sums_over_spans_of_tiles(every_conv, monkeypatch):
     """dL/dW's GEMMs in pieces of 5 tiles (the 2 images of 8x8 make 32), summed in float64."""
-    monkeypatch.setattr(WG, "SPAN", 5)
+    monkeypatch.setattr(winograd, "SPAN", 5)
     check_conv(GEOMETRIES["even"], 2, np.float32, True, (0.0, 6.0), seed=9)
 
 
@@ -157,8 +158,8 @@ def test_serial_gemms_give_the_same_result(every_conv, monkeypatch):
         return (y, *g.op().backward(ctx, dy, need=(True, True, True)))
 
     threaded = run()
-    monkeypatch.setattr(WG, "_blas_threads", lambda: 2)
-    assert WG._gemm("_products") is WG._GEMMS["_products"][1]
+    monkeypatch.setattr(blas, "blas_threads", lambda: 2)
+    assert winograd._gemm("_products") is winograd._GEMMS["_products"][1]
     for got, want in zip(run(), threaded):
         np.testing.assert_array_equal(got, want)
 
@@ -175,7 +176,7 @@ def test_infinite_input_gives_infinite_outputs(every_conv):
     w = np.abs(w) + 0.1
     x[1, 0, 3, 4] = np.inf
     y, ctx = g.op().forward(x, w, b)
-    assert ctx[0] == "frames"
+    assert ctx.path == "frames"
     want = reference_conv(x, w, b, g)
     assert np.isposinf(want).any() and not np.isnan(want).any()
     np.testing.assert_array_equal(np.isnan(y), False)
@@ -187,7 +188,7 @@ def test_nan_weight_falls_back(every_conv):
     x, w, b = random_inputs(g, 2, np.float32, seed=7)
     w[2, 1, 0, 2] = np.nan
     y, ctx = g.op().forward(x, w, b)
-    assert ctx[0] == "frames"
+    assert ctx.path == "frames"
     assert_close(y, reference_conv(x, w, b, g), 1e-5, "y")
 
 
@@ -197,9 +198,9 @@ def test_infinite_dy_gives_the_direct_gradients(every_conv, monkeypatch):
     dy = np.random.default_rng(9).standard_normal((g.o, 2, g.h, g.w)).astype(np.float32)
     dy[1, 0, 2, 2] = np.inf
     y, ctx = g.op().forward(x, w, b, clip=(0.0, 6.0))
-    assert ctx[0] == "winograd"
+    assert ctx.path == "winograd"
     got = g.op().backward(ctx, dy, need=(True, True, True))
-    monkeypatch.setattr(WG, "MIN_CHANNELS", 10**9)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 10**9)
     y_direct, ctx_direct = g.op().forward(x, w, b, clip=(0.0, 6.0))
     want = g.op().backward(ctx_direct, dy, need=(True, True, True))
     for a, b_, what in zip(got, want, ["dx", "dW", "db"]):
@@ -223,7 +224,7 @@ def test_resnet18_gradients_match_torch(tmp_path):
     r = np.random.default_rng(2).standard_normal((2, 10)).astype(np.float32)
     wrt = [model.input_name, *params]
     logits, tape = model.forward(x, record=True, wrt=wrt)
-    kinds = [ctx[0] for ctx in _conv_contexts(tape)]
+    kinds = [ctx.path for ctx in _conv_contexts(tape)]
     assert kinds.count("winograd") >= 9, kinds
     grads = model.backward(tape, r, wrt=wrt)
 
@@ -238,8 +239,7 @@ def test_resnet18_gradients_match_torch(tmp_path):
 
 def _conv_contexts(tape):
     """The saved contexts of the Conv nodes on an engine tape."""
-    return [ctx for _, ctx, *_ in tape.entries if isinstance(ctx, tuple) and ctx and isinstance(ctx[0], str)
-            and ctx[0] in ("winograd", "frames", "depthwise", "gemm")]
+    return [record.ctx for record in tape.entries if isinstance(record.ctx, ConvContext)]
 
 
 def test_blas_on_its_own_threads_runs_the_serial_gemms():
@@ -247,10 +247,10 @@ def test_blas_on_its_own_threads_runs_the_serial_gemms():
     numba's threads (inside them OpenBLAS warns "Detect OpenMP Loop" and oversubscribes the cores)."""
     code = """
 import numpy as np
-from bwacal.ops import _kernels as K, _winograd as WG
+from bwacal.kernels import blas, winograd
 from tests.engine.test_frames import Geometry, check_conv
-assert K.blas_threads() == 2, K.blas_threads()
-assert WG._gemm("_products") is WG._GEMMS["_products"][1]
+assert blas.blas_threads() == 2, blas.blas_threads()
+assert winograd._gemm("_products") is winograd._GEMMS["_products"][1]
 check_conv(Geometry(128, 128, 7, 7, pads=(1, 1, 1, 1)), 2, np.float32, True, (0.0, np.inf), seed=3)
 check_conv(Geometry(120, 4, 9, 9, pads=(1, 1, 1, 1), strides=(2, 2)), 2, np.float32, True, None, seed=4)
 print("ok")
@@ -270,9 +270,9 @@ def test_scipy_blas_is_loaded_and_set_when_first_needed():
 import sys
 import bwacal
 assert "scipy.linalg" not in sys.modules
-from bwacal.ops import _kernels as K
+from bwacal.kernels import blas
 from bwacal.runtime import openblas_threads
-assert K.blas_threads() == 1
+assert blas.blas_threads() == 1
 threads = openblas_threads()
 assert any("scipy" in path and "numpy" not in path for path in threads), threads
 assert set(threads.values()) == {1}, threads

@@ -33,15 +33,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from bwacal.kernels import JIT_PARALLEL
-from bwacal.ops._simd import vbcast, vfma, vload, vmask, vstore, vzero
+from bwacal.kernels.flags import FMA, FMA_REDUCE, INLINE
+from bwacal.kernels.simd import vbcast, vfma, vload, vmask, vstore, vzero
 
-# "contract" lets LLVM fuse multiply-adds; nothing is reassociated, so a forward result does not
-# depend on the thread count.
-FMA = dict(JIT_PARALLEL, fastmath={"contract"}, error_model="numpy")
-# dL/dW sums over every position: vectorising that sum needs reassociation. Partial sums are
-# float32 per 4096 positions and float64 across them.
-REDUCE = dict(JIT_PARALLEL, fastmath={"contract", "reassoc"}, error_model="numpy")
 
 OB = 8  # output channels per block
 GROUP = 4  # (channel, tap) entries per inner-loop iteration (dL/dW blocks too)
@@ -50,8 +44,7 @@ CHUNK = 4096  # frame positions per job, about (whole images at a time)
 # min of 4 alternating runs in one process: ResNet-20 224 ms with no groups, 212 with 128, 218 with
 # 512; ResNet-18 557 without and 544 with 128, and in another process 540 without and 553 with 512.
 GROUP_ROW = 128
-SPAN = 4096  # positions per float32 partial sum in dL/dW
-ELEMENTS = 1 << 16  # elements per job of the element-wise kernels
+SPAN = 4096  # positions per float32 partial sum in dL/dW (float64 across them)
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: ``plan`` hands out one per geometry
@@ -248,11 +241,11 @@ def _copy_row_masked_vectors(xf, yf, lo, hi, s, sw, n, row, at):
 
 # the loops again as jitted functions, for the vector copies' fallback (an overload returns plain
 # Python functions; a jitted function calls jitted ones)
-_plain_row = njit(inline="always")(_copy_row_plain)
-_masked_row = njit(inline="always")(_copy_row_masked)
+_plain_row = njit(**INLINE)(_copy_row_plain)
+_masked_row = njit(**INLINE)(_copy_row_masked)
 
 
-@overload(_copy_row, inline="always")
+@overload(_copy_row, **INLINE)
 def _choose_copy_row(xf, yf, lo, hi, s, sw, n, row, at):
     masked = yf is not types.none
     vectors = xf.dtype == types.float32 and row.dtype == types.float32 and (not masked or yf.dtype == types.float32)
@@ -261,7 +254,7 @@ def _choose_copy_row(xf, yf, lo, hi, s, sw, n, row, at):
     return _copy_row_masked if masked else _copy_row_plain
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _copy_masked(xs, ys, lo, hi, dst):
     """``dst[q] = xs[q]`` where ``lo < ys[q] < hi``, else 0 (so 0 where ``ys`` is NaN)."""
     for q in range(dst.size):
@@ -354,7 +347,7 @@ def padded_entry_tables(c, p: Plan):
     return pad_entries(*entry_tables(c, p))
 
 
-def _accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
+def accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
     """``acc[j, i] += sum_k wk[o + j, k] * f[eph[k], ech[k], lo + eoff[k] + i]`` for j < 8, i < n_pos:
     register tiles for float32 (``_accumulate_tiles``), vectorised loops otherwise."""
 
@@ -373,7 +366,7 @@ def _accumulate_untiled(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
 
 
 def _accumulate_tiles(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
-    """``_accumulate`` on tiles of 32 positions x 8 output channels whose 16 vector sums stay in
+    """``accumulate`` on tiles of 32 positions x 8 output channels whose 16 vector sums stay in
     registers over all entries (2 loads, 8 broadcasts, 16 FMAs per entry); the last n_pos % 32
     positions go through ``_accumulate_loops``. On the 2-core Zen 4 this was measured on, 3x3 convs
     ran at 78-111 GMAC/s where the loops ran 69-91 (16 to 256 channels, before the output copy)."""
@@ -430,9 +423,9 @@ def _accumulate_tiles(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
         _accumulate_loops(f, eph, ech, eoff, wk, o, lo + full, n_pos - full, acc[:, full:])
 
 
-def _accumulate_narrow(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
-    """``_accumulate`` where only rows o..o+3 are wanted: float32 tiles of 64 positions x 4 rows (4
-    loads, 4 broadcasts, 16 FMAs per entry), the rest as ``_accumulate``. ResNet-18's stem dL/dx has
+def accumulate_narrow(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
+    """``accumulate`` where only rows o..o+3 are wanted: float32 tiles of 64 positions x 4 rows (4
+    loads, 4 broadcasts, 16 FMAs per entry), the rest as ``accumulate``. ResNet-18's stem dL/dx has
     3 channels, and tiles of 8 rows spent 5/8 of their FMAs on zero weights."""
 
 
@@ -465,10 +458,10 @@ def _accumulate_tiles4(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
         _store4(a2, p, c20, c21, c22, c23)
         _store4(a3, p, c30, c31, c32, c33)
     if full < n_pos:
-        _accumulate(f, eph, ech, eoff, wk, o, lo + full, n_pos - full, acc[:, full:])
+        accumulate(f, eph, ech, eoff, wk, o, lo + full, n_pos - full, acc[:, full:])
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _store4(a, p, u, v, w, z):
     vstore(a, p, u)
     vstore(a, p + 16, v)
@@ -476,11 +469,11 @@ def _store4(a, p, u, v, w, z):
     vstore(a, p + 48, z)
 
 
-overload(_accumulate, inline="always")(_tiles_for_float32(_accumulate_tiles))
-overload(_accumulate_narrow, inline="always")(_tiles_for_float32(_accumulate_tiles4))
+overload(accumulate, **INLINE)(_tiles_for_float32(_accumulate_tiles))
+overload(accumulate_narrow, **INLINE)(_tiles_for_float32(_accumulate_tiles4))
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _accumulate_loops(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
     """``acc[j, i] += sum_k wk[o + j, k] * f[eph[k], ech[k], lo + eoff[k] + i]`` for j < 8, i < n_pos.
 
@@ -533,7 +526,7 @@ def _accumulate_loops(f, eph, ech, eoff, wk, o, lo, n_pos, acc):
             a7[i] += w70 * x0 + w71 * x1 + w72 * x2 + w73 * x3
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _accumulate_taps(f, src, off, wt, o, ch, lo, n_pos, acc):
     """``acc[i] += sum_t wt[o, t] * f[src[t], ch, lo + off[t] + i]``, taps three at a time."""
     n_taps = src.size
@@ -552,7 +545,7 @@ def _accumulate_taps(f, src, off, wt, o, ch, lo, n_pos, acc):
             acc[i] += u0 * s0[i] + u1 * s1[i] + u2 * s2[i]
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _write_image(acc, o, g0, g1, i0, i1, group, gstr, rstr, wf, bias, lo_clip, hi_clip, y):
     """Copy the output positions of the images of groups [g0, g1), rows [i0, i1), from ``acc``
     (rows: output channels from ``o``; columns: positions from that of group g0's row i0) into the
@@ -606,9 +599,9 @@ def dense_forward(f, eph, ech, eoff, wk, bias, lo_clip, hi_clip, group, gstr, rs
         n_pos = (g1 - 1 - g0) * gstr + (i1 - 1 - i0) * rstr + (last - 1) * wf + wo
         acc = np.zeros((8, -(-n_pos // 64) * 64), dtype=y.dtype)  # room for a whole last tile
         if o_n - o <= 4:
-            _accumulate_narrow(f, eph, ech, eoff, wk, o, g0 * gstr + i0 * rstr, n_pos, acc)
+            accumulate_narrow(f, eph, ech, eoff, wk, o, g0 * gstr + i0 * rstr, n_pos, acc)
         else:
-            _accumulate(f, eph, ech, eoff, wk, o, g0 * gstr + i0 * rstr, n_pos, acc)
+            accumulate(f, eph, ech, eoff, wk, o, g0 * gstr + i0 * rstr, n_pos, acc)
         _write_image(acc, o, g0, g1, i0, i1, group, gstr, rstr, wf, bias, lo_clip, hi_clip, y)
 
 
@@ -628,8 +621,8 @@ def conv(f, eph, ech, eoff, wk, bias, lo_clip, hi_clip, p: Plan, y):
         dense_forward(f, eph, ech, eoff, wk, bias, lo_clip, hi_clip, p.group, p.gstr, p.rstr, p.wf, *p.jobs(n, ho), y)
 
 
-@njit(inline="always")
-def _tile_rows(flat, ent, wt, op, at):
+@njit(**INLINE)
+def tile_rows(flat, ent, wt, op, at):
     """For 8 pixels i and 32 output channels j, ``sum_k wt[k*op + j] * flat[ent[k] + at + i]``
     (the slice ``wt`` starts at the block's first channel): 16 vector sums over output channels,
     2 weight loads and 8 broadcasts per entry, returned as (pixel 0 channels 0-15, pixel 0
@@ -673,9 +666,9 @@ def _tile_rows(flat, ent, wt, op, at):
     return c0a, c0b, c1a, c1b, c2a, c2b, c3a, c3b, c4a, c4b, c5a, c5b, c6a, c6b, c7a, c7b
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _store_sums(scr, t):
-    """``_tile_rows``'s sums into ``scr``: pixel i's 32 channels at ``scr[32*i:32*i + 32]``."""
+    """``tile_rows``'s sums into ``scr``: pixel i's 32 channels at ``scr[32*i:32*i + 32]``."""
     vstore(scr, 0, t[0])
     vstore(scr, 16, t[1])
     vstore(scr, 32, t[2])
@@ -698,7 +691,7 @@ def _store_sums(scr, t):
 def dense_forward_rows(f, ent, wt, op, bias, lo_clip, hi_clip, group, gstr, rstr, wf, y):
     """``dense_forward`` for float32 outputs whose rows are a multiple of 8 long, computing only the
     output pixels: tiles of 8 pixels of one output row x 32 output channels, vectors over the
-    channels (``_tile_rows``), where ``dense_forward``'s vectors over frame positions also compute
+    channels (``tile_rows``), where ``dense_forward``'s vectors over frame positions also compute
     the padding between rows and images (81 positions per 64 outputs on 8x8 images). ``ent[k]`` is
     entry k's flat frame offset, ``wt`` the (K, op) weights flattened (``op``: O rounded up to 32)."""
     o_n, n_n, ho, wo = y.shape
@@ -718,7 +711,7 @@ def dense_forward_rows(f, ent, wt, op, bias, lo_clip, hi_clip, group, gstr, rstr
             oi = r % ho
             at = (b // group) * gstr + (b % group) * wf + oi * rstr
             for q in range(0, wo, 8):
-                _store_sums(scr, _tile_rows(flat, ent, wsl, op, at + q))
+                _store_sums(scr, tile_rows(flat, ent, wsl, op, at + q))
                 for j in range(min(32, o_n - o)):
                     bv = bias[o + j]
                     dst = y[o + j, b, oi]
@@ -742,9 +735,9 @@ def dense_frames(f, eph, ech, eoff, wk, fsz, n_img, ipc, yf):
         n_pos = min(n_img, (ci + 1) * ipc) * fsz - lo
         acc = np.zeros((8, -(-n_pos // 64) * 64), dtype=yf.dtype)
         if o_n - o <= 4:
-            _accumulate_narrow(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
+            accumulate_narrow(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
         else:
-            _accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
+            accumulate(f, eph, ech, eoff, wk, o, lo, n_pos, acc)
         for k in range(8):
             if o + k < o_n:
                 dst = yf[o + k, lo:lo + n_pos]
@@ -788,7 +781,7 @@ def from_frames(df, sh, sw, pt, pl, hf, wf, dx):
         _gather_image(df[:, c, b * fsz:], sh, sw, pt, pl, wf, dx[c, b])
 
 
-@njit(**REDUCE)
+@njit(**FMA_REDUCE)
 def dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits, part, bias_part):
     """``part[s, o, k] = sum over positions p of split s of dyf[o, head + p] * f[eph[k], ech[k], p + eoff[k]]``
     and ``bias_part[s, o] = sum over the same p of dyf[o, head + p]``: dL/dW, and dL/db when ``dyf``
@@ -900,7 +893,7 @@ def dense_weight_grad(dyf, head, f, eph, ech, eoff, groups, glen, gstr, splits, 
 # (often 6x expanded) activation is never copied whole.
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _fill_image(xi, sh, sw, pt, pl, hf, wf, buf):
     """The phase frames of one (h, w) image into ``buf`` (phases, hf*wf + tail), zeros elsewhere."""
     h, w = xi.shape
@@ -921,7 +914,7 @@ def _fill_image(xi, sh, sw, pt, pl, hf, wf, buf):
                 dst[q] = xs[q * sw]
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _image_to_frame(yi, wf, out):
     """``out[oi*wf + oj] = yi[oi, oj]``, zero in the columns past ``wo``."""
     ho, wo = yi.shape
@@ -933,7 +926,7 @@ def _image_to_frame(yi, wf, out):
             dst[oj] = src[oj]
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _gather_image(df, sh, sw, pt, pl, wf, dxi):
     """``dxi[i, j]`` = the entry of padded pixel (i + pt, j + pl) in the phase frames ``df``
     (phases, positions from the image's start): the inverse of ``_fill_image`` on gradients."""
@@ -993,7 +986,7 @@ def depthwise_input_grad(dy, src, off, wt, sh, sw, pt, pl, hf, wf, tail, dx):
         _gather_image(df, sh, sw, pt, pl, wf, dx[c, b])
 
 
-@njit(**REDUCE)
+@njit(**FMA_REDUCE)
 def depthwise_weight_grad(x, dy, src, off, sh, sw, pt, pl, hf, wf, tail, out):
     """``out[o, t]`` = dL/dW of ``depthwise_forward`` (float32 per image, float64 across images)."""
     c_n, n_n = x.shape[:2]
@@ -1016,38 +1009,3 @@ def depthwise_weight_grad(x, dy, src, off, sh, sw, pt, pl, hf, wf, tail, out):
                 sums[t] += part
         for t in range(taps):
             out[o, t] = sums[t]
-
-
-@njit(**FMA)
-def clip_grad(dy, y, lo_clip, hi_clip, out):
-    """``out = dy`` where ``lo < y < hi``, else 0: the gradient through a fused Relu/Clip, one pass."""
-    g = dy.reshape(-1)
-    v = y.reshape(-1)
-    r = out.reshape(-1)
-    lo = v.dtype.type(lo_clip)
-    hi = v.dtype.type(hi_clip)
-    n = v.size
-    for blk in prange((n + ELEMENTS - 1) // ELEMENTS):
-        a, b = blk * ELEMENTS, min(n, (blk + 1) * ELEMENTS)
-        gs, vs, rs = g[a:b], v[a:b], r[a:b]
-        for i in range(b - a):
-            t = vs[i]
-            rs[i] = gs[i] if (t > lo) & (t < hi) else 0
-
-
-@njit(**FMA)
-def add_clip(a, b, lo_clip, hi_clip, out):
-    """``out = min(max(a + b, lo), hi)`` for same-shape arrays, one pass: a residual Add and its Relu."""
-    x = a.reshape(-1)
-    z = b.reshape(-1)
-    r = out.reshape(-1)
-    lo = r.dtype.type(lo_clip)
-    hi = r.dtype.type(hi_clip)
-    n = r.size
-    for blk in prange((n + ELEMENTS - 1) // ELEMENTS):
-        p, q = blk * ELEMENTS, min(n, (blk + 1) * ELEMENTS)
-        xs, zs, rs = x[p:q], z[p:q], r[p:q]
-        for i in range(q - p):
-            v = xs[i] + zs[i]
-            v = lo if v < lo else v
-            rs[i] = hi if v > hi else v

@@ -1,8 +1,10 @@
-"""numba kernels for bit planes: decomposition, composition, gradients, packing, step search.
+"""numba kernels of weight quantization: bit planes (decomposition, composition, gradients,
+packing) and the step search (squared errors of uniform quantization, plain and output-weighted).
 
-Each kernel is a private ``_name`` function compiled with one of the flag sets below, with a full
+Each kernel is a private ``_name`` function compiled with options from ``flags.py``, with a full
 docstring, and sits beside a public NumPy-facing wrapper that checks shapes and coerces dtypes and
-contiguity. Slow reference versions of every kernel live in ``tests/naive.py``.
+contiguity; kernels another module wraps are public. Slow reference versions of every kernel live in
+``tests/naive.py``.
 
 Layout: a weight tensor is reshaped by the caller to ``(C, K)`` (output channel first, K = everything
 else); unsigned codes are ``uint8`` ``(C, K)``; bit planes are ``uint8`` ``(bits, C, K)`` of 0/1 with
@@ -12,39 +14,14 @@ else); unsigned codes are ``uint8`` ``(C, K)``; bit planes are ``uint8`` ``(bits
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 
 import numba
 import numpy as np
 
-# numba flags, in one place. fastmath stays off so results match the NumPy twins bit for bit; the
-# reductions get only "reassoc", which lets LLVM vectorise a float sum (deterministic for a given
-# machine and thread count, since each channel is summed by one thread).
-# (``numba.njit`` is always nopython.)
-JIT = dict(nogil=True, cache=True, fastmath=False)
-JIT_PARALLEL = dict(JIT, parallel=True)
-JIT_REDUCE = dict(JIT, parallel=True, fastmath={"reassoc"})
-
-# Below this many element operations a kernel runs on the calling thread only: waking numba's
-# thread pool costs microseconds on idle cores but milliseconds when another process holds a core
-# (measured on 2 shared cores: compose of a 64x576 weight 0.02 ms on one thread, 7-16 ms on two).
-PARALLEL_MIN_WORK = 1 << 22
+from bwacal.kernels.flags import JIT, JIT_PARALLEL, JIT_REDUCE, threads_for
 
 MAX_BITS = 8
 
-
-@contextmanager
-def _threads_for(work):
-    """Run the enclosed kernel call on one thread if ``work`` is below :data:`PARALLEL_MIN_WORK`."""
-    if work >= PARALLEL_MIN_WORK:
-        yield
-        return
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
 # (x * _PACK_MAGIC) >> 56 gathers the low bit of each of the 8 bytes of x into one byte, byte i to
 # bit i; no two partial products land on the same bit, so there are no carries.
 _PACK_MAGIC = np.uint64(0x0102040810204080)
@@ -133,10 +110,10 @@ def decompose_bitplanes(codes, bits):
     planes = np.empty((bits,) + codes.shape, dtype=np.uint8)
     if codes.size % 8 == 0 and codes.size:
         # byte order does not matter: every byte is shifted and masked on its own
-        with _threads_for(planes.size):
+        with threads_for(planes.size):
             _decompose_words(codes.reshape(-1).view(np.uint64), bits, planes.reshape(bits, -1).view(np.uint64))
     else:
-        with _threads_for(8 * planes.size):
+        with threads_for(8 * planes.size):
             _decompose_bitplanes(codes, bits, planes)
     return planes
 
@@ -199,7 +176,7 @@ def compose_bitplanes(planes, alpha, gamma, step):
             f" got {alpha.shape}, {gamma.shape}, {step.shape}"
         )
     out = np.empty(planes.shape[1:], dtype=np.float32)
-    with _threads_for(planes.size):
+    with threads_for(planes.size):
         _compose_bitplanes(planes, alpha, gamma, step, out)
     return out
 
@@ -258,7 +235,7 @@ def bit_weight_grads(planes, grad_w, step):
         )
     grad_alpha = np.empty((C, bits), dtype=np.float64)
     grad_gamma = np.empty(C, dtype=np.float64)
-    with _threads_for(planes.size):
+    with threads_for(planes.size):
         _bit_weight_grads(planes, grad_w, step, grad_alpha, grad_gamma)
     return grad_alpha, grad_gamma
 
@@ -312,11 +289,11 @@ def pack_bitplanes(planes):
     bits, C, K = planes.shape
     if K % 8 == 0 and sys.byteorder == "little" and planes.size:
         out = np.empty(planes.size // 8, dtype=np.uint8)
-        with _threads_for(planes.size):
+        with threads_for(planes.size):
             _pack_words(planes.reshape(-1).view(np.uint64), out)
         return out.reshape(bits, C, K // 8)
     out = np.empty((bits * C, (K + 7) // 8), dtype=np.uint8)
-    with _threads_for(8 * planes.size):
+    with threads_for(8 * planes.size):
         _pack_rows(planes.reshape(bits * C, K), out)
     return out.reshape(bits, C, -1)
 
@@ -353,7 +330,7 @@ def unpack_bitplanes(packed, bits, C, K):
     if packed.size != bits * C * nbytes:
         raise ValueError(f"packed has {packed.size} bytes, need {bits}*{C}*{nbytes} for K={K}")
     out = np.empty((bits * C, K), dtype=np.uint8)
-    with _threads_for(out.size):
+    with threads_for(out.size):
         _unpack_rows(packed.reshape(bits * C, nbytes), out)
     return out.reshape(bits, C, K)
 
@@ -364,11 +341,11 @@ def unpack_bitplanes(packed, bits, C, K):
 
 # x + 1.5 * 2**52 - 1.5 * 2**52 rounds a float64 |x| < 2**51 to an integer, half to even (the default
 # rounding mode), in two vectorisable instructions instead of a call to rint.
-_ROUNDER = 6755399441055744.0
+ROUNDER = 6755399441055744.0
 
 
 @numba.njit(**JIT)
-def _round_clip(t, qmin, qmax):
+def round_clip(t, qmin, qmax):
     """``clip(rint(t), qmin, qmax)`` for integer-valued ``qmin <= qmax`` (exact, half to even).
 
     Clipping first is the same since rounding is monotone and the bounds are integers; it also keeps
@@ -376,7 +353,7 @@ def _round_clip(t, qmin, qmax):
     additions would fold away, so it must not be written inline in a ``JIT_REDUCE`` kernel.
     """
     t = min(max(t, qmin), qmax)
-    return (t + _ROUNDER) - _ROUNDER
+    return (t + ROUNDER) - ROUNDER
 
 
 @numba.njit(**JIT_REDUCE)
@@ -404,7 +381,7 @@ def _quantization_errors(x, steps, qmin, qmax, out):
         err = 0.0
         for j in range(K):
             v = np.float64(x[c, j])
-            d = v - s * _round_clip(v / s, qmin, qmax)
+            d = v - s * round_clip(v / s, qmin, qmax)
             err += d * d
         out[c, r] = err
 
@@ -421,6 +398,87 @@ def quantization_errors(x, steps, qmin, qmax):
     if not np.all(steps > 0):
         raise ValueError("steps must be positive")
     out = np.empty(steps.shape, dtype=np.float64)
-    with _threads_for(x.shape[1] * steps.size):
+    with threads_for(x.shape[1] * steps.size):
         _quantization_errors(x, steps, float(qmin), float(qmax), out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# output-aware step search (wrapped by bwacal.quant.output_steps.output_errors, which also factors H)
+
+
+@numba.njit(**JIT_REDUCE)
+def hessian_errors(w, steps, hessians, group_of, qmin, qmax, out):
+    """Output error ``e^T H e`` of quantizing each row with each candidate step, in place.
+
+    ``e = w[c] - s * clip(rint(w[c] / s), qmin, qmax)`` with ``s = steps[c, r]`` and
+    ``H = hessians[group_of[c]]``; ``H e`` is accumulated column by column (``u += H[k] e[k]``, using
+    the symmetry of H so each pass reads a contiguous row and vectorises without reassociation),
+    then dotted with ``e``; all in float64.
+
+    Parameters
+    ----------
+    w : float32 or float64 [:, ::1], shape (C, K)
+    steps : float64[:, ::1], shape (C, R), all > 0
+    hessians : float64[:, :, ::1], shape (G, K, K), symmetric
+    group_of : int64[::1], shape (C,), values in [0, G)
+    qmin, qmax : float
+    out : float64[:, ::1], shape (C, R)
+    """
+    C, K = w.shape
+    R = steps.shape[1]
+    for i in numba.prange(C * R):
+        c = i // R
+        r = i - c * R
+        s = steps[c, r]
+        h = hessians[group_of[c]]
+        e = np.empty(K, dtype=np.float64)
+        u = np.zeros(K, dtype=np.float64)
+        for j in range(K):
+            v = np.float64(w[c, j])
+            e[j] = v - s * round_clip(v / s, qmin, qmax)
+        for k in range(K):
+            ek = e[k]
+            if ek != 0.0:
+                for j in range(K):
+                    u[j] += h[k, j] * ek
+        err = 0.0
+        for j in range(K):
+            err += e[j] * u[j]
+        out[c, r] = err
+
+
+@numba.njit(**JIT_REDUCE)
+def factored_errors(w, steps, factors, group_of, qmin, qmax, out):
+    """Output error ``|L e|**2`` of quantizing each row with each candidate step, in place.
+
+    As :func:`hessian_errors` with ``H = L^T L`` given by ``L = factors[group_of[c]]``.
+
+    Parameters
+    ----------
+    w : float32 or float64 [:, ::1], shape (C, K)
+    steps : float64[:, ::1], shape (C, R), all > 0
+    factors : float64[:, :, ::1], shape (G, r, K)
+    group_of : int64[::1], shape (C,)
+    qmin, qmax : float
+    out : float64[:, ::1], shape (C, R)
+    """
+    C, K = w.shape
+    R = steps.shape[1]
+    rank = factors.shape[1]
+    for i in numba.prange(C * R):
+        c = i // R
+        r = i - c * R
+        s = steps[c, r]
+        f = factors[group_of[c]]
+        e = np.empty(K, dtype=np.float64)
+        for j in range(K):
+            v = np.float64(w[c, j])
+            e[j] = v - s * round_clip(v / s, qmin, qmax)
+        err = 0.0
+        for t in range(rank):
+            acc = 0.0
+            for j in range(K):
+                acc += f[t, j] * e[j]
+            err += acc * acc
+        out[c, r] = err

@@ -1,63 +1,24 @@
-"""Inverted-residual blocks (MobileNetV2) in one kernel, for float32 forward runs that record nothing.
+"""An inverted-residual block (MobileNetV2) in one kernel: ``pointwise Conv + clip -> depthwise Conv
++ clip -> pointwise Conv [-> Add of the block input] [+ clip]``, float32, forward only.
 
-The block is ``pointwise Conv + clip -> depthwise Conv + clip -> pointwise Conv [-> Add of the
-block input] [+ clip]``. Run node by node, its expanded activation (6x the block's channels) is
-written to memory whole and read back twice; here each job takes a few images through the whole
-block, its intermediate values in buffers of a few hundred KB that stay in cache. A recorded run
-(backward needs the intermediate values) runs the nodes one by one; ``Engine`` decides which.
-
-Blocks without the expansion conv run node by node: copying the channel-major input into the
-channels-innermost image cost more than the block saved (MobileNetV2's first block: 6.4 ms in one
-kernel, 4.7-5.4 ms node by node in two profiling runs). The same fusion was tried for ResNet's
-basic block (Conv + Relu, Conv, Add of the input, Relu): no gain on ResNet-20 (82.6 against 83.2 ms
-forward) or ResNet-18 (195 against 191 ms), since there the convs' own work dominates and
-``dense_forward`` splits it by output channels as well as images.
+Run node by node, its expanded activation (6x the block's channels) is written to memory whole and
+read back twice; here each job takes a few images through the whole block, its intermediate values
+in buffers of a few hundred KB that stay in cache. Which nodes form a block, and when a run takes
+it, is the executor's schedule (``bwacal/schedule.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from numba import njit, prange
 
-from bwacal.ops import _frames as FR
-from bwacal.ops._simd import vadd, vbcast, vclip, vfma, vload, vstore, vzero
+from bwacal.kernels import frames
+from bwacal.kernels.flags import FMA, INLINE
+from bwacal.kernels.simd import vadd, vbcast, vclip, vfma, vload, vstore, vzero
 from bwacal.ops.window import window
 
 # Images per job: enough for the projection to see this many positions (within a quarter of the batch).
 PROJECT_POSITIONS = 512
-
-
-@dataclass(frozen=True)
-class Block:
-    """Node indices of a block: ``convs`` in order (``expand, depthwise, project``) and the
-    residual ``add`` (None without one); ``nodes``: all of them, activations included; ``inner``: the
-    value names that exist only inside the block."""
-
-    convs: tuple
-    add: int | None
-    nodes: tuple
-    inner: tuple
-
-    @property
-    def members(self) -> tuple:
-        """The convs and the Add: the nodes whose activations the block applies."""
-        return self.convs + (() if self.add is None else (self.add,))
-
-
-def run_block(blk, ops, x, params, clips):
-    """The output (CNHW) of ``blk`` for its CNHW input ``x``, or None when the kernel does not take
-    these inputs (the caller then runs the nodes). ``ops`` and ``params`` (weight, bias or None) are
-    per conv, ``clips`` per member (None for no activation)."""
-    if x.ndim != 4 or x.dtype != np.float32:
-        return None
-    (we, be), (wd, bd), (wp, bp) = params
-    hidden = wd.shape[0]
-    if we.shape != (hidden, x.shape[0], 1, 1) or wd.shape[1] != 1 or wp.shape[1:] != (hidden, 1, 1):
-        return None
-    residual = x if blk.add is not None else None
-    return run_inverted_residual(x, (we, be, clips[0]), (ops[1], wd, bd, clips[1]), (wp, bp), residual, clips[-1])
 
 
 def run_inverted_residual(x, expand, depthwise, project, residual, out_clip):
@@ -86,7 +47,7 @@ def run_inverted_residual(x, expand, depthwise, project, residual, out_clip):
                     dtype=np.int64)
     pw, pbias = project
     o = pw.shape[0]
-    pwk = FR.dense_weights(pw.reshape(o, hidden).astype(f32))
+    pwk = frames.dense_weights(pw.reshape(o, hidden).astype(f32))
     lo, hi = out_clip if out_clip is not None else (-np.inf, np.inf)
     y = np.empty((o, n, g.ho, g.wo), dtype=f32)
     res = np.ascontiguousarray(residual, dtype=f32) if residual is not None else np.empty((0, 0, 0, 0), dtype=f32)
@@ -98,7 +59,7 @@ def run_inverted_residual(x, expand, depthwise, project, residual, out_clip):
     return y
 
 
-@njit(**FR.FMA)
+@njit(**FMA)
 def _inverted_residual(x, ewt, ebias, elo, ehi, toff, dwt, dbias, dlo, dhi, sh, sw, pt, pl, hp, wp,
                        hid_n, pwk, pbias, has_res, res, lo, hi, ipj, y):
     """``y = clip(project(clip(depthwise(clip(expand(x))))) [+ res])``, ``ipj`` images per job.
@@ -139,7 +100,7 @@ def _inverted_residual(x, ewt, ebias, elo, ehi, toff, dwt, dbias, dlo, dhi, sh, 
         hi_v = np.float32(hi)
         for o in range(0, o_n, 8):
             pacc[:] = 0
-            FR._accumulate(dwo.reshape(1, hid_n, dwo.shape[1]), h_zero, h_ent, h_zero, pwk, o, 0, nb * ohw, pacc)
+            frames.accumulate(dwo.reshape(1, hid_n, dwo.shape[1]), h_zero, h_ent, h_zero, pwk, o, 0, nb * ohw, pacc)
             for k in range(min(8, o_n - o)):
                 dst = y2[o + k, b0 * ohw:(b0 + nb) * ohw]
                 row = pacc[k]
@@ -151,7 +112,7 @@ def _inverted_residual(x, ewt, ebias, elo, ehi, toff, dwt, dbias, dlo, dhi, sh, 
                     dst[i] = hi_v if v > hi_v else v
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _zero_border(img, h, w, pt, pl, hp, wp):
     """Zero the pixels of the (hp, wp, lanes) image ``img`` outside its h x w interior at (pt, pl)."""
     lanes = img.size // (hp * wp)
@@ -161,11 +122,11 @@ def _zero_border(img, h, w, pt, pl, hp, wp):
                 img[(r * wp + cc) * lanes:(r * wp + cc + 1) * lanes] = 0
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _expand_image(xf, start, stride, h, w, ewt, ebias, lo, hi, pt, pl, wp, img):
     """The expansion of one image into ``img``: for each pixel q (of h*w, at ``xf[start + c*stride
     + q]`` for channel c), ``img[((i + pt)*wp + j + pl)*lanes + o] = clip(bias[o] + sum_c ewt[c, o] *
-    x[c, q])``. Tiles of 8 pixels x 32 channels (``_frames._tile_rows``, the channels its entries)."""
+    x[c, q])``. Tiles of 8 pixels x 32 channels (``frames.tile_rows``, the channels its entries)."""
     c_n, lanes = ewt.shape
     hw = h * w
     wf = ewt.reshape(-1)
@@ -176,7 +137,7 @@ def _expand_image(xf, start, stride, h, w, ewt, ebias, lo, hi, pt, pl, wp, img):
         bias1 = vload(ebias, o + 16)
         wo = wf[o:]
         for q in range(0, full, 8):
-            t = FR._tile_rows(xf, cent, wo, lanes, start + q)
+            t = frames.tile_rows(xf, cent, wo, lanes, start + q)
             _store_pixel(img, q, w, pt, pl, wp, lanes, o, t[0], t[1], bias0, bias1, lo, hi)
             _store_pixel(img, q + 1, w, pt, pl, wp, lanes, o, t[2], t[3], bias0, bias1, lo, hi)
             _store_pixel(img, q + 2, w, pt, pl, wp, lanes, o, t[4], t[5], bias0, bias1, lo, hi)
@@ -194,14 +155,14 @@ def _expand_image(xf, start, stride, h, w, ewt, ebias, lo, hi, pt, pl, wp, img):
             _store_pixel(img, q, w, pt, pl, wp, lanes, o, a0, a1, bias0, bias1, lo, hi)
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _store_pixel(img, q, w, pt, pl, wp, lanes, o, a0, a1, bias0, bias1, lo, hi):
     at = ((q // w + pt) * wp + q % w + pl) * lanes + o
     vstore(img, at, vclip(vadd(a0, bias0), lo, hi))
     vstore(img, at + 16, vclip(vadd(a1, bias1), lo, hi))
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _depthwise_image(img, toff, dwt, dbias, lo, hi, sh, sw, wp, ho, wo, col0, lane_buf, dwo):
     """``dwo[ch, col0 + oi*wo + oj] = clip(dbias[ch] + sum_t dwt[t, ch] * img at pixel (oi*sh*wp +
     oj*sw + toff[t]), channel ch)``: 16 channels per vector, stored channel-major lane by lane."""
@@ -219,76 +180,3 @@ def _depthwise_image(img, toff, dwt, dbias, lo, hi, sh, sw, wp, ho, wo, col0, la
                 vstore(lane_buf, 0, vclip(acc, lo, hi))
                 for k in range(min(16, hid_n - g)):
                     dwo[g + k, col] = lane_buf[k]
-
-
-def _is_pointwise(op, w):
-    return (w is not None and w.ndim == 4 and w.shape[2:] == (1, 1) and op.group == 1
-            and all(s == 1 for s in (op.strides or (1, 1))) and not any(op.pads or ())
-            and op.auto_pad in ("NOTSET", "VALID"))
-
-
-def _is_depthwise(op, w):
-    return w is not None and w.ndim == 4 and w.shape[1] == 1 and op.group == w.shape[0] > 1
-
-
-def find_blocks(graph, ops, fusable) -> dict:
-    """The blocks ``run_block`` can run: index of the block's first node -> ``Block``.
-
-    ``fusable`` is ``Engine._find_fusable``'s map (a Conv or Add -> its activation). Every value
-    inside a block must have one reader; weights must be initializers (their values, overridden or
-    not, are read at run time); a residual must add the block's own input."""
-    nodes, inits = graph.nodes, graph.initializers
-    readers, producer = {}, {}
-    for j, node in enumerate(nodes):
-        for name in node.inputs:
-            if name:
-                readers.setdefault(name, []).append(j)
-        for name in node.outputs:
-            if name:
-                producer[name] = j
-    act_of = {j: i for i, (j, _, _) in fusable.items()}  # activation -> the node it is fused into
-
-    def conv_weight(i):
-        node = nodes[i] if i is not None else None
-        if node is None or node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[1] not in inits:
-            return None
-        if len(node.inputs) > 2 and node.inputs[2] and node.inputs[2] not in inits:
-            return None
-        return np.asarray(inits[node.inputs[1]])
-
-    def out(i):  # what a node's output is called once its activation is fused
-        return nodes[fusable[i][0]].outputs[0] if i in fusable else nodes[i].outputs[0]
-
-    def only_reader(name):
-        r = readers.get(name, [])
-        return r[0] if len(r) == 1 else None
-
-    def residual_add(i, block_input):
-        """The Add that alone reads node i's (unfused) output and adds ``block_input`` to it."""
-        a = only_reader(nodes[i].outputs[0]) if i not in fusable else None
-        if a is not None and nodes[a].op_type == "Add" and len(nodes[a].inputs) == 2 \
-                and set(nodes[a].inputs) == {nodes[i].outputs[0], block_input} and block_input != nodes[i].outputs[0]:
-            return a
-        return None
-
-    def make(convs, add):
-        members = convs + (() if add is None else (add,))
-        indices = tuple(sorted(set(members) | {fusable[k][0] for k in members if k in fusable}))
-        final = out(members[-1])
-        inner = tuple(name for k in indices for name in nodes[k].outputs if name and name != final)
-        return Block(convs, add, indices, inner)
-
-    blocks = {}
-    for d in range(len(nodes)):
-        wd = conv_weight(d)
-        if d not in fusable or not _is_depthwise(ops[d], wd):
-            continue
-        p = only_reader(out(d))
-        wp = conv_weight(p)
-        if wp is None or not _is_pointwise(ops[p], wp) or wp.shape[1] != wd.shape[0] or nodes[p].inputs[0] != out(d):
-            continue
-        e = act_of.get(producer.get(nodes[d].inputs[0]))
-        we = conv_weight(e)
-        if we is not None and _is_pointwise(ops[e], we) and we.shape[0] == wd.shape[0] and only_reader(out(e)) == d:
-            blocks[e] = make((e, d, p), residual_add(p, nodes[e].inputs[0]))
-    return blocks

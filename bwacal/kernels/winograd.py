@@ -24,10 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from bwacal.ops._frames import FMA, REDUCE
-from bwacal.ops._kernels import blas_threads as _blas_threads
-from bwacal.ops._kernels import blas_twins
-from bwacal.ops._simd import sclip, smask
+from bwacal.kernels import blas
+from bwacal.kernels.flags import FMA, FMA_REDUCE, INLINE
+from bwacal.kernels.simd import sclip, smask
 
 # Below this many input or output channels the transforms (memory-bound) cost more than the GEMMs
 # save: ResNet-18's 64-channel 56x56 layer's forward+backward took 28.1 ms direct against 35.7 (its
@@ -120,31 +119,31 @@ def backward(x, w, kept, dy, mask, need_dx, need_dw):
     return dx, dw, db
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _g(g0, g1, g2):
     """G (g0, g1, g2): the kernel transform along one axis."""
     return g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _bt(d0, d1, d2, d3):
     """B^T (d0..d3): the input transform along one axis."""
     return d0 - d2, d1 + d2, d2 - d1, d1 - d3
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _at(m0, m1, m2, m3):
     """A^T (m0..m3): two outputs from a transformed tile along one axis."""
     return m0 + m1 + m2, m1 - m2 - m3
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _a(d0, d1):
     """A (d0, d1): dL/dy of two outputs into the transformed tile along one axis."""
     return d0, d0 + d1, d0 - d1, -d1
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _gt(m0, m1, m2, m3):
     """G^T (m0..m3): a transformed tile's dL/dW along one axis (three taps)."""
     return m0 + 0.5 * (m1 + m2), 0.5 * (m1 - m2), 0.5 * (m1 + m2) + m3
@@ -175,7 +174,7 @@ def _weights(w, u, us):
     return bad
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _store_bt(buf, r, s, v, vs, e):
     """``v[k*vs + e]`` = element k of ``B^T buf[r:r+4, s:s+4] B``."""
     a00, a10, a20, a30 = _bt(buf[r, s], buf[r + 1, s], buf[r + 2, s], buf[r + 3, s])
@@ -188,7 +187,7 @@ def _store_bt(buf, r, s, v, vs, e):
     v[12 * vs + e], v[13 * vs + e], v[14 * vs + e], v[15 * vs + e] = _bt(a30, a31, a32, a33)
 
 
-@njit(inline="always")
+@njit(**INLINE)
 def _store_image_bt(buf, th, tw, v, vs, e):
     """``_store_bt`` of every tile of one image's bordered ``buf``: block t at ``e + t``."""
     for ti in range(th):
@@ -250,7 +249,7 @@ def _output(m, ms, bias, lo, hi, y):
                             y[o, n, i + 1, j + 1] = sclip(z11 + bo, lo, hi)
 
 
-@njit(**REDUCE)
+@njit(**FMA_REDUCE)
 def _grad(dy, y, masked, lo, hi, vb, bs, va, as_, db):
     """From dL/dy (zero where the fused clip's output ``y`` is outside (lo, hi) or NaN, if ``masked``):
     ``vb`` its input transform (as ``_input``: dL/dx's Winograd conv reads it), ``va`` the ``A dy A^T``
@@ -307,7 +306,7 @@ def _weight_grad(acc, acs, dw):
 
 
 # The GEMMs: one tile element per iteration of a prange, each a single-threaded BLAS call, so numba's
-# threads share the 16 (their serial twins when BLAS runs its own threads: ``_kernels.blas_twins``).
+# threads share the 16 (their serial twins when BLAS runs its own threads: ``blas.blas_twins``).
 
 
 def _products(u, us, v, vs, m, ms, o, c, p):
@@ -348,10 +347,10 @@ def _weight_grad_spans(va, as_, v, vs, o, c, p, span, acc, acs):
             acc[k * acs:k * acs + o * c] += part.ravel()
 
 
-_GEMMS = {fn.__name__: blas_twins(fn, FMA) for fn in (_products, _input_grad_products, _weight_grad_products,
+_GEMMS = {fn.__name__: blas.blas_twins(fn, FMA) for fn in (_products, _input_grad_products, _weight_grad_products,
                                                        _weight_grad_spans)}
 
 
 def _gemm(name):
     threaded, serial = _GEMMS[name]
-    return threaded if _blas_threads() == 1 else serial
+    return threaded if blas.blas_threads() == 1 else serial

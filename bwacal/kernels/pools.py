@@ -1,68 +1,17 @@
-"""numba kernels behind grouped convs (im2col, col2im) and the pools, on CNHW float arrays
-(channels, batch, height, width); dense and depthwise convs are in ``_frames.py``.
-
-With activations channel-major, a grouped conv is one GEMM per group,
-``W_g (O/g, C/g*kh*kw) @ cols_g (C/g*kh*kw, N*Ho*Wo)``, whose result is already the CNHW output.
-Each kernel's parallel loop owns distinct output elements, so threads never write the same place.
+"""numba kernels behind MaxPool and AveragePool, on CNHW float arrays (channels, batch, height,
+width). Each kernel's parallel loop owns distinct output elements, so threads never write the same
+place.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from bwacal.kernels import JIT_PARALLEL as JIT  # numba flags live in one place
-from bwacal.runtime import openblas_threads, single_thread_blas
-
-
-@njit(**JIT)
-def im2col(x, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, cols):
-    """Fill ``cols[(c*kh + i)*kw + j, (b*ho + oi)*wo + oj]`` with the pixel that window tap (i, j)
-    of output (oi, oj) sees in channel c of image b; zero where the window hangs over the padding."""
-    c, n, h, w = x.shape
-    for row in prange(c * kh * kw):
-        ch = row // (kh * kw)
-        ki = (row // kw) % kh
-        kj = row % kw
-        for b in range(n):
-            for oi in range(ho):
-                ii = oi * sh + ki * dh - ph
-                base = (b * ho + oi) * wo
-                if ii < 0 or ii >= h:
-                    for oj in range(wo):
-                        cols[row, base + oj] = 0
-                else:
-                    for oj in range(wo):
-                        jj = oj * sw + kj * dw - pw
-                        if jj >= 0 and jj < w:
-                            cols[row, base + oj] = x[ch, b, ii, jj]
-                        else:
-                            cols[row, base + oj] = 0
+from bwacal.kernels.flags import JIT_PARALLEL
 
 
-@njit(**JIT)
-def col2im(cols, kh, kw, sh, sw, dh, dw, ph, pw, ho, wo, dx):
-    """The adjoint of ``im2col``: add every column entry back onto the pixel it was read from."""
-    c, n, h, w = dx.shape
-    for ch in prange(c):
-        for ki in range(kh):
-            for kj in range(kw):
-                row = (ch * kh + ki) * kw + kj
-                for b in range(n):
-                    for oi in range(ho):
-                        ii = oi * sh + ki * dh - ph
-                        if ii < 0 or ii >= h:
-                            continue
-                        base = (b * ho + oi) * wo
-                        for oj in range(wo):
-                            jj = oj * sw + kj * dw - pw
-                            if jj >= 0 and jj < w:
-                                dx[ch, b, ii, jj] += cols[row, base + oj]
-
-
-@njit(**JIT)
+@njit(**JIT_PARALLEL)
 def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y, arg):
     """Max over each window (padding never wins; a window wholly in the padding gives -inf): over
     each input row's column windows first, then over the rows of each window. Each comparison is
@@ -113,7 +62,7 @@ def maxpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, y, arg):
                 first = False
 
 
-@njit(**JIT)
+@njit(**JIT_PARALLEL)
 def maxpool_backward(arg, dy, kw, sh, sw, dh, dw, ph, pw, dx):
     """Route each output gradient to the input element that won its max (``arg`` from
     ``maxpool_forward``); ``dx`` is overwritten (zero where nothing won)."""
@@ -133,7 +82,7 @@ def maxpool_backward(arg, dy, kw, sh, sw, dh, dw, ph, pw, dx):
                     d[oi * sh + (k // kw) * dh - ph, oj * sw + (k % kw) * dw - pw] += g[oj]
 
 
-@njit(**JIT)
+@njit(**JIT_PARALLEL)
 def avgpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, divisor, y):
     """Window sums divided by ``divisor[oi, oj]`` (the count the spec asks for at that position)."""
     c, n, h, w = x.shape
@@ -155,7 +104,7 @@ def avgpool_forward(x, kh, kw, sh, sw, dh, dw, ph, pw, divisor, y):
                 y[ch, b, oi, oj] = acc / divisor[oi, oj]
 
 
-@njit(**JIT)
+@njit(**JIT_PARALLEL)
 def avgpool_backward(dy, kh, kw, sh, sw, dh, dw, ph, pw, divisor, dx):
     """Spread each output gradient evenly over the real (non-padding) pixels of its window."""
     c, n, h, w = dx.shape
@@ -174,47 +123,3 @@ def avgpool_backward(dy, kh, kw, sh, sw, dh, dw, ph, pw, divisor, dx):
                         jj = oj * sw + kj * dw - pw
                         if jj >= 0 and jj < w:
                             dx[ch, b, ii, jj] += g
-
-
-@lru_cache(maxsize=1)
-def blas_threads() -> int:
-    """The most threads any loaded OpenBLAS runs (1 unless ``OPENBLAS_NUM_THREADS`` was set).
-
-    First loads SciPy's OpenBLAS, the one numba's ``np.dot`` calls, and sets it to one thread as
-    importing bwacal set NumPy's (``runtime.single_thread_blas``): here rather than at import,
-    where SciPy's linalg took 130-150 ms of the 430-620 ms of ``import bwacal``."""
-    import scipy.linalg.cython_blas  # noqa: F401
-
-    single_thread_blas()
-    return max(openblas_threads().values(), default=1)
-
-
-def blas_twins(fn, flags):
-    """``fn`` (which calls BLAS through ``np.dot``) jitted twice: over numba's threads with ``flags``,
-    each thread making single-threaded BLAS calls, and serial, for when BLAS runs its own threads
-    (``blas_threads() > 1``: BLAS inside an OpenMP loop oversubscribes the cores). The serial twin is
-    not cached: numba's cache is keyed by the function, not its flags, so either twin could load the
-    other's machine code (the serial one loaded the threaded one, and OpenBLAS printed "Detect
-    OpenMP Loop")."""
-    return njit(**flags)(fn), njit(**dict(flags, parallel=False, cache=False))(fn)
-
-
-def _rows_dot(a, bt, out, parts):
-    """``out = a @ bt.T``, the rows of ``a`` and ``out`` in ``parts`` pieces, one BLAS call each."""
-    step = -(-a.shape[0] // parts)
-    for i in prange(parts):
-        r0 = i * step
-        r1 = min(a.shape[0], r0 + step)
-        if r0 < r1:
-            np.dot(a[r0:r1], bt.T, out[r0:r1])
-
-
-_ROWS_DOT = blas_twins(_rows_dot, JIT)
-
-
-def rows_dot(a, bt, out):
-    """``out = a @ bt.T`` (2-D, ``a`` and ``out`` C-contiguous) on all of numba's threads."""
-    if blas_threads() == 1:
-        _ROWS_DOT[0](a, bt, out, get_num_threads())
-    else:
-        _ROWS_DOT[1](a, bt, out, 1)

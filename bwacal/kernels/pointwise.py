@@ -1,11 +1,12 @@
-"""numba kernels for the element-wise activations whose NumPy form takes several passes over the
-tensor (Erf, Gelu, Softplus, Mish, Elu), forward and backward, one pass each.
+"""numba kernels for element-wise ops, one pass over the tensor each: the activations whose NumPy
+form takes several passes (Erf, Gelu, Softplus, Mish, Elu), forward and backward, and a fused
+Relu/Clip (``add_clip``: a residual Add and its activation; ``clip_grad``: the gradient through it).
 
 Every kernel walks its flattened arrays in jobs of ``ELEMENTS`` elements, one job per thread at a
-time, computes each element in float64 and rounds once to the output's type. A job indexes slices of
-its own (``xs = a[lo:hi]``), as ``_frames.add_clip`` does: indexed from ``blk * ELEMENTS`` into the
-whole array, the same exp loop took 79 ms instead of 14 on a 64x256x28x28 tensor. The backward kernels
-take the op's input ``x``, not its output. Slow NumPy versions of each live in ``tests/naive.py``.
+time. A job indexes slices of its own (``xs = a[lo:hi]``): indexed from ``blk * ELEMENTS`` into the
+whole array, the same exp loop took 79 ms instead of 14 on a 64x256x28x28 tensor. The activations
+compute each element in float64 and round once to the output's type; their backward kernels take
+the op's input ``x``, not its output. Slow NumPy versions of each live in ``tests/naive.py``.
 
 Two sets of kernels, picked by the input's type:
 
@@ -17,8 +18,9 @@ Two sets of kernels, picked by the input's type:
   Recipes' ``erfcc``, relative error below 1.2e-7), erf below 1 by its Taylor series. Measured
   against SciPy over [-10, 10]: Erf within 0.6 float32 ulp, Gelu within 1.6e-7 relative.
 
-Compiled with ``_frames.FMA`` (``JIT_PARALLEL`` plus "contract" and NumPy's error model): under
-Python's error model each division tests for zero and raises, and the loop does not vectorise.
+The float32 kernels are compiled with ``flags.FMA`` (``JIT_PARALLEL`` plus "contract" and NumPy's
+error model): under Python's error model each division tests for zero and raises, and the loop does
+not vectorise. The scalar helpers they call are inlined by numba (``flags.INLINE``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from bwacal.kernels import _ROUNDER, JIT, JIT_PARALLEL
-from bwacal.ops._frames import ELEMENTS, FMA
+from bwacal.kernels.flags import FMA, FMA_SCALAR, INLINE, JIT, JIT_PARALLEL
+from bwacal.kernels.quant import ROUNDER
+
+ELEMENTS = 1 << 16  # elements per job of the element-wise kernels
 
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -232,9 +236,6 @@ def _elu_grad(x, dy, alpha, out):
 # float32 inputs: vectorisable forms, computed in float64
 
 
-# the scalar helpers: FMA's flags without the parallel pass (they have no loop), inlined into the
-# kernels by numba itself, since LLVM's inliner left some of them as calls and the loop scalar
-_SCALAR = dict(FMA, parallel=False)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 # erf(x) / x = sum_k _ERF_TAYLOR[k] x**(2k): below |x| = 1 the 12 terms leave 1.1e-9
@@ -254,26 +255,26 @@ def _pow2(typingctx, n):
     return types.float64(types.int64), codegen
 
 
-@njit(inline="always", **_SCALAR)
+@njit(**INLINE, **FMA_SCALAR)
 def _exp_parts(v):
     """``(s, q)`` with ``exp(v) = s (1 + q)``, ``s`` a power of two and ``|q| < 0.42``: so
     ``exp(v) = s + s q`` and ``expm1(v) = s q + (s - 1)``, the latter exact near 0 (s = 1).
     ``v`` is clamped to [-708, 709] (float32 overflows and underflows well inside); NaN passes."""
     v = 709.0 if v > 709.0 else v
     v = -708.0 if v < -708.0 else v
-    n = (v * _LOG2E + _ROUNDER) - _ROUNDER  # the nearest integer (bwacal.kernels._ROUNDER)
+    n = (v * _LOG2E + ROUNDER) - ROUNDER  # the nearest integer (kernels.quant.ROUNDER)
     r = v - n * _LN2
     q = r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (1 / 5040 + r / 40320)))))))
     return _pow2(np.int64(n)), q
 
 
-@njit(inline="always", **_SCALAR)
+@njit(**INLINE, **FMA_SCALAR)
 def _exp(v):
     s, q = _exp_parts(v)
     return s + s * q
 
 
-@njit(inline="always", **_SCALAR)
+@njit(**INLINE, **FMA_SCALAR)
 def _erfc(z):
     """erfc(z) for z >= 0, relative error below 1.2e-7 (Numerical Recipes, erfcc)."""
     t = 1.0 / (1.0 + 0.5 * z)
@@ -282,7 +283,7 @@ def _erfc(z):
     return t * _exp(p - z * z)
 
 
-@njit(inline="always", **_SCALAR)
+@njit(**INLINE, **FMA_SCALAR)
 def _erf_fast(x):
     s = x * x
     small = x * (_E0 + s * (_E1 + s * (_E2 + s * (_E3 + s * (_E4 + s * (_E5 + s * (_E6 + s * (_E7 + s * (
@@ -293,20 +294,20 @@ def _erf_fast(x):
     return small if a < 1.0 else big
 
 
-@njit(inline="always", **_SCALAR)
+@njit(**INLINE, **FMA_SCALAR)
 def _phi_fast(v):
     """Phi(v), the standard normal CDF."""
     h = 0.5 * _erfc(abs(v) * _INV_SQRT2)
     return h if v < 0 else 1.0 - h
 
 
-@njit(inline="always", **_SCALAR)
+@njit(**INLINE, **FMA_SCALAR)
 def _sigmoid_2u_fast(v):
     """(1 + tanh(u)) / 2 = sigmoid(2u), u = sqrt(2/pi) (v + 0.044715 v**3): Gelu's tanh form over v."""
     return 1.0 / (1.0 + _exp(-2.0 * _SQRT_2_OVER_PI * (v + _GELU_CUBIC * v * v * v)))
 
 
-@njit(inline="always", **_SCALAR)
+@njit(**INLINE, **FMA_SCALAR)
 def _log1p_small(w):
     """log(1 + w) for w in [0, 1], as 2 atanh(w / (2 + w)): f <= 1/3, ten terms leave 1.4e-10."""
     f = w / (2.0 + w)
@@ -508,6 +509,45 @@ def _elu_grad_f32(x, dy, alpha, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# a fused Relu/Clip: forward through a residual Add, backward through any op that applied it
+
+
+@njit(**FMA)
+def clip_grad(dy, y, lo_clip, hi_clip, out):
+    """``out = dy`` where ``lo < y < hi``, else 0: the gradient through a fused Relu/Clip, one pass."""
+    g = dy.reshape(-1)
+    v = y.reshape(-1)
+    r = out.reshape(-1)
+    lo = v.dtype.type(lo_clip)
+    hi = v.dtype.type(hi_clip)
+    n = v.size
+    for blk in prange((n + ELEMENTS - 1) // ELEMENTS):
+        a, b = blk * ELEMENTS, min(n, (blk + 1) * ELEMENTS)
+        gs, vs, rs = g[a:b], v[a:b], r[a:b]
+        for i in range(b - a):
+            t = vs[i]
+            rs[i] = gs[i] if (t > lo) & (t < hi) else 0
+
+
+@njit(**FMA)
+def add_clip(a, b, lo_clip, hi_clip, out):
+    """``out = min(max(a + b, lo), hi)`` for same-shape arrays, one pass: a residual Add and its Relu."""
+    x = a.reshape(-1)
+    z = b.reshape(-1)
+    r = out.reshape(-1)
+    lo = r.dtype.type(lo_clip)
+    hi = r.dtype.type(hi_clip)
+    n = r.size
+    for blk in prange((n + ELEMENTS - 1) // ELEMENTS):
+        p, q = blk * ELEMENTS, min(n, (blk + 1) * ELEMENTS)
+        xs, zs, rs = x[p:q], z[p:q], r[p:q]
+        for i in range(q - p):
+            v = xs[i] + zs[i]
+            v = lo if v < lo else v
+            rs[i] = hi if v > hi else v
+
+
+# ---------------------------------------------------------------------------------------------
 # NumPy-facing wrappers: float64 arrays go to the libm kernels, everything else is computed in float32
 
 
@@ -527,18 +567,37 @@ def _result(out, like):
     return out if out.dtype == like.dtype else out.astype(like.dtype)
 
 
-def erf(x):
-    """erf of a float array (same dtype)."""
-    xs, out = _prepare(x)
-    (_erf if xs.dtype == np.float64 else _erf_f32)(xs, out)
-    return _result(out, x)
+def _unary(kernel, kernel_f32, doc):
+    """The wrapper ``f(x)`` of a forward kernel pair: float64 to ``kernel``, the rest to ``kernel_f32``."""
+
+    def forward(x):
+        xs, out = _prepare(x)
+        (kernel if xs.dtype == np.float64 else kernel_f32)(xs, out)
+        return _result(out, x)
+
+    forward.__doc__ = doc
+    return forward
 
 
-def erf_grad(x, dy):
-    """dL/dx of ``erf(x)`` given dL/dy."""
-    xs, g, out = _prepare(x, dy)
-    (_erf_grad if xs.dtype == np.float64 else _erf_grad_f32)(xs, g, out)
-    return _result(out, x)
+def _unary_grad(kernel, kernel_f32, doc):
+    """The wrapper ``f_grad(x, dy)`` of a backward kernel pair, as ``_unary``."""
+
+    def backward(x, dy):
+        xs, g, out = _prepare(x, dy)
+        (kernel if xs.dtype == np.float64 else kernel_f32)(xs, g, out)
+        return _result(out, x)
+
+    backward.__doc__ = doc
+    return backward
+
+
+erf = _unary(_erf, _erf_f32, "erf of a float array (same dtype).")
+erf_grad = _unary_grad(_erf_grad, _erf_grad_f32, "dL/dx of ``erf(x)`` given dL/dy.")
+softplus = _unary(_softplus, _softplus_f32, "``log(1 + exp(x))`` of a float array.")
+softplus_grad = _unary_grad(_softplus_grad, _softplus_grad_f32,
+                            "dL/dx of ``softplus(x)`` given dL/dy: ``dy * sigmoid(x)``.")
+mish = _unary(_mish, _mish_f32, "``x tanh(softplus(x))`` of a float array.")
+mish_grad = _unary_grad(_mish_grad, _mish_grad_f32, "dL/dx of ``mish(x)`` given dL/dy.")
 
 
 def gelu(x, tanh_approx):
@@ -558,34 +617,6 @@ def gelu_grad(x, dy, tanh_approx):
         _gelu_grad(xs, g, bool(tanh_approx), out)
     else:
         (_gelu_tanh_grad_f32 if tanh_approx else _gelu_grad_f32)(xs, g, out)
-    return _result(out, x)
-
-
-def softplus(x):
-    """``log(1 + exp(x))`` of a float array."""
-    xs, out = _prepare(x)
-    (_softplus if xs.dtype == np.float64 else _softplus_f32)(xs, out)
-    return _result(out, x)
-
-
-def softplus_grad(x, dy):
-    """dL/dx of ``softplus(x)`` given dL/dy: ``dy * sigmoid(x)``."""
-    xs, g, out = _prepare(x, dy)
-    (_softplus_grad if xs.dtype == np.float64 else _softplus_grad_f32)(xs, g, out)
-    return _result(out, x)
-
-
-def mish(x):
-    """``x tanh(softplus(x))`` of a float array."""
-    xs, out = _prepare(x)
-    (_mish if xs.dtype == np.float64 else _mish_f32)(xs, out)
-    return _result(out, x)
-
-
-def mish_grad(x, dy):
-    """dL/dx of ``mish(x)`` given dL/dy."""
-    xs, g, out = _prepare(x, dy)
-    (_mish_grad if xs.dtype == np.float64 else _mish_grad_f32)(xs, g, out)
     return _result(out, x)
 
 
