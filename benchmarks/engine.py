@@ -2,10 +2,11 @@
 
 Same model, batch and thread count in one run, the four timings taking turns in each round; prints
 a Markdown table of images/s (best round) and ratios.
-Forward+backward computes dL/dx and dL/dW for every Conv/Gemm weight for L = sum(r * logits),
+Forward+backward computes dL/dx and dL/dW for every Conv/Gemm/MatMul weight for L = sum(r * logits),
 on the BatchNorm-folded graph in bwacal (what calibration runs) and with eval-mode BN in PyTorch.
 
     python -m benchmarks.engine [--threads 2] [--repeat 5] [--models resnet20,resnet18,mobilenetv2]
+    python -m benchmarks.engine --models resnet50,efficientnet_b0,convnext_tiny,vit_b_16 --memory ''
     python -m benchmarks.engine --memory resnet18   # peak RSS of one bwacal forward+backward (subprocess)
 """
 
@@ -20,12 +21,30 @@ import tempfile
 import time
 from pathlib import Path
 
+
+def _torch_model(name: str):
+    from tests import torch_models
+
+    if name == "resnet20":
+        return torch_models.resnet_cifar(depth=20, in_ch=3, width=16, classes=10)
+    if name == "mobilenetv2":
+        return torch_models.mobilenetv2_small(in_ch=3, classes=10, width_mult=1.0)
+    from benchmarks.imagenet import BUILDERS
+
+    return BUILDERS[name]()
+
+
 MODELS = {
-    # name: (builder kwargs, input shape, batch)
-    "resnet20": ("resnet_cifar", dict(depth=20, in_ch=3, width=16, classes=10), (3, 32, 32), 128),
-    "resnet18": ("resnet18", dict(in_ch=3, classes=1000), (3, 224, 224), 8),
-    "mobilenetv2": ("mobilenetv2_small", dict(in_ch=3, classes=10, width_mult=1.0), (3, 32, 32), 128),
+    # name: (input shape, batch); the 224x224 models are benchmarks/imagenet.py's full-size layouts
+    "resnet20": ((3, 32, 32), 128),
+    "resnet18": ((3, 224, 224), 8),
+    "mobilenetv2": ((3, 32, 32), 128),
+    "resnet50": ((3, 224, 224), 8),
+    "efficientnet_b0": ((3, 224, 224), 8),
+    "convnext_tiny": ((3, 224, 224), 8),
+    "vit_b_16": ((3, 224, 224), 8),
 }
+DEFAULT_MODELS = ("resnet20", "resnet18", "mobilenetv2")
 
 
 def _set_threads(n: int):
@@ -40,8 +59,8 @@ def _export(name: str, workdir: Path) -> Path:
 
     from tests import torch_models
 
-    builder, kwargs, shape, batch = MODELS[name]
-    model = getattr(torch_models, builder)(**kwargs).eval()
+    shape, _ = MODELS[name]
+    model = _torch_model(name).eval()
     path = workdir / f"{name}.onnx"
     torch_models.export(model, path, torch.randn(2, *shape))
     return path, model
@@ -74,13 +93,14 @@ def bench(name: str, threads: int, repeat: int, workdir: Path) -> dict:
     import torch
 
     import bwacal
+    from bwacal.quantize import select_layers
 
     torch.set_num_threads(threads)
     path, tmodel = _export(name, workdir)
-    _, _, shape, batch = MODELS[name]
+    shape, batch = MODELS[name]
     x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
     model = bwacal.load_model(path)
-    weights = [n.inputs[1] for n in model.graph.nodes if n.op_type in ("Conv", "Gemm")]
+    weights = [layer.weight for layer in select_layers(model.graph, 8)]  # every Conv/Gemm/MatMul weight
     r = np.random.default_rng(1).standard_normal((batch, model.num_classes)).astype(np.float32)
 
     so = ort.SessionOptions()
@@ -127,10 +147,11 @@ import bwacal
 def hwm():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024
 path = {str(path)!r}
-_, _, shape, batch = MODELS[{name!r}]
+shape, batch = MODELS[{name!r}]
 model = bwacal.load_model(path)
 x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-w = [n.inputs[1] for n in model.graph.nodes if n.op_type in ("Conv", "Gemm")] + [model.input_name]
+from bwacal.quantize import select_layers
+w = [layer.weight for layer in select_layers(model.graph, 8)] + [model.input_name]
 base = hwm()
 for _ in range(2):
     logits, tape = model.forward(x, record=True, wrt=w)
@@ -144,11 +165,16 @@ print(base, hwm())
     return base, peak
 
 
+def _rate(images_per_second: float) -> str:
+    """Three significant figures (a ViT-B/16 runs at a few images per second, ResNet-20 at thousands)."""
+    return f"{images_per_second:.0f}" if images_per_second >= 100 else f"{images_per_second:.3g}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(MODELS)}")
     ap.add_argument("--memory", default="resnet18", help="model for the peak-memory run ('' to skip)")
     args = ap.parse_args()
     _set_threads(args.threads)
@@ -174,14 +200,14 @@ def main():
           "PyTorch fwd+bwd img/s | fwd+bwd ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['shape']} | {r['batch']} | {r['bwacal_fwd']:.0f} | {r['ort_fwd']:.0f} | "
-              f"{r['bwacal_fwd'] / r['ort_fwd']:.2f}x | {r['bwacal_fwdbwd']:.0f} | {r['torch_fwdbwd']:.0f} | "
+        print(f"| {r['model']} | {r['shape']} | {r['batch']} | {_rate(r['bwacal_fwd'])} | {_rate(r['ort_fwd'])} | "
+              f"{r['bwacal_fwd'] / r['ort_fwd']:.2f}x | {_rate(r['bwacal_fwdbwd'])} | {_rate(r['torch_fwdbwd'])} | "
               f"{r['bwacal_fwdbwd'] / r['torch_fwdbwd']:.2f}x |")
     if args.memory:
         with tempfile.TemporaryDirectory() as d:
             base, peak = peak_memory(args.memory, args.threads, Path(d))
         print()
-        print(f"peak RSS of bwacal forward+backward, {args.memory} batch {MODELS[args.memory][3]}: "
+        print(f"peak RSS of bwacal forward+backward, {args.memory} batch {MODELS[args.memory][1]}: "
               f"{peak:.0f} MiB (process after loading the model: {base:.0f} MiB)")
 
 
