@@ -7,12 +7,10 @@ gradient does not vanish near them the way a plain sigmoid's does.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-from bwacal.kernels import JIT
+from bwacal.kernels.rounding import ETA, ZETA, adam_rounding_step  # noqa: F401  (ZETA, ETA: the stretch, the paper's zeta and gamma)
 
-ZETA, ETA = 1.1, -0.1  # the stretch of the rectified sigmoid (the paper's zeta and gamma)
 
 
 def rectified_sigmoid_and_grad(v) -> tuple[np.ndarray, np.ndarray]:
@@ -66,42 +64,6 @@ def annealed_beta(iteration: int, iterations: int, warmup: float = 0.2, start: f
     return end + (start - end) * max(0.0, 1.0 - progress)
 
 
-@numba.njit(**JIT)
-def _adam_rounding_step(v, m, s, lo, span, gw, pull, beta, reg, lr, b1, b2, c1, c2, eps, w):
-    """One AdaRound step on the rounding variables, in place, fused: the gradient, Adam, the next weights.
-
-    With ``h, dh = h(V), dh/dV`` (the rectified sigmoid), the gradient of the reconstruction loss is
-    ``2 (gw - pull) span dh`` (``gw = W~ G``, ``pull = X w`` of the moments), plus ``reg`` times the
-    regulariser's ``-2 beta |2h - 1|**(beta - 1) sign(2h - 1) dh`` when ``beta > 0``; Adam (moments
-    ``m`` and ``s``, bias corrections ``c1``, ``c2``) updates ``v``; then ``w = lo + h(V) span`` for
-    the next product. All float64, flat, the same length.
-
-    Parameters
-    ----------
-    v, m, s, w : float64[::1], updated in place
-    lo, span, gw, pull : float64[::1]
-    beta : float (<= 0: no regulariser); reg, lr, b1, b2, c1, c2, eps : float
-    """
-    stretch = ZETA - ETA
-    for i in range(v.size):
-        sig = 1.0 / (1.0 + np.exp(-v[i]))
-        t = sig * stretch + ETA
-        if t > 0.0 and t < 1.0:
-            h, dh = t, sig * (1.0 - sig) * stretch
-        else:
-            h, dh = min(max(t, 0.0), 1.0), 0.0
-        g = 2.0 * (gw[i] - pull[i]) * span[i] * dh
-        if beta > 0.0 and dh != 0.0:
-            u = 2.0 * h - 1.0
-            if u != 0.0:
-                g -= reg * 2.0 * beta * abs(u) ** (beta - 1.0) * (1.0 if u > 0.0 else -1.0) * dh
-        m[i] = b1 * m[i] + (1.0 - b1) * g
-        s[i] = b2 * s[i] + (1.0 - b2) * g * g
-        v[i] -= lr * (m[i] / c1) / (np.sqrt(s[i] / c2) + eps)
-        sig = 1.0 / (1.0 + np.exp(-v[i]))
-        w[i] = lo[i] + min(max(sig * stretch + ETA, 0.0), 1.0) * span[i]
-
-
 def learn_rounding(v, lo, span, gram, pull, iterations: int, lr: float, reg: float, warmup: float = 0.2,
                    beta_start: float = 20.0, beta_end: float = 2.0, betas=(0.9, 0.999), eps: float = 1e-8):
     """AdaRound's optimisation of ``v`` in place with the exact gradient of the moments' loss
@@ -124,6 +86,6 @@ def learn_rounding(v, lo, span, gram, pull, iterations: int, lr: float, reg: flo
         np.matmul(w, gram, out=gw)
         beta = annealed_beta(it, iterations, warmup, beta_start, beta_end)
         t = it + 1
-        _adam_rounding_step(flat[0], flat[1], flat[2], flat[3], flat[4], flat[5], flat[6],
+        adam_rounding_step(flat[0], flat[1], flat[2], flat[3], flat[4], flat[5], flat[6],
                             -1.0 if beta is None else float(beta), float(reg), float(lr), b1, b2,
                             1.0 - b1**t, 1.0 - b2**t, eps, flat[7])
