@@ -277,7 +277,8 @@ def check_calibrate(corpus: Corpus, arch, exporter):
     err = _rel_err(got, want)
     assert err <= QUANT_TOL, f"written model in ONNX Runtime differs from bwacal's quantized forward by {err:.2e}"
     full_precision = _ort(path).run(None, {"input": x})[0]
-    assert _rel_err(got, full_precision) > 10 * QUANT_TOL, "the written model computes the full-precision logits"
+    # learned rounding brings W4 close to FP (SqueezeNet: 8.7e-4), still well apart from the ORT-vs-bwacal tolerance
+    assert _rel_err(got, full_precision) > 3 * QUANT_TOL, "the written model computes the full-precision logits"
 
 
 CHECKS = {"loads": check_loads, "forward": check_forward, "grads": check_gradients, "calibrate": check_calibrate}
