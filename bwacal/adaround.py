@@ -206,7 +206,8 @@ def _solver_for(net: QuantizedNetwork, index: int, images, options: AdaRoundOpti
     groups = int(node.attrs.get("group", 1)) if node.op_type == "Conv" else 1
     channels = weight.shape[net.weights[index].axis]
     k = int(weight.size // channels)  # row length of one group
-    probe, _ = net.model.engine.run({net.model.input_name: images[:1]}, outputs=[layer.data_input])
+    probe, _ = _engine_until(net.model.graph, layer.data_input).run({net.model.input_name: images[:1]},
+                                                                     outputs=[layer.data_input])
     rows_per_image = len(layer_rows(node.op_type, node.attrs, probe[layer.data_input], weight.shape))
     rows = rows_per_image * len(images)
     moments = 2 * rows * groups * k * k + options.iterations * 2 * channels * k * k

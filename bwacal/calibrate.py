@@ -225,13 +225,7 @@ def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake")
     model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
     with open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes,
                       layout=model.layout) as data:
-        pool = calibration_subset(data.n, options.num_images, options.seed, data.path)
-        sources = data.sources[pool] if data.sources is not None else None
-        try:
-            train, held = holdout_split(len(pool), options.holdout if len(pool) > 1 else 0.0, options.seed,
-                                        sources, options.split)
-        except ValueError as exc:
-            raise BwacalError(f"{data.path}: {exc}") from None
+        pool, train, held = _split_pool(data, options)
         x, _ = data.read(pool[:min(len(pool), options.batch_size)])
     layers, excluded = plan_layers(model.graph, options)
     inits = model.graph.initializers
@@ -294,17 +288,24 @@ def calibration_subset(n: int, num_images: int | None, seed: int, path="the cali
     return np.sort(np.random.default_rng([seed, 0x5EB]).choice(n, num_images, replace=False))
 
 
+def _split_pool(data, options):
+    """The images calibration uses (``--num-images``) and the positions in them of the fitting and
+    the held-out part."""
+    pool = calibration_subset(data.n, options.num_images, options.seed, data.path)
+    sources = data.sources[pool] if data.sources is not None else None
+    try:
+        train, held = holdout_split(len(pool), options.holdout if len(pool) > 1 else 0.0, options.seed,
+                                    sources, options.split)
+    except ValueError as exc:
+        raise BwacalError(f"{data.path}: {exc}") from None
+    return pool, train, held
+
+
 def _calibrate(model: Model, data, options, eval_path, progress, say, stage, started, model_path):
     loss_mode = options.loss
     if loss_mode in ("ce", "both") and not data.has_labels:
         raise BwacalError(f"{data.path}: --loss {loss_mode} needs 'labels', which the file does not have")
-    pool = calibration_subset(data.n, options.num_images, options.seed, data.path)
-    sources = data.sources[pool] if data.sources is not None else None
-    try:
-        train_pos, held_pos = holdout_split(len(pool), options.holdout if len(pool) > 1 else 0.0, options.seed,
-                                            sources, options.split)
-    except ValueError as exc:
-        raise BwacalError(f"{data.path}: {exc}") from None
+    pool, train_pos, held_pos = _split_pool(data, options)
     in_memory = len(pool) * int(np.prod(model.input_shape)) * 4 <= IN_MEMORY_LIMIT
     train, held = _Split(data, pool[train_pos], in_memory), _Split(data, pool[held_pos], in_memory)
     bs = options.batch_size
