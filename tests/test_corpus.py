@@ -267,8 +267,9 @@ def check_calibrate(corpus: Corpus, arch, exporter):
         return fitted[-1]
 
     with mock.patch.object(bwacal.calibrate, "calibrate", spy):
+        # the default method (AdaRound, then bit weights) on every architecture, at few iterations
         result = CliRunner().invoke(app, ["calibrate", str(path), "--calib", str(calib), "--bits", "4",
-                                          "--epochs", "1", "-o", str(out), "-q"])
+                                          "--epochs", "1", "--adaround-iterations", "50", "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output.strip() or repr(result.exception)
     x = _batch(8, corpus.size(arch), seed=9)
     got = _ort(out).run(None, {"input": x})[0]

@@ -29,7 +29,7 @@ def narrow(tmp_path_factory):
 
 
 def _run(calib, **kw):
-    opts = CalibrationOptions(bits=2, epochs=3, holdout=0.25, weight_method="minmax", **kw)
+    opts = CalibrationOptions(bits=2, epochs=3, holdout=0.25, weight_method="minmax", method="bwa", **kw)  # the split, not the method
     return calibrate("data/zoo/resnet20.onnx", calib, opts).report
 
 
@@ -46,7 +46,7 @@ def test_a_split_by_source_shows_the_overfitting_a_random_split_hides(narrow):
 
 def test_auto_split_follows_the_files_sources(narrow):
     report = calibrate("data/zoo/resnet20.onnx", narrow,
-                       CalibrationOptions(bits=4, epochs=0, holdout=0.25)).report
+                       CalibrationOptions(bits=4, epochs=0, holdout=0.25, method="bwa")).report
     # whole sources held out: 2 of 8 sources of 32 images
     assert report["heldout_images"] == 64
 
