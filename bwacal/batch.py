@@ -334,7 +334,7 @@ def _run_local(jobs, workers):
         # NOTE: the workers are spawned by submit; started with SIGINT ignored, a Ctrl-C in the terminal
         # reaches only this process, which stops them (local_pool), instead of each printing a traceback
         with _sigint_ignored():
-            futures = {pool.submit(run_job, replace(job, threads=threads)): job for job in jobs}
+            futures = {pool.submit(_run_in_worker, replace(job, threads=threads)): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], _result(future, futures[future])
 
@@ -393,6 +393,15 @@ def _sigint_ignored():
 
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_in_worker(job: Job) -> dict:
+    """``run_job`` in a pool worker; stopped (SIGTERM, as KeyboardInterrupt), the worker exits once
+    the interrupt has unwound (removing any temporary file) instead of taking the next queued job."""
+    try:
+        return run_job(job)
+    except KeyboardInterrupt:
+        os._exit(130)
 
 
 def _init_worker(threads: int):

@@ -395,3 +395,35 @@ def test_a_manifest_entry_takes_per_layer_rules(zoo, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "alpha.w3.json").read_text())
     assert report["excluded"] == [names[-1]] and report["layers"][1]["bits"] == 5
+
+
+def test_stopped_workers_exit_by_themselves_without_taking_the_next_job(zoo, tmp_path):
+    """Leaving the pool on an interrupt ends each running worker with SIGTERM: the worker unwinds
+    (its atomic writes remove their temporary files) and exits 130, rather than picking up a queued
+    job and having to be killed."""
+    from bwacal.batch import _run_in_worker
+
+    jobs = plan_jobs(zoo / "zoo", [2, 3, 4], tmp_path / "out", calib=zoo / "calib.h5",
+                     options=CalibrationOptions(epochs=100_000, method="bwa"))
+    (tmp_path / "out").mkdir()
+    processes = []
+    with pytest.raises(KeyboardInterrupt):
+        with local_pool(2, 1) as pool:
+            futures = [pool.submit(_run_in_worker, job) for job in jobs]
+            deadline = time.monotonic() + 300
+            # past the imports and into the jobs: each worker has spent seconds of CPU (100,000 epochs
+            # would keep them fitting for hours)
+            while time.monotonic() < deadline:
+                processes = list(pool._processes.values())
+                if len(processes) == 2 and min(_cpu_seconds(p.pid) for p in processes) > 12:
+                    break
+                time.sleep(0.5)
+            assert len(processes) == 2 and not any(f.done() for f in futures)
+            raise KeyboardInterrupt
+    assert [p.exitcode for p in processes] == [130, 130]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def _cpu_seconds(pid) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
