@@ -254,8 +254,8 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
     try:
         evaluation = _Split(eval_data, np.arange(eval_data.n), False) if eval_data is not None else held
 
-        def accuracy(forward):
-            return _top1(forward, evaluation, bs) if len(evaluation) else None
+        def accuracy(forward, batch_size=bs):
+            return _top1(forward, evaluation, batch_size) if len(evaluation) else None
 
         acc = {"fp": accuracy(model.forward)}
         uniform = [("uniform_minmax", minmax), ("uniform_mse", mse)]
@@ -298,7 +298,8 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, started, m
                               keep_best=len(held) > 0)
         fit_seconds = time.perf_counter() - fit_started
         params = net.params()
-        acc[options.method] = accuracy(lambda x: net.forward(x, params))
+        # in the fit's micro-batches, which the heap holds blocks for (see fit_bit_weights)
+        acc[options.method] = accuracy(lambda x: net.forward(x, params), fit.micro_batch or bs)
         say(_acc_line(f"after fitting (best epoch {fit.best_epoch})", acc))
         divergence = divergence_note(fit.history) if len(held) else None
         if divergence:
