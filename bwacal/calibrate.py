@@ -391,11 +391,11 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
                 fp_logp[p] = log_softmax(model.forward(x))
         acc, agreement, kl = {}, {}, {}
 
-        def score(key, forward):
+        def score(key, forward, batch_size=bs):
             if not len(evaluation):
                 acc[key] = agreement[key] = kl[key] = None
                 return
-            scores = _scores(forward, evaluation, bs, None if key == "fp" else fp_logp)
+            scores = _scores(forward, evaluation, batch_size, None if key == "fp" else fp_logp)
             acc[key] = scores["top1"]
             if key != "fp":
                 agreement[key], kl[key] = scores["agreement"], scores["kl"]
@@ -448,7 +448,8 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
         fit_seconds = time.perf_counter() - fit_started
         stage("evaluating")
         params = net.params()
-        score(options.method, lambda x: net.forward(x, params))
+        # in the fit's micro-batches, which the heap holds blocks for (see fit_bit_weights)
+        score(options.method, lambda x: net.forward(x, params), fit.micro_batch or bs)
         divergence = divergence_note(fit.history) if len(held) else None
         if divergence:
             say(divergence)
