@@ -41,6 +41,9 @@ from bwacal.quantize import QuantizedNetwork
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # Images per engine pass while collecting a layer's inputs (bounds the memory of one pass).
 COLLECT_BATCH = 128
+# Bytes of one copy of the input rows built at a time for the moments (there are two: FP and
+# quantized). At 224x224 a ResNet stem's rows are 7.4 MB per image: 128 images would be 1.9 GB.
+ROWS_BYTES = 128 << 20
 SOLVERS = ("auto", "moments", "batches")
 
 
@@ -178,17 +181,21 @@ def _moment_problem(net: QuantizedNetwork, index: int, images) -> _MomentProblem
         chunk = images[start:start + COLLECT_BATCH]
         fp, _ = fp_engine.run({model.input_name: chunk}, outputs=[layer.data_input])
         q, _ = q_engine.run({model.input_name: chunk}, params=params, outputs=[node.inputs[0]])
-        x = _rows(node, fp[layer.data_input], w_fp.shape)
-        xq = _rows(node, q[node.inputs[0]], w_fp.shape)
-        # float32 products (a chunk's rounding error, ~1e-7 of each entry, is far below what the
-        # rounding changes), summed over chunks in float64
-        g_part = np.matmul(xq.transpose(0, 2, 1), xq).astype(np.float64)
-        c_part = np.matmul(xq.transpose(0, 2, 1), x).astype(np.float64)
-        gram = g_part if gram is None else gram + g_part
-        cross = c_part if cross is None else cross + c_part
-        w_groups = w2d.reshape(x.shape[0], -1, x.shape[2]).astype(np.float32)  # (G, C/G, K)
-        energy += float(np.sum(np.square(np.matmul(x, w_groups.transpose(0, 2, 1)), dtype=np.float64)))
-        rows += x.shape[1]
+        fp_x, q_x = fp[layer.data_input], q[node.inputs[0]]
+        per_image = _rows(node, fp_x[:1], w_fp.shape).nbytes
+        step = max(1, min(len(chunk), ROWS_BYTES // max(per_image, 1)))
+        for part in range(0, len(chunk), step):
+            x = _rows(node, fp_x[part:part + step], w_fp.shape)
+            xq = _rows(node, q_x[part:part + step], w_fp.shape)
+            # float32 products (a chunk's rounding error, ~1e-7 of each entry, is far below what the
+            # rounding changes), summed over chunks in float64
+            g_part = np.matmul(xq.transpose(0, 2, 1), xq).astype(np.float64)
+            c_part = np.matmul(xq.transpose(0, 2, 1), x).astype(np.float64)
+            gram = g_part if gram is None else gram + g_part
+            cross = c_part if cross is None else cross + c_part
+            w_groups = w2d.reshape(x.shape[0], -1, x.shape[2]).astype(np.float32)  # (G, C/G, K)
+            energy += float(np.sum(np.square(np.matmul(x, w_groups.transpose(0, 2, 1)), dtype=np.float64)))
+            rows += x.shape[1]
     rows = max(rows, 1)
     return _MomentProblem(gram / rows, cross / rows, energy / rows, w2d, tuple(w_fp.shape), qw.axis)
 

@@ -242,6 +242,28 @@ def test_moments_give_the_engine_ops_reconstruction_loss_and_gradient(tmp_path):
     assert not np.allclose(problem.pull, np.matmul(problem.w_fp, problem.gram))
 
 
+def test_moments_built_in_small_pieces_are_the_same(tmp_path, monkeypatch):
+    """Rows built a few images at a time (``ROWS_BYTES``, which bounds the memory at 224x224) and
+    engine passes of a few images give the moments of one pass over everything."""
+    from bwacal import adaround as ar
+    from bwacal.quantize import quantize_network, select_layers
+
+    model, x = _grouped_model(tmp_path)
+    net = quantize_network(model, select_layers(model.graph, 2, "all-layers"), "minmax")
+    whole = [ar._moment_problem(net, index, x) for index in range(len(net.weights))]
+    monkeypatch.setattr(ar, "ROWS_BYTES", 1)  # one image's rows at a time
+    monkeypatch.setattr(ar, "COLLECT_BATCH", 7)  # 40 images: passes of 7, 7, ..., 5
+    built, rows = [], ar._rows
+    monkeypatch.setattr(ar, "_rows", lambda node, x, shape: built.append(len(x)) or rows(node, x, shape))
+    for index, want in enumerate(whole):
+        got = ar._moment_problem(net, index, x)
+        assert max(built) == 1
+        # float32 products per piece, summed in float64
+        np.testing.assert_allclose(got.gram, want.gram, rtol=1e-5, atol=1e-6 * np.abs(want.gram).max())
+        np.testing.assert_allclose(got.pull, want.pull, rtol=1e-5, atol=1e-6 * np.abs(want.pull).max())
+        assert got.target_energy == pytest.approx(want.target_energy, rel=1e-6)
+
+
 def test_learn_rounding_kernel_against_naive():
     """The fused numba step against tests/naive.py's NumPy loop: grouped moments, through the
     warm-up and the annealing, with weights that clip (h at 0 or 1) along the way."""
