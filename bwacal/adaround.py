@@ -37,6 +37,7 @@ from bwacal.quant.output_steps import layer_rows
 from bwacal.quant.rounding import annealed_beta, learn_rounding, rounding_regularizer
 from bwacal.quant.weights import channels_first
 from bwacal.quantize import QuantizedNetwork
+from bwacal.runtime import blas_on_all_cores
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # Images per engine pass while collecting a layer's inputs (bounds the memory of one pass).
@@ -188,9 +189,10 @@ def _moment_problem(net: QuantizedNetwork, index: int, images) -> _MomentProblem
             x = _rows(node, fp_x[part:part + step], w_fp.shape)
             xq = _rows(node, q_x[part:part + step], w_fp.shape)
             # float32 products (a chunk's rounding error, ~1e-7 of each entry, is far below what the
-            # rounding changes), summed over chunks in float64
-            g_part = np.matmul(xq.transpose(0, 2, 1), xq).astype(np.float64)
-            c_part = np.matmul(xq.transpose(0, 2, 1), x).astype(np.float64)
+            # rounding changes), summed over chunks in float64; no numba kernel runs beside them
+            with blas_on_all_cores():
+                g_part = np.matmul(xq.transpose(0, 2, 1), xq).astype(np.float64)
+                c_part = np.matmul(xq.transpose(0, 2, 1), x).astype(np.float64)
             gram = g_part if gram is None else gram + g_part
             cross = c_part if cross is None else cross + c_part
             w_groups = w2d.reshape(x.shape[0], -1, x.shape[2]).astype(np.float32)  # (G, C/G, K)

@@ -242,6 +242,31 @@ def test_moments_give_the_engine_ops_reconstruction_loss_and_gradient(tmp_path):
     assert not np.allclose(problem.pull, np.matmul(problem.w_fp, problem.gram))
 
 
+def test_the_moments_loop_runs_blas_on_every_core(monkeypatch):
+    """learn_rounding's GEMMs get numba's thread count of BLAS threads (bwacal keeps BLAS on one
+    thread elsewhere, runtime.py), and BLAS is back on one thread after it."""
+    import os
+
+    from bwacal import runtime
+    from bwacal.quant import rounding
+
+    if "OPENBLAS_NUM_THREADS" in os.environ or not runtime.openblas_threads():
+        pytest.skip("BLAS threads are the user's (OPENBLAS_NUM_THREADS) or not OpenBLAS")
+    seen, beta = [], rounding.annealed_beta
+    monkeypatch.setattr(rounding, "annealed_beta", lambda *a: seen.append(runtime.openblas_threads()) or beta(*a))
+    before = runtime.openblas_threads()
+    with runtime.blas_on_all_cores(2):
+        assert set(runtime.openblas_threads().values()) == {2}
+    assert runtime.openblas_threads() == before
+    import numba
+
+    rng = np.random.default_rng(0)
+    lo = rng.normal(size=(1, 3, 5))
+    rounding.learn_rounding(rng.normal(size=lo.shape), lo, np.ones_like(lo), np.eye(5)[None], lo, 3, 0.01, 0.01)
+    assert seen and all(set(counts.values()) == {numba.get_num_threads()} for counts in seen)
+    assert runtime.openblas_threads() == before
+
+
 def test_moments_built_in_small_pieces_are_the_same(tmp_path, monkeypatch):
     """Rows built a few images at a time (``ROWS_BYTES``, which bounds the memory at 224x224) and
     engine passes of a few images give the moments of one pass over everything."""
@@ -280,8 +305,13 @@ def test_learn_rounding_kernel_against_naive():
     for iterations, lr in ((1, 0.01), (60, 0.05)):
         want = naive.learn_rounding(v0, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
         got = v0.copy()
-        learn_rounding(got, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
+        learn_rounding(got, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25, product=np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+        # the default: the product in float32, everything else as above
+        fast = v0.copy()
+        learn_rounding(fast, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
+        np.testing.assert_allclose(fast, want, rtol=1e-4, atol=1e-4)
+        assert np.array_equal(fast > 0, want > 0)
     assert np.abs(got - v0).max() > 0.5
     with pytest.raises(ValueError, match="C-contiguous float64"):
         learn_rounding(v0.astype(np.float32), lo, span, gram, pull, 1, 0.01, 0.01)
