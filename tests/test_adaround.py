@@ -262,9 +262,14 @@ def test_the_moments_loop_runs_blas_on_every_core(monkeypatch):
 
     rng = np.random.default_rng(0)
     lo = rng.normal(size=(1, 3, 5))
+    monkeypatch.setattr(rounding, "PARALLEL_MACS", 3 * 5 * 5)  # this product is large enough
     rounding.learn_rounding(rng.normal(size=lo.shape), lo, np.ones_like(lo), np.eye(5)[None], lo, 3, 0.01, 0.01)
     assert seen and all(set(counts.values()) == {numba.get_num_threads()} for counts in seen)
     assert runtime.openblas_threads() == before
+    seen.clear()
+    monkeypatch.setattr(rounding, "PARALLEL_MACS", 3 * 5 * 5 + 1)  # one multiply-add short: one thread
+    rounding.learn_rounding(rng.normal(size=lo.shape), lo, np.ones_like(lo), np.eye(5)[None], lo, 3, 0.01, 0.01)
+    assert seen and all(set(counts.values()) == {1} for counts in seen)
 
 
 def test_moments_built_in_small_pieces_are_the_same(tmp_path, monkeypatch):
