@@ -423,11 +423,13 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
             stage("AdaRound")
             limit = min(len(train), options.adaround_images)
             images = np.concatenate([x for x, _, _ in train.batches(bs, np.arange(limit))])
-            say(f"AdaRound: {len(net.weights)} layers, {options.adaround_iterations} iterations each, "
+            say(f"AdaRound: {len(net.weights)} layers, {options.adaround_iterations} iterations each (fewer on "
+                f"layers where they would cost over {AdaRoundOptions.layer_budget:.0e} multiply-adds), "
                 f"{len(images)} images")
             rounding = adaround(net, images, AdaRoundOptions(iterations=options.adaround_iterations,
                                                              seed=options.seed),
-                                lambda i, n, s: say(f"AdaRound {i + 1}/{n} {s['node']}: reconstruction "
+                                lambda i, n, s: say(f"AdaRound {i + 1}/{n} {s['node']} ({s['iterations']} "
+                                                    f"iterations, {s['solver']}): reconstruction "
                                                     f"{s['loss_nearest']:.4g} -> {s['loss']:.4g}, "
                                                     f"{s['codes_moved']} codes moved, {s['seconds']:.1f} s"))
         if options.method == "adaround":

@@ -360,10 +360,36 @@ def test_the_solver_is_chosen_by_cost_and_can_be_forced(tmp_path):
     auto = ar.AdaRoundOptions(iterations=100)
     # convs: 25 rows per image of 9-18 inputs: an iteration with the moments costs K / 800 of a
     # 32-image batch; the Gemm sees one row of K = 48 per image, so a batch (32 rows) costs less
-    assert [ar._solver_for(net, i, x, auto) for i in range(3)] == ["moments", "moments", "batches"]
+    assert [ar._solver_for(net, i, x, auto)[0] for i in range(3)] == ["moments", "moments", "batches"]
     forced = ar.AdaRoundOptions(iterations=100, solver="moments")
-    assert ar._solver_for(net, 2, x, forced) == "moments"
+    assert ar._solver_for(net, 2, x, forced)[0] == "moments"
     stats = ar.adaround(net, x, ar.AdaRoundOptions(iterations=20, solver="batches"))
     assert [s["solver"] for s in stats] == ["batches"] * 3
     with pytest.raises(ValueError, match="unknown AdaRound solver"):
         ar.adaround(net, x, ar.AdaRoundOptions(solver="exact"))
+
+
+def test_layers_above_the_budget_run_fewer_iterations(tmp_path):
+    """iterations_for: the requested count where it fits the budget, else budget / cost, never below
+    min_iterations (nor above the request); adaround runs and reports each layer's count."""
+    from bwacal import adaround as ar
+    from bwacal.quantize import quantize_network, select_layers
+
+    options = ar.AdaRoundOptions(iterations=10_000, layer_budget=5e12, min_iterations=1000)
+    assert ar.iterations_for(5e8, options) == 10_000  # 5e12 exactly: fits
+    assert ar.iterations_for(1e9, options) == 5_000
+    assert ar.iterations_for(1.087e10, options) == 1_000  # a 512 x 4608 layer: the floor
+    assert ar.iterations_for(1e9, ar.AdaRoundOptions(iterations=10_000, layer_budget=0)) == 10_000
+    assert ar.iterations_for(1e12, ar.AdaRoundOptions(iterations=300, layer_budget=1)) == 300
+
+    model, x = _grouped_model(tmp_path)
+    net = quantize_network(model, select_layers(model.graph, 2, "all-layers"), "minmax")
+    costs = [ar._solver_for(net, i, x, ar.AdaRoundOptions())[1] for i in range(3)]
+    # a budget that the first layer's 40 iterations fit and the others' do not
+    budget = 40 * costs[0]
+    assert all(c > costs[0] for c in costs[1:])
+    ar_options = ar.AdaRoundOptions(iterations=40, layer_budget=budget, min_iterations=10)
+    stats = ar.adaround(net, x, ar_options)
+    want = [ar.iterations_for(c, ar_options) for c in costs]
+    assert want[0] == 40 and all(10 <= n < 40 for n in want[1:])
+    assert [s["iterations"] for s in stats] == want
