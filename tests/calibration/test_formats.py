@@ -1,5 +1,6 @@
 """The deployment formats of ``bwacal.export`` against the fake format and bwacal's own forward, in
-ONNX Runtime: bit-packed weights (``packed``)."""
+ONNX Runtime: bit-packed weights (``packed``), int8 QDQ (``qdq``), integer products per bit plane
+(``bitplanes``)."""
 
 import numpy as np
 import onnx
@@ -10,11 +11,15 @@ from onnx import helper, numpy_helper
 import bwacal
 from bwacal.calibrate import CalibrationOptions, calibrate
 from bwacal.data import open_dataset
-from bwacal.export import write_quantized
+from bwacal.export import int8_levels, qdq_steps, qdq_tensors, snapping_errors, write_quantized
+from bwacal.inspection import describe_model
 from bwacal.quantize import quantize_network, select_layers
 from bwacal.quant.weights import channels_first
 
 from tests.calibration.conftest import tiny_cnn
+from typer.testing import CliRunner
+
+from cli.main import app
 
 
 def _session(path, optimized=None):
@@ -51,13 +56,16 @@ def calibrated(tiny):
 
 @pytest.fixture(scope="module")
 def written(calibrated, tmp_path_factory):
-    cal, _ = calibrated
+    cal, x = calibrated
     d = tmp_path_factory.mktemp("formats")
     paths = {}
-    for fmt in ("fake", "packed"):
+    for fmt in ("fake", "packed", "qdq", "bitplanes"):
         paths[fmt] = d / f"q_{fmt}.onnx"
         write_quantized(cal.net, cal.report, paths[fmt], fmt)
         onnx.checker.check_model(onnx.load(str(paths[fmt])))
+    paths["qdq_full"] = d / "q_qdq_full.onnx"
+    write_quantized(cal.net, cal.report, paths["qdq_full"], "qdq", qdq_steps(cal.net, [x]))
+    onnx.checker.check_model(onnx.load(str(paths["qdq_full"])))
     return paths
 
 
@@ -102,3 +110,97 @@ def test_packed_w3_is_at_least_8x_smaller_when_the_weights_dominate(tmp_path):
     x = np.random.default_rng(0).normal(size=(4, 1, 12, 12)).astype(np.float32)
     want = net.forward(x)
     assert np.abs(_run(tmp_path / "packed.onnx", x) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_qdq_of_uniform_w8a8_computes_the_fake_network(tiny, tmp_path):
+    # uniform 8-bit levels sit on the int8 grid as they are: only the runtimes' arithmetic differs
+    cal = calibrate(tiny[0], tiny[1], CalibrationOptions(bits=8, act_bits=8, epochs=0, method="bwa"))
+    assert all(r["max_rel"] < 1e-6 for r in snapping_errors(cal.net))
+    write_quantized(cal.net, cal.report, tmp_path / "q.onnx", "qdq")
+    with open_dataset(tiny[1]) as d:
+        x, _ = d.read(np.arange(64))
+    want = cal.net.forward(x)
+    scale = np.abs(want).max()
+    assert np.abs(bwacal.load_model(tmp_path / "q.onnx").forward(x) - want).max() <= 1e-5 * scale
+    assert np.abs(_run(tmp_path / "q.onnx", x) - want).max() <= 1e-5 * scale
+
+
+def test_qdq_weights_are_the_bwa_levels_snapped_within_the_bound(calibrated):
+    cal, _ = calibrated
+    errors = snapping_errors(cal.net)
+    for qw, row in zip(cal.net.weights, errors):
+        q, scale = int8_levels(qw)
+        assert q.dtype == np.int8
+        levels = qw.levels().astype(np.float64)
+        moved = q * scale[:, None].astype(np.float64) - levels
+        amax = np.abs(levels).max(axis=1)
+        assert np.all(np.abs(moved) <= scale[:, None] / 2 * (1 + 1e-6))  # round to nearest on the grid
+        assert np.all(np.abs(moved).max(axis=1) <= amax / 192 * (1 + 1e-6))  # the scale is amax/m, m >= 96
+        assert row["max_rel"] <= 1 / 192
+    assert max(r["max_rel"] for r in errors) > 0  # the fitted levels are not on the grid by themselves
+
+
+def test_qdq_in_onnxruntime_runs_integer_kernels_with_bwacal_outputs(calibrated, written, tmp_path):
+    cal, x = calibrated
+    want = cal.net.forward(x)
+    opt = tmp_path / "opt.onnx"
+    got = _session(written["qdq_full"], opt).run(None, {"input": x})[0]
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    # every conv of the tiny model, and its residual Add, as integer kernels
+    assert ops.count("QLinearConv") == 4 and ops.count("QLinearAdd") == 1, ops
+    # bwacal's engine runs the same QDQ graph in float: the two runtimes agree within a few 8-bit steps
+    own = bwacal.load_model(written["qdq_full"]).forward(x)
+    assert np.abs(got - own).max() <= 0.03 * np.abs(own).max()
+    # and the snapped, 8-bit network predicts as the calibrated one does
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
+    assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
+    # the tensors that needed steps: each Conv output that no activation quantizer reads, the Add's input
+    assert set(qdq_tensors(cal.net)) and not set(qdq_tensors(cal.net)) & {v.name for v in cal.net.graph.outputs}
+
+
+def test_inspect_says_which_nodes_onnxruntime_runs_on_integers(written):
+    kernels = describe_model(written["qdq_full"])["kernels"]
+    by_node = {r["node"]: r for r in kernels["nodes"]}
+    assert sum(r["integer"] for r in kernels["nodes"] if r["op"] == "Conv") == 4
+    assert by_node["Gemm_11"]["integer"] is False
+    assert describe_model(written["fake"])["kernels"] is None  # no quantize ops: nothing to fuse
+    r = CliRunner().invoke(app, ["inspect", str(written["qdq_full"])])
+    assert r.exit_code == 0, r.output
+    assert "runs as integer ops: 4 of 4 Conv, 1 of 1 Add, 0 of 1 Gemm" in r.output
+
+
+def test_cli_qdq_quantizes_float_activations_at_8_bits(tiny, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["calibrate", str(tiny[0]), "--calib", str(tiny[1]), "--bits", "4", "--epochs", "0",
+                            "--method", "bwa", "--format", "qdq", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "calibrating with --act-bits 8" in r.output and "weights snapped to int8" in r.output
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "tiny.w4a8.onnx")).metadata_props}
+    assert meta["bwacal_format"] == "qdq" and meta["bwacal_act_bits"] == "8"
+    r = runner.invoke(app, ["calibrate", str(tiny[0]), "--calib", str(tiny[1]), "--act-bits", "4", "--act-bwa",
+                            "--format", "qdq", "-o", str(tmp_path / "x.onnx")])
+    assert r.exit_code == 2 and "drop --act-bwa" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("bits, act_bits", [(3, 8), (2, 4)])
+def test_bitplanes_equal_fake_within_the_activation_grid(tiny, tmp_path, bits, act_bits):
+    cal = calibrate(tiny[0], tiny[1], CalibrationOptions(bits=bits, act_bits=act_bits, epochs=1, lr=2e-2,
+                                                          method="bwa", protocol="all-layers"))
+    path = tmp_path / "q.onnx"
+    write_quantized(cal.net, cal.report, path, "bitplanes")
+    onnx.checker.check_model(onnx.load(str(path)))
+    opt = tmp_path / "opt.onnx"
+    with open_dataset(tiny[1]) as d:
+        x, _ = d.read(np.arange(64))
+    got = _session(path, opt).run(None, {"input": x})[0]
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    # bits planes + the all-ones product per layer: 4 convs, 1 Gemm, no float Conv or Gemm left
+    assert ops.count("ConvInteger") == 4 * (bits + 1) and ops.count("MatMulInteger") == bits + 1
+    assert "Conv" not in ops and "Gemm" not in ops
+    # the integer sums are exact; only float32 rounding of the scaled sum differs from the float conv,
+    # far below one activation step (a step moves the logits by more than 1e-2 of their range here)
+    want = cal.net.forward(x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+
