@@ -422,6 +422,10 @@ def weight_bytes(size: int, channels: int, bits: int, fmt: str) -> int:
     takes in ``fmt`` (the unpacking nodes and names not counted)."""
     if fmt == "packed":
         return -(-bits * size // 8) + channels * (bits + 1) * 4
+    if fmt == "qdq":
+        return size + channels * 5
+    if fmt == "bitplanes":  # a uint8 plane per bit and the all-ones weight (one channel's worth at most)
+        return (bits + 1) * size + channels * (bits + 1) * 4
     return 4 * size
 
 

@@ -169,16 +169,22 @@ def test_inspect_says_which_nodes_onnxruntime_runs_on_integers(written):
     assert "runs as integer ops: 4 of 4 Conv, 1 of 1 Add, 0 of 1 Gemm" in r.output
 
 
-def test_cli_qdq_quantizes_float_activations_at_8_bits(tiny, tmp_path):
+@pytest.mark.parametrize("fmt", ["qdq", "bitplanes"])
+def test_cli_integer_formats_quantize_float_activations_at_8_bits(tiny, tmp_path, fmt):
     runner = CliRunner()
     r = runner.invoke(app, ["calibrate", str(tiny[0]), "--calib", str(tiny[1]), "--bits", "4", "--epochs", "0",
-                            "--method", "bwa", "--format", "qdq", "-o", str(tmp_path)])
+                            "--method", "bwa", "--format", fmt, "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert "calibrating with --act-bits 8" in r.output and "weights snapped to int8" in r.output
-    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "tiny.w4a8.onnx")).metadata_props}
-    assert meta["bwacal_format"] == "qdq" and meta["bwacal_act_bits"] == "8"
+    assert f"--format {fmt} quantizes activations: calibrating with --act-bits 8" in r.output
+    assert ("weights snapped to int8" in r.output) == (fmt == "qdq")
+    proto = onnx.load(str(tmp_path / "tiny.w4a8.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["bwacal_format"] == fmt and meta["bwacal_act_bits"] == "8"
+    with open_dataset(tiny[1]) as d:
+        x, _ = d.read(np.arange(16))
+    assert _run(tmp_path / "tiny.w4a8.onnx", x).shape == (16, 10)
     r = runner.invoke(app, ["calibrate", str(tiny[0]), "--calib", str(tiny[1]), "--act-bits", "4", "--act-bwa",
-                            "--format", "qdq", "-o", str(tmp_path / "x.onnx")])
+                            "--format", fmt, "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "drop --act-bwa" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x.onnx").exists()
 
