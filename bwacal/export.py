@@ -277,13 +277,29 @@ def qdq_steps(net: QuantizedNetwork, batches, method: str = "mse", seed: int = 0
     from bwacal.quantize import collect_activation_samples
 
     names = qdq_tensors(net)
-    if not names:
-        return {}
-    samples = collect_activation_samples(net.model, names, batches, seed=seed, net=net)
+    tied = _tied_steps(net, names)
+    free = [n for n in names if n not in tied]
+    out = dict(tied)
+    if free:
+        samples = collect_activation_samples(net.model, free, batches, seed=seed, net=net)
+        for name in free:
+            signed = bool(np.min(samples[name]) < 0)
+            out[name] = (calibrate_activation_step(samples[name], QDQ_ACT_BITS, signed, method), signed)
+    return out
+
+
+def _tied_steps(net: QuantizedNetwork, names) -> dict:
+    """``{tensor: (step, signed)}`` for the tensors of ``names`` read only by a MaxPool whose output an
+    8-bit activation quantizer reads: they take that quantizer's grid, on which the max of quantized
+    values is the quantized max (no error added), and ONNX Runtime pools the uint8 codes directly."""
+    users = net.graph.consumers()
+    act8 = {aq.value: aq for aq in net.acts if aq.bits == QDQ_ACT_BITS}
     out = {}
     for name in names:
-        signed = bool(np.min(samples[name]) < 0)
-        out[name] = (calibrate_activation_step(samples[name], QDQ_ACT_BITS, signed, method), signed)
+        readers = users.get(name, [])
+        if len(readers) == 1 and readers[0].op_type == "MaxPool" and readers[0].outputs[0] in act8:
+            aq = act8[readers[0].outputs[0]]
+            out[name] = (aq.step, aq.signed)
     return out
 
 
@@ -299,16 +315,18 @@ def qdq_steps_from_file(net: QuantizedNetwork, path, images: int = 64, batch_siz
 
 
 def _qdq_pair(x: str, y: str, step, signed: bool, inits) -> list[Node]:
-    """QuantizeLinear + DequantizeLinear from ``x`` to ``y``: uint8, or int8 when signed, zero point 0."""
+    """QuantizeLinear + DequantizeLinear from ``x`` to ``y`` on uint8 codes: zero point 0, or 128 when
+    signed (the int8 grid [-128, 127] shifted, which ONNX Runtime's x86 kernels take without a
+    conversion of their own)."""
     inits[f"{y}.scale"] = np.array(step, dtype=np.float32)
-    inits[f"{y}.zero_point"] = np.array(0, dtype=np.int8 if signed else np.uint8)
+    inits[f"{y}.zero_point"] = np.array(128 if signed else 0, dtype=np.uint8)
     return [Node("QuantizeLinear", f"{y}.quantize", [x, f"{y}.scale", f"{y}.zero_point"], [f"{y}.codes"]),
             Node("DequantizeLinear", f"{y}.dequantize", [f"{y}.codes", f"{y}.scale", f"{y}.zero_point"], [y])]
 
 
 def _act_qdq_nodes(net, node, inits) -> list[Node]:
-    """QuantizeLinear + DequantizeLinear on the activation's own grid (uint8, or int8 when signed),
-    after a Clip to the grid's range when it is narrower than 8 bits."""
+    """QuantizeLinear + DequantizeLinear on the activation's own grid (``_qdq_pair``), after a Clip
+    to the grid's range when it is narrower than 8 bits."""
     aq = next(a for a in net.acts if a.node == node.name)
     name, x = node.name, node.inputs[0]
     nodes = []

@@ -78,7 +78,7 @@ def evaluate_cmd(
     """Top-1 (top-5 with more than 5 classes) and per-class accuracy; with --reference, top-1 agreement;
     with --latency, the median time of a forward pass per batch size.
 
-    Example: bwacal evaluate model.w8a8.onnx --data data/fmnist_val.h5 --runtime onnxruntime --latency
+    Example: bwacal evaluate data/zoo/resnet20.onnx --data data/fmnist_val.h5 --runtime onnxruntime --latency
     """
     from bwacal.errors import BwacalError
     from bwacal.evaluate import evaluate, measure_latency

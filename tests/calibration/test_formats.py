@@ -210,3 +210,50 @@ def test_bitplanes_equal_fake_within_the_activation_grid(tiny, tmp_path, bits, a
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert np.array_equal(got.argmax(1), want.argmax(1))
 
+
+
+def _pool_cnn(path):
+    """Conv-Relu-MaxPool-Conv-GlobalAveragePool-Flatten-Gemm, random weights."""
+    rng = np.random.default_rng(3)
+    t = lambda name, a: numpy_helper.from_array(np.asarray(a, dtype=np.float32), name)  # noqa: E731
+    inits = [t("w1", rng.normal(0, 0.5, (8, 1, 3, 3))), t("b1", rng.normal(0, 0.1, 8)),
+             t("w2", rng.normal(0, 0.3, (16, 8, 3, 3))), t("fc_w", rng.normal(0, 0.5, (10, 16)))]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc_w"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT,
+                                                                            ["N", 1, 12, 12])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_qdq_pools_on_the_grid_of_the_quantizer_after_the_maxpool(tmp_path):
+    from bwacal.quantize import collect_activation_samples
+
+    model = bwacal.load_model(_pool_cnn(tmp_path / "pool.onnx"))
+    layers = select_layers(model.graph, 8, "all-layers", 8)
+    x = np.random.default_rng(0).normal(size=(32, 1, 12, 12)).astype(np.float32)
+    net = quantize_network(model, layers, act_samples=collect_activation_samples(
+        model, [q.data_input for q in layers], [x]))
+    steps = qdq_steps(net, [x])
+    pooled = next(aq for aq in net.acts if aq.value == "p1")
+    assert steps["r1"] == (pooled.step, pooled.signed)  # max of quantized values = quantized max
+    path = tmp_path / "q.onnx"
+    write_quantized(net, {}, path, "qdq", steps)
+    proto = onnx.load(str(path))
+    zero_points = [numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith(".zero_point")
+                   and any(n.op_type == "QuantizeLinear" and t.name in n.input for n in proto.graph.node)]
+    assert zero_points and all(z.dtype == np.uint8 for z in zero_points)  # signed grids as uint8 with zp 128
+    assert any(z == 128 for z in zero_points)  # the input (signed) and the second conv's output
+    got = _session(path, tmp_path / "opt.onnx").run(None, {"input": x})[0]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "MaxPool" not in ops, ops  # the pool runs on the uint8 codes
+    want = net.forward(x)
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
