@@ -257,3 +257,18 @@ def test_qdq_pools_on_the_grid_of_the_quantizer_after_the_maxpool(tmp_path):
     assert ops.count("QLinearConv") == 2 and "MaxPool" not in ops, ops  # the pool runs on the uint8 codes
     want = net.forward(x)
     assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
+
+
+def test_qdq_keeps_4_bit_activations_on_their_grid(tiny, tmp_path):
+    cal = calibrate(tiny[0], tiny[1], CalibrationOptions(bits=4, act_bits=4, epochs=1, lr=2e-2, method="bwa"))
+    with open_dataset(tiny[1]) as d:
+        x, _ = d.read(np.arange(64))
+    path = tmp_path / "q.onnx"
+    write_quantized(cal.net, cal.report, path, "qdq", qdq_steps(cal.net, [x]))
+    proto = onnx.load(str(path))
+    clips = [n for n in proto.graph.node if n.op_type == "Clip" and n.name.endswith(".clip")]
+    assert len(clips) == sum(aq.bits < 8 for aq in cal.net.acts) > 0
+    got, own = _run(path, x), bwacal.load_model(path).forward(x)
+    assert np.abs(got - own).max() <= 0.03 * np.abs(own).max()
+    want = cal.net.forward(x)
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
