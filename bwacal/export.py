@@ -6,7 +6,6 @@
   Sum and Add (opset 11 on) rebuild ``sum_k (step alpha_k) B_k + step gamma``, within a few float32
   ulps of the fake format's weights. ONNX Runtime folds the subgraph once, when the session starts.
   A W3 weight costs 3/8 of a byte instead of four.
-
 - ``qdq``: int8 weights (each channel's BWA levels snapped to an int8 grid, ``int8_levels``) behind a
   per-channel DequantizeLinear, activations as QuantizeLinear + DequantizeLinear on their own grid,
   and, given ``qdq_steps``, 8-bit Q/DQ at the outputs of layers and residual Adds (``_qdq_plan``), so
@@ -45,6 +44,9 @@ def quantized_graph(net: QuantizedNetwork, fmt: str = "fake", qdq_steps: dict | 
     with 8-bit Q/DQ at the tensors ``qdq_steps`` gives steps for, see ``qdq_tensors``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    for qw in net.weights:
+        if qw.rounding is not None:
+            raise ValueError(f"weight '{qw.name}' of node '{qw.node}' still has soft rounding; harden() it first")
     if fmt in ("qdq", "bitplanes"):
         check_qdq(net, fmt)
     if fmt == "bitplanes":
@@ -54,8 +56,6 @@ def quantized_graph(net: QuantizedNetwork, fmt: str = "fake", qdq_steps: dict | 
     params = net.params()
     extra_nodes = []
     for index, qw in enumerate(net.weights):
-        if qw.rounding is not None:
-            raise ValueError(f"weight '{qw.name}' of node '{qw.node}' still has soft rounding; harden() it first")
         if fmt == "fake":
             inits[qw.name] = params[qw.name].astype(np.float32)
         elif fmt == "packed":
@@ -171,10 +171,9 @@ def int8_levels(qw) -> tuple[np.ndarray, np.ndarray]:
     float32 (C,), with ``scale[c] * q[c, u]`` the value code ``u`` takes.
 
     A channel whose bit weights are still uniform keeps its own step and integers (exact; -128 only
-    at 8 bits). Any other takes the
-    scale ``max|L_c| / m``, m in 96..127, with the least squared error over the channel's weights
-    (each level weighed by how many weights use it), so no value moves by more than half a scale,
-    ``max|L_c| / 192``."""
+    at 8 bits). Any other takes the scale ``max|L_c| / m``, m in 96..127, with the least squared
+    error over the channel's weights (each level weighed by how many weights use it), so no value
+    moves by more than half a scale, ``max|L_c| / 192``."""
     levels = qw.levels().astype(np.float64)
     channels, n = levels.shape
     counts = np.stack([np.bincount(row, minlength=n) for row in qw.codes]).astype(np.float64)
