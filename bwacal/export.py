@@ -448,8 +448,19 @@ def weight_bytes(size: int, channels: int, bits: int, fmt: str) -> int:
 
 def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
     """The ``bwacal_*`` metadata_props every written model carries (``bwacal_method`` only for methods
-    other than ``bwa``, so a BWA file is byte for byte what it was before methods existed)."""
+    other than ``bwa``, so a BWA file is byte for byte what it was before methods existed).
+
+    ``bwacal_layers`` holds each layer's bit weights per channel in ``fake``; the other formats,
+    whose tensors hold them, keep the summaries ``bwacal inspect`` shows (per channel, the JSON text
+    was a quarter of a W3 ResNet-20 packed file)."""
+    from bwacal.inspection import summarise_alpha, summarise_gamma
+
     opts = report.get("options", {})
+    layers = [{k: r[k] for k in ("layer", "weight", "bits", "channels", "alpha", "gamma")}
+              for r in report.get("layers", [])]
+    if fmt != "fake":
+        for row in layers:
+            row["alpha"], row["gamma"] = summarise_alpha(row["alpha"]), summarise_gamma(row["gamma"])
     return {
         "bwacal_version": __version__,
         "bwacal_format": fmt,
@@ -461,8 +472,7 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
         "bwacal_calib_sha256": report.get("calib_sha256", ""),
         "bwacal_source_sha256": report.get("model_sha256", ""),
         "bwacal_accuracy": json.dumps(report.get("accuracy", {})),
-        "bwacal_layers": json.dumps([{k: r[k] for k in ("layer", "weight", "bits", "channels", "alpha", "gamma")}
-                                     for r in report.get("layers", [])]),
+        "bwacal_layers": json.dumps(layers),
         "bwacal_activations": json.dumps(report.get("activations", [])),
     }
 

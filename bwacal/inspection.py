@@ -73,7 +73,13 @@ def _value(v) -> dict:
             "shape": None if v.shape is None else ["N" if d is None else d for d in v.shape]}
 
 
-def _summarise_alpha(alpha) -> dict:
+def summarise_gamma(gamma) -> dict:
+    """Mean, min and max of the per-channel gamma, rounded to 6 decimals."""
+    g = np.asarray(gamma, dtype=np.float64)
+    return {"mean": round(float(g.mean()), 6), "min": round(float(g.min()), 6), "max": round(float(g.max()), 6)}
+
+
+def summarise_alpha(alpha) -> dict:
     """Bit weights (channels, bits) relative to their uniform values 2**k: mean per bit plane, min and max."""
     a = np.asarray(alpha, dtype=np.float64)
     if a.ndim == 1:
@@ -107,12 +113,12 @@ def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
             layers = []
             for row in rows:
                 entry = {k: row.get(k) for k in ("layer", "weight", "bits", "channels")}
-                if row.get("alpha") is not None:
-                    entry["alpha"] = _summarise_alpha(row["alpha"])
-                if row.get("gamma") is not None:
-                    g = np.asarray(row["gamma"], dtype=np.float64)
-                    entry["gamma"] = {"mean": round(float(g.mean()), 6), "min": round(float(g.min()), 6),
-                                      "max": round(float(g.max()), 6)}
+                # per-channel lists (fake), or the summaries themselves (the compact formats)
+                alpha, gamma = row.get("alpha"), row.get("gamma")
+                if alpha is not None:
+                    entry["alpha"] = dict(alpha) if isinstance(alpha, dict) else summarise_alpha(alpha)
+                if gamma is not None:
+                    entry["gamma"] = dict(gamma) if isinstance(gamma, dict) else summarise_gamma(gamma)
                 layers.append(entry)
             out["layers"] = layers
         except (ValueError, TypeError, AttributeError) as exc:

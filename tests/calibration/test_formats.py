@@ -95,6 +95,17 @@ def test_packed_weights_keep_2_pow_b_values_per_channel_after_unpacking(calibrat
                 assert len(np.unique(rows[c][qw.codes[c] == u])) == 1
 
 
+def test_compact_formats_keep_the_summaries_inspect_shows(written):
+    fake = describe_model(written["fake"])["bwacal"]
+    for fmt in ("packed", "qdq", "bitplanes"):
+        info = describe_model(written[fmt])["bwacal"]
+        assert info["format"] == fmt and info["layers"] == fake["layers"]
+        assert all(isinstance(row["alpha"]["rel_mean_per_plane"], list) for row in info["layers"])
+    meta = {p.key: p.value for p in onnx.load(str(written["packed"])).metadata_props}
+    assert len(meta["bwacal_layers"]) < len({p.key: p.value for p in onnx.load(str(written["fake"])).metadata_props}
+                                            ["bwacal_layers"]) / 2
+
+
 def test_onnxruntime_folds_the_unpacking_at_session_start(written, tmp_path):
     _session(written["packed"], tmp_path / "opt.onnx")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
