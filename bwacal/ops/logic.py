@@ -64,8 +64,9 @@ class Xor(_Elementwise):
 
 @register("BitShift")
 class BitShift(Op):
-    """Shifts of unsigned integers in their own width (a left shift drops the high bits), as the
-    packed weights of ``bwacal.export`` use it to unpack bit planes."""
+    """Shifts of integers in their own width (a left shift drops the high bits; a right shift of a
+    signed integer keeps its sign), as the packed weights of ``bwacal.export`` use it to unpack bit
+    planes."""
 
     differentiable = False
 
@@ -77,8 +78,8 @@ class BitShift(Op):
 
     def forward(self, x, y):
         x, y = np.asarray(x), np.asarray(y)
-        if x.dtype.kind != "u" or y.dtype != x.dtype:
-            raise ValueError(f"BitShift needs unsigned integers of one type, got {x.dtype} and {y.dtype}")
+        if x.dtype.kind not in "iu" or y.dtype != x.dtype:
+            raise ValueError(f"BitShift needs integers of one type, got {x.dtype} and {y.dtype}")
         return self.fn(x, y).astype(x.dtype), None
 
 
