@@ -147,7 +147,11 @@ def bench_zoo(model, setting, args, test, workdir) -> dict:
     x, y = test
     row = {"model": model, "setting": setting, "calibrate_seconds": seconds, "float_bytes": path.stat().st_size,
            "bytes": {k: p.stat().st_size for k, p in paths.items()},
-           "top1": {"float": top1(path, x, y, args.threads), **{k: top1(p, x, y, args.threads) for k, p in paths.items()}},
+           # bitplanes at W8 (9 ConvInteger a layer) is the slowest file to score and equals fake (tests):
+           # scored at the lower widths only
+           "top1": {"float": top1(path, x, y, args.threads),
+                    **{k: None if (k == "bitplanes" and bits == 8) else top1(p, x, y, args.threads)
+                       for k, p in paths.items()}},
            "bwacal_top1": cal.report["accuracy"].get("bwa"),
            "snapping_max_rel": max(r["max_rel"] for r in snapping_errors(cal.net))}
     timed = {"float": path, **{k: paths[k] for k in TIMED if k != "float"}}
@@ -226,8 +230,8 @@ def print_tables(rows, args):
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in zoo:
             t = r["top1"]
-            print(f"| {r['model']} | {r['setting']} | " + " | ".join(f"{100 * t[k]:.2f}" for k in ("float",) + FORMATS
-                                                                    + ("ort_qdq",))
+            print(f"| {r['model']} | {r['setting']} | " + " | ".join("-" if t[k] is None else f"{100 * t[k]:.2f}"
+                                                                    for k in ("float",) + FORMATS + ("ort_qdq",))
                   + f" | {100 * (t['qdq'] - t['fake']):+.2f} | {100 * r['snapping_max_rel']:.2f}% |")
 
 
