@@ -15,6 +15,7 @@ from bwacal import __version__
 from bwacal.adaround import AdaRoundOptions, adaround
 from bwacal.data import open_dataset, peek_image_shape
 from bwacal.errors import BwacalError
+from bwacal.export import weight_bytes
 from bwacal.files import file_sha256
 from bwacal.layer_rules import apply_layer_rules, check_bits, parse_layer_bits
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
@@ -212,8 +213,8 @@ def plan_layers(graph, options: CalibrationOptions):
 
 def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake") -> dict:
     """What ``calibrate`` would do, without doing it: the layers and their widths, those kept in float,
-    the images and fitting steps, the written file's size (estimated: quantized weights as uint8
-    codes and level tables with ``packed``, float32 otherwise; metadata not counted), and the
+    the images and fitting steps, the written file's size (estimated: quantized weights as
+    ``bwacal.export.weight_bytes`` counts them; metadata not counted), and the
     measured time of one full-precision forward pass of a batch."""
     options.validate()
     data_shape = None
@@ -234,8 +235,7 @@ def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake")
     for layer in layers:
         w = inits[layer.weight]
         channels = w.shape[layer.axis]
-        if fmt == "packed":
-            size += int(w.size) * (1 - 4) + channels * 2 ** layer.bits * 4
+        size += weight_bytes(int(w.size), channels, layer.bits, fmt) - 4 * int(w.size)
         rows.append({"layer": layer.node, "op": layer.op_type, "weight": layer.weight, "shape": list(w.shape),
                      "params": int(w.size), "bits": layer.bits, "act_bits": layer.act_bits})
     model.forward(x[:1])  # the first call compiles; the timed one after it does not

@@ -113,12 +113,41 @@ def evaluate(forward: Callable, data, batch_size: int = 256, reference: Callable
     return result
 
 
+def measure_latency(forward: Callable, images: np.ndarray, batch_sizes=(1, 32), runs: int = 20,
+                    clock=None) -> list[dict]:
+    """Median wall time of ``forward`` on a batch of each size (images taken from ``images``, repeated
+    when there are fewer): one untimed warm-up call per size, then ``runs`` timed calls.
+
+    Returns ``[{"batch", "median_ms", "min_ms", "runs"}]`` in the order of ``batch_sizes``."""
+    import time
+
+    if isinstance(runs, bool) or not isinstance(runs, (int, np.integer)) or runs < 1:
+        raise BwacalError(f"latency runs must be a positive integer, got {runs!r}")
+    if len(images) == 0:
+        raise DataError("no images to time the model on")
+    clock = clock or time.perf_counter
+    out = []
+    for batch in batch_sizes:
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise BwacalError(f"latency batch sizes must be positive integers, got {batch!r}")
+        x = np.ascontiguousarray(np.resize(images, (batch,) + images.shape[1:]), dtype=np.float32)
+        forward(x)
+        times = []
+        for _ in range(runs):
+            t0 = clock()
+            forward(x)
+            times.append(clock() - t0)
+        out.append({"batch": int(batch), "median_ms": 1e3 * float(np.median(times)),
+                    "min_ms": 1e3 * float(np.min(times)), "runs": int(runs)})
+    return out
+
+
 class OnnxRuntimeForward:
     """``x -> logits`` on ONNX Runtime (CPU); ``input_shape``, ``layout`` and ``num_classes`` as on ``Model``
     (dynamic image dims fixed by ``input_shape`` (C, H, W) or ``data_shape`` as in ``load_model``, logits
     of shape (batch, K, 1, 1) or (batch, 1, K) squeezed to (batch, K))."""
 
-    def __init__(self, path, input_shape=None, data_shape=None):
+    def __init__(self, path, input_shape=None, data_shape=None, threads: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -130,6 +159,8 @@ class OnnxRuntimeForward:
         graph = read_model(self.path)  # bwacal's checks on untrusted files (sizes, external data) come first
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -179,14 +210,16 @@ def _with_path(path, message: str) -> str:
     return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
-def onnxruntime_forward(path, input_shape=None, data_shape=None) -> OnnxRuntimeForward:
-    """A callable ``x -> logits`` running ``path`` on ONNX Runtime; BwacalError if it is not installed."""
-    return OnnxRuntimeForward(path, input_shape, data_shape)
+def onnxruntime_forward(path, input_shape=None, data_shape=None, threads: int | None = None) -> OnnxRuntimeForward:
+    """A callable ``x -> logits`` running ``path`` on ONNX Runtime (``threads``: its intra-op threads,
+    default its own choice); BwacalError if it is not installed."""
+    return OnnxRuntimeForward(path, input_shape, data_shape, threads)
 
 
-def load_forward(path, runtime: str = "bwacal", input_shape=None, data_shape=None):
+def load_forward(path, runtime: str = "bwacal", input_shape=None, data_shape=None, threads: int | None = None):
     """``path`` loaded on ``runtime`` ("bwacal": a ``Model``, or "onnxruntime"): an object with ``forward``,
-    ``input_shape``, ``layout`` and ``num_classes``. ``input_shape``/``data_shape`` as in ``load_model``."""
+    ``input_shape``, ``layout`` and ``num_classes``. ``input_shape``/``data_shape`` as in ``load_model``;
+    ``threads`` sets ONNX Runtime's intra-op threads (bwacal's engine takes numba's setting)."""
     if runtime == "bwacal":
         from bwacal.model import load_model
 
@@ -199,5 +232,5 @@ def load_forward(path, runtime: str = "bwacal", input_shape=None, data_shape=Non
             raise ModelError(_with_path(path, str(exc))) from None
         return model
     if runtime == "onnxruntime":
-        return onnxruntime_forward(path, input_shape, data_shape)
+        return onnxruntime_forward(path, input_shape, data_shape, threads)
     raise BwacalError(f"unknown runtime '{runtime}', expected one of: {', '.join(RUNTIMES)}")

@@ -184,13 +184,16 @@ def _insert_act_quant(graph: Graph, layers, samples, method, bwa):
     return replace(graph, nodes=nodes, initializers=inits), list(quantizers.values())
 
 
-def collect_activation_samples(model: Model, names, batches, max_values: int = 1 << 20, seed: int = 0) -> dict:
-    """Up to ``max_values`` FP values per named activation, drawn evenly from the given batches."""
+def collect_activation_samples(model: Model, names, batches, max_values: int = 1 << 20, seed: int = 0,
+                               net: QuantizedNetwork | None = None) -> dict:
+    """Up to ``max_values`` FP values per named activation, drawn evenly from the given batches (the
+    values of the quantized network ``net`` instead, when given)."""
     names = sorted(set(names))
     rng = np.random.default_rng(seed)
     parts = {n: [] for n in names}
+    engine, params = (model.engine, None) if net is None else (net.engine, net.params())
     for x in batches:
-        values, _ = model.engine.run({model.input_name: x}, outputs=names)
+        values, _ = engine.run({model.input_name: x}, params=params, outputs=names)
         for n in names:
             v = values[n].reshape(-1)
             keep = max_values // 4

@@ -77,7 +77,8 @@ def calibrate_cmd(
     """
     from bwacal.calibrate import calibrate
     from bwacal.errors import BwacalError
-    from bwacal.export import FORMATS, size_change, write_quantized
+    from bwacal.export import (FORMATS, QDQ_ACT_BITS, qdq_steps_from_file, size_change, snapping_errors,
+                               write_quantized)
     from bwacal.files import JSON_SCHEMA, check_output_path, write_bytes_atomically
 
     with interrupts("no output written"):
@@ -92,10 +93,19 @@ def calibrate_cmd(
             if calib is None:
                 raise BwacalError("calibrate needs the calibration data: --calib CALIB.h5 (or calib in --config)")
             eval_data = pick(values["data"], old_eval, "--data", "--eval")
-            opts = calibration_options(values)
-            opts.validate()
             if fmt not in FORMATS:
                 raise BwacalError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
+            integer = fmt in ("qdq", "bitplanes")  # integer kernels need quantized activations
+            if integer and values["act_bits"] is None:
+                values["act_bits"] = QDQ_ACT_BITS
+                if not quiet:
+                    typer.echo(f"note: --format {fmt} quantizes activations: calibrating with --act-bits "
+                               f"{QDQ_ACT_BITS}", err=True)
+            opts = calibration_options(values)
+            opts.validate()
+            if integer and opts.act_bwa:
+                raise BwacalError(f"--format {fmt} computes on the activations' uniform grid; drop --act-bwa or use "
+                                  "--format fake or packed")
             out = output_path(output, model, opts.bits, opts.act_bits)
             if dry_run:
                 from bwacal.calibrate import plan
@@ -120,10 +130,16 @@ def calibrate_cmd(
                                  "later runs load them from numba's cache")
                 display.phase("writing")
                 written, target = [], out
+                steps = None
+                if fmt == "qdq":
+                    display.phase("8-bit steps for the integer kernels")
+                    steps = qdq_steps_from_file(result.net, calib, seed=opts.seed)
                 try:  # the model and the report are written together or not at all
-                    size = write_quantized(result.net, result.report, out, fmt)
+                    size = write_quantized(result.net, result.report, out, fmt, steps)
                     written.append(out)
                     rep = {"schema": JSON_SCHEMA, **result.report}
+                    if fmt == "qdq":
+                        rep["qdq"] = {"snapping": snapping_errors(result.net), "extra_tensors": sorted(steps)}
                     rep.update({"output": str(out), "format": fmt, "size_bytes": size,
                                 "input_size_bytes": model.stat().st_size,
                                 "size_ratio": model.stat().st_size / size})
@@ -192,6 +208,10 @@ def summary_lines(rep: dict, size_change) -> list[str]:
     opts = rep["options"]
     lines.append(f"bits W{opts['bits']}" + (f"A{opts['act_bits']}" if opts["act_bits"] else "")
                  + f" ({opts['protocol']}), best epoch {rep['best_epoch']}, {rep['seconds']:.1f} s")
+    if rep.get("qdq"):
+        worst = max((r["max_rel"] for r in rep["qdq"]["snapping"]), default=0.0)
+        lines.append(f"qdq: weights snapped to int8 per channel (largest move {100 * worst:.2f}% of a channel's "
+                     f"largest value); {len(rep['qdq']['extra_tensors'])} more tensors at 8 bits for integer kernels")
     lines.append(f"wrote {rep['output']} ({rep['format']}, {_size(rep['size_bytes'])}, "
                  f"{size_change(rep['size_ratio'])} than the input's {_size(rep['input_size_bytes'])})")
     return lines

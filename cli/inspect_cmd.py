@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pathlib import Path
 from typing import Annotated
 
@@ -71,6 +73,29 @@ def render(info: dict) -> list[str]:
             lines.append(f"  activation quantizers: {len(meta['activations'])}")
     for k, v in info["metadata"].items():
         lines.append(f"metadata: {k} = {v}")
+    kernels = info.get("kernels")
+    if kernels is not None:
+        lines += _kernel_lines(kernels)
+    return lines
+
+
+def _kernel_lines(kernels: dict) -> list[str]:
+    """Which Conv/Gemm/MatMul/Add nodes the runtime runs as integer kernels, and which in float."""
+    if kernels.get("error"):
+        return [f"{kernels['runtime']}: cannot load the model ({kernels['error']})"]
+    rows = kernels["nodes"]
+    counts = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        counts.append(f"{sum(r['integer'] for r in mine)} of {len(mine)} {op}")
+    lines = [f"{kernels['runtime']} runs as integer ops: " + ", ".join(counts)]
+    kinds = Counter(r["kernel"] for r in rows if r["integer"])
+    if kinds:
+        lines.append("  integer kernels: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()))
+    floats = [r for r in rows if not r["integer"]]
+    if floats:
+        lines.append(f"  in float ({len(floats)}): " + ", ".join(f"{r['node']} ({r['kernel']})" for r in floats[:12])
+                     + (", ..." if len(floats) > 12 else ""))
     return lines
 
 

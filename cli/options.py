@@ -46,8 +46,14 @@ AllLayers = Annotated[bool, typer.Option(
     "--all-layers", help="Quantize the first conv and last linear layer at the requested width too "
                          "(default: they stay at 8 bits).")]
 Format = Annotated[str, typer.Option(
-    "--format", help="fake: float weights holding the BWA values; packed: uint8 codes + per-channel level "
-                     "tables (smaller file).")]
+    "--format", help="fake: float weights holding the BWA values; packed: the bit planes packed 8 weights to a "
+                     "byte + per-channel step*alpha and step*gamma, unpacked by standard ops when the model loads "
+                     "(a W3 file about 3/32 of the float one); qdq: int8 weights (the BWA levels snapped to a "
+                     "per-channel int8 grid) and 8-bit QuantizeLinear/DequantizeLinear that ONNX Runtime runs as "
+                     "integer kernels; activations are quantized (without --act-bits: at 8 bits), and the outputs "
+                     "of layers and residual Adds get 8-bit steps from the calibration images; bitplanes: each "
+                     "layer as one ConvInteger/MatMulInteger per bit plane of its binary weights (the paper's "
+                     "form; activations quantized as with qdq).")]
 Epochs = Annotated[int, typer.Option("--epochs", help="Passes over the calibration set.")]
 FitBatch = Annotated[int, typer.Option("--batch-size", help="Images per fitting step.")]
 MicroBatch = Annotated[Optional[int], typer.Option(

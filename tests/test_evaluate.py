@@ -10,7 +10,7 @@ import pytest
 
 from bwacal.data import open_dataset, write_dataset
 from bwacal.errors import BwacalError, DataError, ModelError
-from bwacal.evaluate import EvalResult, evaluate, onnxruntime_forward
+from bwacal.evaluate import EvalResult, evaluate, measure_latency, onnxruntime_forward
 from bwacal.gate import check_max_drop, choose_metric, judge
 from bwacal.inspection import bwacal_metadata, layer_bits, weight_layers
 from tests.tiny_models import SHAPE, labelled_data, save, tiny_classifier
@@ -140,6 +140,44 @@ def test_evaluate_end_to_end_on_a_tiny_model(tmp_path):
     with open_dataset(tmp_path / "v.h5", input_shape=model.input_shape, num_classes=model.num_classes) as ds:
         r = evaluate(model.forward, ds, batch_size=16, reference=model.forward)
     assert (r.correct, r.n, r.agreement, r.reference_correct) == (36, 40, 1.0, 36)
+
+
+def test_latency_is_the_median_of_the_timed_runs_per_batch_size():
+    seen = []
+    ticks = iter(np.cumsum([0, 3, 0, 1, 0, 2, 0, 5, 0, 4, 0, 9], dtype=float) / 1024)  # start/stop pairs, exact
+
+    def forward(x):
+        seen.append(x.shape)
+
+    rows = measure_latency(forward, np.zeros((3, 1, 2, 2), np.float32), batch_sizes=(2, 5), runs=3,
+                           clock=lambda: next(ticks))
+    ms = 1e3 / 1024
+    assert [(r["batch"], r["median_ms"], r["min_ms"], r["runs"]) for r in rows] == \
+        [(2, 2 * ms, 1 * ms, 3), (5, 5 * ms, 4 * ms, 3)]
+    assert seen == [(2, 1, 2, 2)] * 4 + [(5, 1, 2, 2)] * 4  # one warm-up each; 3 images fill a batch of 5
+    with pytest.raises(BwacalError, match="positive"):
+        measure_latency(forward, np.zeros((3, 1, 2, 2), np.float32), batch_sizes=(0,))
+
+
+def test_evaluate_latency_on_onnxruntime_prints_each_batch_size(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    path = save(tiny_classifier(), tmp_path / "m.onnx")
+    labelled_data(tmp_path / "v.h5", path, n=8)
+    args = ["evaluate", str(path), "--data", str(tmp_path / "v.h5"), "--runtime", "onnxruntime", "--latency",
+            "--latency-batch", "1", "--latency-batch", "16", "--latency-runs", "3", "--threads", "1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "latency (onnxruntime, 1 threads; median of 3 runs)" in r.output
+    assert f"{path}: batch    1" in r.output and f"{path}: batch   16" in r.output
+    r = CliRunner().invoke(app, args + ["--json"])
+    rows = json.loads(r.stdout)["latency"]["model"]
+    assert [row["batch"] for row in rows] == [1, 16] and all(row["median_ms"] > 0 for row in rows)
+    r = CliRunner().invoke(app, args[:-1] + ["0"])
+    assert r.exit_code == 2 and "--threads must be a positive integer" in r.output
 
 
 # ---- the gate ----------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""Comparisons, boolean logic and Where. Comparisons and boolean ops output bool and pass no
+"""Comparisons, boolean logic, bit shifts and Where. Comparisons, boolean and bit ops pass no
 gradient; Where passes the gradient to whichever of X and Y it took each element from."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bwacal.ops.base import Op, register
+from bwacal.ops.base import Op, Unsupported, register
 
 
 class _Elementwise(Op):
@@ -60,6 +60,27 @@ class Or(_Elementwise):
 @register("Xor")
 class Xor(_Elementwise):
     fn = np.logical_xor
+
+
+@register("BitShift")
+class BitShift(Op):
+    """Shifts of integers in their own width (a left shift drops the high bits; a right shift of a
+    signed integer keeps its sign), as the packed weights of ``bwacal.export`` use it to unpack bit
+    planes."""
+
+    differentiable = False
+
+    def __init__(self, direction):
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("LEFT", "RIGHT"):
+            raise Unsupported(f"direction {direction!r} (LEFT or RIGHT)")
+        self.fn = np.left_shift if direction == "LEFT" else np.right_shift
+
+    def forward(self, x, y):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype.kind not in "iu" or y.dtype != x.dtype:
+            raise ValueError(f"BitShift needs integers of one type, got {x.dtype} and {y.dtype}")
+        return self.fn(x, y).astype(x.dtype), None
 
 
 @register("Where")

@@ -32,7 +32,10 @@ SHAPE_NORM_OPS = {
     "InstanceNormalization", "GroupNormalization", "ScatterND",
 }
 
-SUPPORTED |= MATH_OPS | SHAPE_NORM_OPS
+# issue 18: what the packed and bitplanes formats write
+INTEGER_OPS = {"BitShift", "ConvInteger", "MatMulInteger"}
+
+SUPPORTED |= MATH_OPS | SHAPE_NORM_OPS | INTEGER_OPS
 
 # cases outside what the engine promises, each with the reason
 KNOWN_SKIPS = {
