@@ -36,7 +36,7 @@ from bwacal.files import JSON_SCHEMA, file_sha256
 FORMATS = ("fake", "packed")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 SUMMARY_COLUMNS = ("model", "width", "act_bits", "method", "start", "fp", "uniform", "bwa", "drop", "agreement",
-                   "size_ratio", "seconds", "status", "error")
+                   "size_ratio", "avg_bits", "size_bytes", "avg_bits_budget", "size_budget", "seconds", "status", "error")
 
 # a [[model]] of a manifest: the calibration options and files of a --config file (bwacal/config.py),
 # the model's path and its name
@@ -272,8 +272,15 @@ def summary_row(job: Job, report: dict, status: str) -> dict:
             "start": start, "fp": fp, "uniform": frac(acc.get(f"uniform_{start}")), "bwa": bwa,
             "drop": None if fp is None or bwa is None else round(fp - bwa, 6),
             "agreement": frac((report.get("agreement") or {}).get(method)),
-            "size_ratio": round(report["size_ratio"], 4), "seconds": round(report["batch_seconds"], 3),
-            "status": status, "error": None, "output": str(job.output)}
+            "size_ratio": round(report["size_ratio"], 4),
+            # mixed precision: the average weight bits, the size --size-budget counts, and the budget asked for
+            "avg_bits": _round(report.get("avg_weight_bits")), "size_bytes": _round(report.get("quantized_size_bytes")),
+            "avg_bits_budget": report["options"].get("avg_bits"), "size_budget": report["options"].get("size_budget"),
+            "seconds": round(report["batch_seconds"], 3), "status": status, "error": None, "output": str(job.output)}
+
+
+def _round(value, digits=4):
+    return None if value is None else round(value, digits)
 
 
 def failed_row(job: Job, exc: BaseException, seconds: float | None = None) -> dict:
@@ -284,7 +291,8 @@ def failed_row(job: Job, exc: BaseException, seconds: float | None = None) -> di
     lines = message.strip().splitlines()
     return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits,
             "method": job.options.method, "start": None, "fp": None,
-            "uniform": None, "bwa": None, "drop": None, "agreement": None, "size_ratio": None,
+            "uniform": None, "bwa": None, "drop": None, "agreement": None, "size_ratio": None, "avg_bits": None,
+            "size_bytes": None, "avg_bits_budget": job.options.avg_bits, "size_budget": job.options.size_budget,
             "seconds": None if seconds is None else round(seconds, 3), "status": "failed",
             "error": lines[0] if lines else type(exc).__name__, "output": str(job.output)}
 

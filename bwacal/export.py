@@ -114,7 +114,23 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
         "bwacal_layers": json.dumps([{k: r[k] for k in ("layer", "weight", "bits", "channels", "alpha", "gamma")}
                                      for r in report.get("layers", [])]),
         "bwacal_activations": json.dumps(report.get("activations", [])),
+        **({"bwacal_mixed": json.dumps(mixed_record(report))} if mixed_record(report) else {}),
     }
+
+
+def mixed_record(report: dict) -> dict | None:
+    """What chose the layers' widths (``--avg-bits``, ``--size-budget``, ``--max-drop``), for the
+    metadata; None for widths given by the options alone. The widths are in ``bwacal_layers``."""
+    alloc, control = report.get("allocation"), report.get("accuracy_control")
+    if not alloc and not control:
+        return None
+    out = {"avg_bits": report.get("avg_weight_bits"), "size_bytes": report.get("quantized_size_bytes")}
+    if alloc:
+        out.update(avg_bits_budget=alloc["avg_bits_budget"], size_budget_mb=alloc["size_budget_mb"],
+                   estimated_loss=alloc["estimated_loss"], exact=alloc["exact"])
+    if control:
+        out.update(max_drop=control["max_drop"], steps=len(control["steps"]), drop=control["steps"][-1]["drop"])
+    return out
 
 
 def size_change(ratio: float) -> str:
