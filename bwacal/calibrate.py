@@ -241,11 +241,15 @@ def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake")
         except BwacalError:
             pass
     model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
+    layers, excluded = plan_layers(model.graph, options)
+    allocation = None
     with open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes,
                       layout=model.layout) as data:
         pool, train, held = _split_pool(data, options)
         x, _ = data.read(pool[:min(len(pool), options.batch_size)])
-    layers, excluded = plan_layers(model.graph, options)
+        if layers and (options.avg_bits is not None or options.size_budget is not None):
+            # the widths calibration would choose: the allocation runs on the same images
+            layers, allocation = _allocate(model, layers, _Split(data, pool[train], False), options, lambda m: None)
     inits = model.graph.initializers
     size = sum(int(a.size) * 4 for a in inits.values())
     rows = []
@@ -264,7 +268,8 @@ def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake")
     return {"model": str(model_path), "calib": str(calib_path), "layers": rows,
             "excluded": [layer.node for layer in excluded], "images": len(pool), "fit_images": len(train),
             "heldout_images": len(held), "epochs": options.epochs, "steps_per_epoch": steps,
-            "format": fmt, "estimated_size_bytes": size, "batch": len(x), "forward_seconds": forward}
+            "format": fmt, "estimated_size_bytes": size, "batch": len(x), "forward_seconds": forward,
+            "allocation": allocation}
 
 
 def calibrate(model_path, calib_path, options: CalibrationOptions | None = None, eval_path=None,

@@ -163,6 +163,9 @@ def plan_lines(p: dict, model: Path, opts, fmt: str, out: Path) -> list[str]:
                     for r in p["layers"]], right=(2, 3, 4))
     if p["excluded"]:
         lines.append("kept in float: " + ", ".join(p["excluded"]))
+    if p.get("allocation"):
+        lines.append(f"widths chosen for an average of {p['allocation']['avg_bits']:.3f} bits "
+                     f"(estimated loss {p['allocation']['estimated_loss']:.4g})")
     lines.append(f"calibration: {p['images']} images ({p['fit_images']} fit, {p['heldout_images']} held out); "
                  f"{p['epochs']} epochs x {p['steps_per_epoch']} steps of {opts.batch_size} images")
     lines.append(f"work: one full-precision forward pass of {p['batch']} images took {p['forward_seconds']:.2f} s here; "

@@ -347,3 +347,20 @@ def test_one_budget_at_a_time(tiny):
         CalibrationOptions(avg_bits=3, max_drop=1).validate()
     with pytest.raises(BwacalError, match="--avg-bits must be between 2 and 8"):
         CalibrationOptions(avg_bits=1.5).validate()
+
+
+def test_batch_runs_mixed_jobs_beside_uniform_ones_and_plots_the_frontier(tiny, tmp_path):
+    model, calib, ev = tiny
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["batch", str(model), "--calib", str(calib), "--data", str(ev), "--bits", "2,3",
+                            "--avg-bits", "2.6", "--all-layers", "--method", "bwa", "--epochs", "0",
+                            "--workers", "1", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "summary.json").read_text())["jobs"]
+    assert [(row["width"], row["avg_bits_budget"]) for row in rows] == [(2, None), (3, None), (3, 2.6)]
+    assert [row["avg_bits"] for row in rows][:2] == [2.0, 3.0] and rows[2]["avg_bits"] <= 2.6
+    assert rows[0]["size_bytes"] < rows[2]["size_bytes"] < rows[1]["size_bytes"]
+    assert (out / "tiny.avg2.6.onnx").is_file() and "| avg2.6 |" in (out / "summary.md").read_text()
+    png = tmp_path / "frontier.png"
+    assert runner.invoke(app, ["plot", str(out / "summary.json"), "-o", str(png)]).exit_code == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
