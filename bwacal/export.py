@@ -100,6 +100,7 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
     """The ``bwacal_*`` metadata_props every written model carries (``bwacal_method`` only for methods
     other than ``bwa``, so a BWA file is byte for byte what it was before methods existed)."""
     opts = report.get("options", {})
+    mixed = mixed_record(report)
     return {
         "bwacal_version": __version__,
         "bwacal_format": fmt,
@@ -114,7 +115,7 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
         "bwacal_layers": json.dumps([{k: r[k] for k in ("layer", "weight", "bits", "channels", "alpha", "gamma")}
                                      for r in report.get("layers", [])]),
         "bwacal_activations": json.dumps(report.get("activations", [])),
-        **({"bwacal_mixed": json.dumps(mixed_record(report))} if mixed_record(report) else {}),
+        **({"bwacal_mixed": json.dumps(mixed)} if mixed else {}),
     }
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from bwacal.errors import BwacalError
 from bwacal.fit import log_softmax
-from bwacal.memory import chunks
+from bwacal.memory import DEFAULT_BUDGET, chunks, micro_batch_size, recording_cost
 from bwacal.quant.weights import channels_first, quantize_weights
 
 WIDTHS = (2, 3, 4, 8)
@@ -61,7 +61,10 @@ def fisher_diagonal(model, names, images, micro_batch: int = FISHER_MICRO_BATCH,
     names = list(names)
     rng = np.random.default_rng([seed, 0xF15])
     total = {n: np.zeros(model.graph.initializers[n].shape) for n in names}
-    for part in chunks(len(images), micro_batch):
+    # as fitting does: no recording for backward over DEFAULT_BUDGET bytes (224x224 models)
+    fixed, per_image = recording_cost(lambda x: model.forward(x, record=True, wrt=names)[1], model.input_shape)
+    micro = micro_batch_size(micro_batch, per_image, DEFAULT_BUDGET, fixed)
+    for part in chunks(len(images), micro):
         logits, tape = model.forward(images[part], record=True, wrt=names)
         p = np.exp(log_softmax(logits))
         r = rng.choice((-1.0, 1.0), size=p.shape)
