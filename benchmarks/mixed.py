@@ -100,7 +100,8 @@ def table(rows) -> list[str]:
     fp = {r["model"]: r["top1"] for r in rows if r["kind"] == "fp"}
     runs = [r for r in rows if r["kind"] in ("uniform", "mixed")]
     lines = ["| model | FP | avg bits | uniform top-1 | mixed top-1 | mixed widths (layers at 2/3/4/8) | size MB "
-             "(uniform / mixed) | allocation s / calibration s |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+             "(uniform / mixed) | allocation s / calibration s | target (issue 19) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
     for model in dict.fromkeys(r["model"] for r in runs):
         settings = sorted({float(r["setting"]) for r in runs if r["model"] == model})
         for b in settings:
@@ -109,13 +110,19 @@ def table(rows) -> list[str]:
             if mix is None and b == 2.0:
                 mix = uni  # the only allocation at 2.0
             counts = "/".join(str(sum(1 for w in mix["widths"].values() if w == k)) for k in (2, 3, 4, 8)) if mix else ""
+            target = ""
+            w3 = next((r for r in runs if r["model"] == model and r["kind"] == "uniform" and r["setting"] == 3), None)
+            if b == 2.5 and mix is not None and w3 is not None:
+                target = f"mixed >= uniform W3 ({100 * w3['top1']:.2f}): " + ("met" if mix["top1"] >= w3["top1"] else "**not met**")
+            if b == 3.0 and model == "mobilenetv2" and mix is not None and model in fp:
+                target = f"within 1 point of FP: " + ("met" if 100 * (fp[model] - mix["top1"]) <= 1 else "**not met**")
             lines.append(
                 f"| {model} | {100 * fp.get(model, float('nan')):.2f} | {b:g} | "
                 f"{_pct(uni)} | {_pct(mix)}{' (= uniform)' if mix is uni and mix is not None else ''} | {counts} | "
                 f"{_mb(uni)} / {_mb(mix)} | "
                 + (f"{mix['allocation_seconds']:.1f} / {mix['calibration_seconds']:.0f} "
                    f"({100 * mix['allocation_share']:.1f}%)" if mix is not None and mix.get("allocation_seconds") else "")
-                + " |")
+                + f" | {target} |")
     return lines
 
 
