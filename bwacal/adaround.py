@@ -37,10 +37,14 @@ from bwacal.quant.output_steps import layer_rows
 from bwacal.quant.rounding import annealed_beta, learn_rounding, rounding_regularizer
 from bwacal.quant.weights import channels_first
 from bwacal.quantize import QuantizedNetwork
+from bwacal.runtime import blas_on_all_cores
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # Images per engine pass while collecting a layer's inputs (bounds the memory of one pass).
 COLLECT_BATCH = 128
+# Bytes of one copy of the input rows built at a time for the moments (there are two: FP and
+# quantized). At 224x224 a ResNet stem's rows are 7.4 MB per image: 128 images would be 1.9 GB.
+ROWS_BYTES = 128 << 20
 SOLVERS = ("auto", "moments", "batches")
 
 
@@ -60,6 +64,13 @@ class AdaRoundOptions:
     # moments: exact full-set gradients through the inputs' second moments; batches: the paper's
     # mini-batches of batch_size images; auto: whichever costs fewer multiply-adds for the layer
     solver: str = "auto"
+    # multiply-adds one layer's iterations may take: a layer whose ``iterations`` would cost more
+    # runs fewer, down to ``min_iterations`` (0: no budget). 5e12 leaves every layer of the 32x32 zoo
+    # at 10,000 (the largest, VGG-small's classifier, needs 3.4e12) and caps the 3x3 convs of a
+    # 224x224 ResNet's last stage (1.1e10 per iteration) at 1,000: about 4 min each on 2 cores
+    # instead of 40 (benchmarks/adaround_cost.py)
+    layer_budget: float = 5e12
+    min_iterations: int = 1000
 
 
 def _node_index(graph, name: str) -> int:
@@ -178,41 +189,58 @@ def _moment_problem(net: QuantizedNetwork, index: int, images) -> _MomentProblem
         chunk = images[start:start + COLLECT_BATCH]
         fp, _ = fp_engine.run({model.input_name: chunk}, outputs=[layer.data_input])
         q, _ = q_engine.run({model.input_name: chunk}, params=params, outputs=[node.inputs[0]])
-        x = _rows(node, fp[layer.data_input], w_fp.shape)
-        xq = _rows(node, q[node.inputs[0]], w_fp.shape)
-        # float32 products (a chunk's rounding error, ~1e-7 of each entry, is far below what the
-        # rounding changes), summed over chunks in float64
-        g_part = np.matmul(xq.transpose(0, 2, 1), xq).astype(np.float64)
-        c_part = np.matmul(xq.transpose(0, 2, 1), x).astype(np.float64)
-        gram = g_part if gram is None else gram + g_part
-        cross = c_part if cross is None else cross + c_part
-        w_groups = w2d.reshape(x.shape[0], -1, x.shape[2]).astype(np.float32)  # (G, C/G, K)
-        energy += float(np.sum(np.square(np.matmul(x, w_groups.transpose(0, 2, 1)), dtype=np.float64)))
-        rows += x.shape[1]
+        fp_x, q_x = fp[layer.data_input], q[node.inputs[0]]
+        per_image = _rows(node, fp_x[:1], w_fp.shape).nbytes
+        step = max(1, min(len(chunk), ROWS_BYTES // max(per_image, 1)))
+        for part in range(0, len(chunk), step):
+            x = _rows(node, fp_x[part:part + step], w_fp.shape)
+            xq = _rows(node, q_x[part:part + step], w_fp.shape)
+            # float32 products (a chunk's rounding error, ~1e-7 of each entry, is far below what the
+            # rounding changes), summed over chunks in float64; no numba kernel runs beside them
+            with blas_on_all_cores():
+                g_part = np.matmul(xq.transpose(0, 2, 1), xq).astype(np.float64)
+                c_part = np.matmul(xq.transpose(0, 2, 1), x).astype(np.float64)
+            gram = g_part if gram is None else gram + g_part
+            cross = c_part if cross is None else cross + c_part
+            w_groups = w2d.reshape(x.shape[0], -1, x.shape[2]).astype(np.float32)  # (G, C/G, K)
+            energy += float(np.sum(np.square(np.matmul(x, w_groups.transpose(0, 2, 1)), dtype=np.float64)))
+            rows += x.shape[1]
     rows = max(rows, 1)
     return _MomentProblem(gram / rows, cross / rows, energy / rows, w2d, tuple(w_fp.shape), qw.axis)
 
 
-def _solver_for(net: QuantizedNetwork, index: int, images, options: AdaRoundOptions) -> str:
+def _solver_for(net: QuantizedNetwork, index: int, images, options: AdaRoundOptions) -> tuple[str, float]:
     """``moments`` where building and using the moments costs fewer multiply-adds than the paper's
-    mini-batches would (module docstring), else ``batches``."""
-    if options.solver != "auto":
-        return options.solver
+    mini-batches would (module docstring), else ``batches``; with the multiply-adds of one of its
+    iterations (forward and weight gradient for the batches)."""
     layer = net.layers[index]
     node = net.graph.nodes[_node_index(net.graph, layer.node)]
-    if not _moments_apply(node):
-        return "batches"
     weight = net.model.graph.initializers[layer.weight]
-    groups = int(node.attrs.get("group", 1)) if node.op_type == "Conv" else 1
     channels = weight.shape[net.weights[index].axis]
     k = int(weight.size // channels)  # row length of one group
+    per_iteration = {"moments": float(channels * k * k)}
+    if options.solver == "moments" and _moments_apply(node):
+        return "moments", per_iteration["moments"]
+    groups = int(node.attrs.get("group", 1)) if node.op_type == "Conv" else 1
     probe, _ = _engine_until(net.model.graph, layer.data_input).run({net.model.input_name: images[:1]},
                                                                      outputs=[layer.data_input])
     rows_per_image = len(layer_rows(node.op_type, node.attrs, probe[layer.data_input], weight.shape))
+    per_iteration["batches"] = 2.0 * channels * k * rows_per_image * min(options.batch_size, len(images))
+    if options.solver == "batches" or not _moments_apply(node):
+        return "batches", per_iteration["batches"]
     rows = rows_per_image * len(images)
     moments = 2 * rows * groups * k * k + options.iterations * 2 * channels * k * k
-    batches = options.iterations * 2 * channels * k * rows_per_image * min(options.batch_size, len(images))
-    return "moments" if moments <= batches else "batches"
+    batches = options.iterations * per_iteration["batches"]
+    solver = "moments" if moments <= batches else "batches"
+    return solver, per_iteration[solver]
+
+
+def iterations_for(per_iteration: float, options: AdaRoundOptions) -> int:
+    """``options.iterations``, or fewer (at least ``min_iterations``) where they would cost more
+    than ``layer_budget`` multiply-adds."""
+    if not options.layer_budget or per_iteration * options.iterations <= options.layer_budget:
+        return options.iterations
+    return max(min(options.iterations, options.min_iterations), int(options.layer_budget // per_iteration))
 
 
 def _learn_rounding_batches(problem: _LayerProblem, qw, options: AdaRoundOptions, rng):
@@ -271,8 +299,9 @@ def adaround(net: QuantizedNetwork, images, options: AdaRoundOptions | None = No
     (NCHW float32, the calibration images); the bit weights stay as they are.
 
     ``progress(layer_index, layers, stats)`` is called after each layer. Returns one dict per layer:
-    node, solver, reconstruction loss at round-to-nearest and after (on all ``images``), codes moved
-    off round-to-nearest, seconds.
+    node, solver, iterations (``iterations_for``: fewer than ``options.iterations`` only on layers
+    above the budget), reconstruction loss at round-to-nearest and after (on all ``images``), codes
+    moved off round-to-nearest, seconds.
     """
     options = options or AdaRoundOptions()
     if options.solver not in SOLVERS:
@@ -281,7 +310,8 @@ def adaround(net: QuantizedNetwork, images, options: AdaRoundOptions | None = No
     stats = []
     for index, qw in enumerate(net.weights):
         started = time.perf_counter()
-        solver = _solver_for(net, index, images, options)
+        solver, per_iteration = _solver_for(net, index, images, options)
+        layer_options = replace(options, iterations=iterations_for(per_iteration, options))
         problem = _moment_problem(net, index, images) if solver == "moments" else _problem(net, index, images)
         everything = None if solver == "moments" else np.arange(problem.images)
         nearest_codes = qw.codes.copy()
@@ -289,13 +319,13 @@ def adaround(net: QuantizedNetwork, images, options: AdaRoundOptions | None = No
         qw.start_rounding(net.model.graph.initializers[qw.name])
         trains_bit_weights, qw.train_bit_weights = qw.train_bit_weights, False  # V alone here
         if solver == "moments":
-            _learn_rounding_moments(problem, qw, options)
+            _learn_rounding_moments(problem, qw, layer_options)
         else:
-            _learn_rounding_batches(problem, qw, options, rng)
+            _learn_rounding_batches(problem, qw, layer_options, rng)
         qw.harden()
         qw.train_bit_weights = trains_bit_weights
         after = problem.loss_and_grad(everything, qw.compose())[0]
-        stats.append({"node": qw.node, "solver": solver, "loss_nearest": before, "loss": after,
+        stats.append({"node": qw.node, "solver": solver, "iterations": layer_options.iterations, "loss_nearest": before, "loss": after,
                       "codes_moved": int(np.count_nonzero(qw.codes != nearest_codes)),
                       "seconds": time.perf_counter() - started})
         if progress:

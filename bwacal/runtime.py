@@ -19,13 +19,15 @@ batch 8 on 2 cores, see benchmarks/RESULTS.md):
   backward, which numba's threads call, one BLAS call per thread; OpenBLAS's own threads keep
   spinning after each call, taking the cores from the numba kernel that follows: ResNet-18 forward
   270 ms, 222 ms with one BLAS thread. Setting ``OPENBLAS_NUM_THREADS`` (any value) leaves BLAS
-  alone (those GEMMs then run one after another, each on BLAS's threads).
+  alone (those GEMMs then run one after another, each on BLAS's threads). Where one large GEMM is
+  the whole of the work (AdaRound's moments, ``blas_on_all_cores``) BLAS gets every core for it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -90,11 +92,8 @@ def single_thread_blas() -> int:
 
     count = 0
     for _, lib in _openblas_libraries():
-        setter = _symbol(lib, "set")
-        if setter is not None:
-            setter.argtypes = [ctypes.c_int]
-            setter.restype = None
-            setter(1)
+        if _symbol(lib, "set") is not None:
+            _set_blas(lib, 1)
             count += 1
     return count
 
@@ -109,6 +108,38 @@ def openblas_threads() -> dict[str, int]:
             getter.restype = ctypes.c_int
             counts[path] = getter()
     return counts
+
+
+def _set_blas(lib, threads: int):
+    setter = _symbol(lib, "set")
+    if setter is not None:
+        setter.argtypes = [ctypes.c_int]
+        setter.restype = None
+        setter(threads)
+
+
+@contextmanager
+def blas_on_all_cores(threads: int | None = None):
+    """NumPy's (and every loaded) OpenBLAS on ``threads`` (default: numba's thread count) inside the
+    block, then back to what each had: for work that is one large GEMM after another, with no numba
+    kernel running beside it. A no-op when ``OPENBLAS_NUM_THREADS`` is set."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        yield
+        return
+    if threads is None:
+        import numba
+
+        threads = numba.get_num_threads()
+    before = openblas_threads()
+    libraries = list(_openblas_libraries())
+    for _, lib in libraries:
+        _set_blas(lib, threads)
+    try:
+        yield
+    finally:
+        for path, lib in libraries:
+            if path in before:
+                _set_blas(lib, before[path])
 
 
 def apply() -> dict:

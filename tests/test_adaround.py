@@ -242,6 +242,58 @@ def test_moments_give_the_engine_ops_reconstruction_loss_and_gradient(tmp_path):
     assert not np.allclose(problem.pull, np.matmul(problem.w_fp, problem.gram))
 
 
+def test_the_moments_loop_runs_blas_on_every_core(monkeypatch):
+    """learn_rounding's GEMMs get numba's thread count of BLAS threads (bwacal keeps BLAS on one
+    thread elsewhere, runtime.py), and BLAS is back on one thread after it."""
+    import os
+
+    from bwacal import runtime
+    from bwacal.quant import rounding
+
+    if "OPENBLAS_NUM_THREADS" in os.environ or not runtime.openblas_threads():
+        pytest.skip("BLAS threads are the user's (OPENBLAS_NUM_THREADS) or not OpenBLAS")
+    seen, beta = [], rounding.annealed_beta
+    monkeypatch.setattr(rounding, "annealed_beta", lambda *a: seen.append(runtime.openblas_threads()) or beta(*a))
+    before = runtime.openblas_threads()
+    with runtime.blas_on_all_cores(2):
+        assert set(runtime.openblas_threads().values()) == {2}
+    assert runtime.openblas_threads() == before
+    import numba
+
+    rng = np.random.default_rng(0)
+    lo = rng.normal(size=(1, 3, 5))
+    monkeypatch.setattr(rounding, "PARALLEL_MACS", 3 * 5 * 5)  # this product is large enough
+    rounding.learn_rounding(rng.normal(size=lo.shape), lo, np.ones_like(lo), np.eye(5)[None], lo, 3, 0.01, 0.01)
+    assert seen and all(set(counts.values()) == {numba.get_num_threads()} for counts in seen)
+    assert runtime.openblas_threads() == before
+    seen.clear()
+    monkeypatch.setattr(rounding, "PARALLEL_MACS", 3 * 5 * 5 + 1)  # one multiply-add short: one thread
+    rounding.learn_rounding(rng.normal(size=lo.shape), lo, np.ones_like(lo), np.eye(5)[None], lo, 3, 0.01, 0.01)
+    assert seen and all(set(counts.values()) == {1} for counts in seen)
+
+
+def test_moments_built_in_small_pieces_are_the_same(tmp_path, monkeypatch):
+    """Rows built a few images at a time (``ROWS_BYTES``, which bounds the memory at 224x224) and
+    engine passes of a few images give the moments of one pass over everything."""
+    from bwacal import adaround as ar
+    from bwacal.quantize import quantize_network, select_layers
+
+    model, x = _grouped_model(tmp_path)
+    net = quantize_network(model, select_layers(model.graph, 2, "all-layers"), "minmax")
+    whole = [ar._moment_problem(net, index, x) for index in range(len(net.weights))]
+    monkeypatch.setattr(ar, "ROWS_BYTES", 1)  # one image's rows at a time
+    monkeypatch.setattr(ar, "COLLECT_BATCH", 7)  # 40 images: passes of 7, 7, ..., 5
+    built, rows = [], ar._rows
+    monkeypatch.setattr(ar, "_rows", lambda node, x, shape: built.append(len(x)) or rows(node, x, shape))
+    for index, want in enumerate(whole):
+        got = ar._moment_problem(net, index, x)
+        assert max(built) == 1
+        # float32 products per piece, summed in float64
+        np.testing.assert_allclose(got.gram, want.gram, rtol=1e-5, atol=1e-6 * np.abs(want.gram).max())
+        np.testing.assert_allclose(got.pull, want.pull, rtol=1e-5, atol=1e-6 * np.abs(want.pull).max())
+        assert got.target_energy == pytest.approx(want.target_energy, rel=1e-6)
+
+
 def test_learn_rounding_kernel_against_naive():
     """The fused numba step against tests/naive.py's NumPy loop: grouped moments, through the
     warm-up and the annealing, with weights that clip (h at 0 or 1) along the way."""
@@ -258,8 +310,13 @@ def test_learn_rounding_kernel_against_naive():
     for iterations, lr in ((1, 0.01), (60, 0.05)):
         want = naive.learn_rounding(v0, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
         got = v0.copy()
-        learn_rounding(got, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
+        learn_rounding(got, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25, product=np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+        # the default: the product in float32, everything else as above
+        fast = v0.copy()
+        learn_rounding(fast, lo, span, gram, pull, iterations, lr, 0.01, warmup=0.25)
+        np.testing.assert_allclose(fast, want, rtol=1e-4, atol=1e-4)
+        assert np.array_equal(fast > 0, want > 0)
     assert np.abs(got - v0).max() > 0.5
     with pytest.raises(ValueError, match="C-contiguous float64"):
         learn_rounding(v0.astype(np.float32), lo, span, gram, pull, 1, 0.01, 0.01)
@@ -303,10 +360,36 @@ def test_the_solver_is_chosen_by_cost_and_can_be_forced(tmp_path):
     auto = ar.AdaRoundOptions(iterations=100)
     # convs: 25 rows per image of 9-18 inputs: an iteration with the moments costs K / 800 of a
     # 32-image batch; the Gemm sees one row of K = 48 per image, so a batch (32 rows) costs less
-    assert [ar._solver_for(net, i, x, auto) for i in range(3)] == ["moments", "moments", "batches"]
+    assert [ar._solver_for(net, i, x, auto)[0] for i in range(3)] == ["moments", "moments", "batches"]
     forced = ar.AdaRoundOptions(iterations=100, solver="moments")
-    assert ar._solver_for(net, 2, x, forced) == "moments"
+    assert ar._solver_for(net, 2, x, forced)[0] == "moments"
     stats = ar.adaround(net, x, ar.AdaRoundOptions(iterations=20, solver="batches"))
     assert [s["solver"] for s in stats] == ["batches"] * 3
     with pytest.raises(ValueError, match="unknown AdaRound solver"):
         ar.adaround(net, x, ar.AdaRoundOptions(solver="exact"))
+
+
+def test_layers_above_the_budget_run_fewer_iterations(tmp_path):
+    """iterations_for: the requested count where it fits the budget, else budget / cost, never below
+    min_iterations (nor above the request); adaround runs and reports each layer's count."""
+    from bwacal import adaround as ar
+    from bwacal.quantize import quantize_network, select_layers
+
+    options = ar.AdaRoundOptions(iterations=10_000, layer_budget=5e12, min_iterations=1000)
+    assert ar.iterations_for(5e8, options) == 10_000  # 5e12 exactly: fits
+    assert ar.iterations_for(1e9, options) == 5_000
+    assert ar.iterations_for(1.087e10, options) == 1_000  # a 512 x 4608 layer: the floor
+    assert ar.iterations_for(1e9, ar.AdaRoundOptions(iterations=10_000, layer_budget=0)) == 10_000
+    assert ar.iterations_for(1e12, ar.AdaRoundOptions(iterations=300, layer_budget=1)) == 300
+
+    model, x = _grouped_model(tmp_path)
+    net = quantize_network(model, select_layers(model.graph, 2, "all-layers"), "minmax")
+    costs = [ar._solver_for(net, i, x, ar.AdaRoundOptions())[1] for i in range(3)]
+    # a budget that the first layer's 40 iterations fit and the others' do not
+    budget = 40 * costs[0]
+    assert all(c > costs[0] for c in costs[1:])
+    ar_options = ar.AdaRoundOptions(iterations=40, layer_budget=budget, min_iterations=10)
+    stats = ar.adaround(net, x, ar_options)
+    want = [ar.iterations_for(c, ar_options) for c in costs]
+    assert want[0] == 40 and all(10 <= n < 40 for n in want[1:])
+    assert [s["iterations"] for s in stats] == want

@@ -19,12 +19,13 @@ def adam_rounding_step(v, m, s, lo, span, gw, pull, beta, reg, lr, b1, b2, c1, c
     ``2 (gw - pull) span dh`` (``gw = W~ G``, ``pull = X w`` of the moments), plus ``reg`` times the
     regulariser's ``-2 beta |2h - 1|**(beta - 1) sign(2h - 1) dh`` when ``beta > 0``; Adam (moments
     ``m`` and ``s``, bias corrections ``c1``, ``c2``) updates ``v``; then ``w = lo + h(V) span`` for
-    the next product. All float64, flat, the same length.
+    the next product. All flat, the same length; ``gw`` and ``w`` in the product's precision
+    (float32 or float64), the rest float64.
 
     Parameters
     ----------
-    v, m, s, w : float64[::1], updated in place
-    lo, span, gw, pull : float64[::1]
+    v, m, s : float64[::1], updated in place; w : float32 or float64[::1], written
+    lo, span, pull : float64[::1]; gw : float32 or float64[::1]
     beta : float (<= 0: no regulariser); reg, lr, b1, b2, c1, c2, eps : float
     """
     stretch = ZETA - ETA

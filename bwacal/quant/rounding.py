@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from bwacal.kernels.rounding import ETA, ZETA, adam_rounding_step  # noqa: F401  (ZETA, ETA: the stretch, the paper's zeta and gamma)
+from bwacal.runtime import blas_on_all_cores
 
 
 
@@ -64,28 +65,41 @@ def annealed_beta(iteration: int, iterations: int, warmup: float = 0.2, start: f
     return end + (start - end) * max(0.0, 1.0 - progress)
 
 
+# Multiply-adds of one W~ G product from which it runs on every core (a 256 x 2304 layer is 1.4e9,
+# a 64 x 576 one 2.1e7)
+PARALLEL_MACS = 1 << 28
+
+
 def learn_rounding(v, lo, span, gram, pull, iterations: int, lr: float, reg: float, warmup: float = 0.2,
-                   beta_start: float = 20.0, beta_end: float = 2.0, betas=(0.9, 0.999), eps: float = 1e-8):
+                   beta_start: float = 20.0, beta_end: float = 2.0, betas=(0.9, 0.999), eps: float = 1e-8,
+                   product=np.float32, threads: int | None = None):
     """AdaRound's optimisation of ``v`` in place with the exact gradient of the moments' loss
     ``sum w G w - 2 w X w_fp`` (see ``bwacal.adaround``): Adam at rate ``lr``, the regulariser (weight
     ``reg``) after ``warmup`` with its exponent annealed from ``beta_start`` to ``beta_end``.
 
     ``v``, ``lo``, ``span`` and ``pull`` float64 (G, C/G, K), ``gram`` float64 (G, K, K) symmetric;
-    the weights are ``lo + h(v) span``.
+    the weights are ``lo + h(v) span``. Adam runs in float64; the product ``W~ G``, which is nearly
+    all of the work, in ``product`` precision (float32: half float64's time, a relative error near
+    1e-7 in each gradient entry), on ``threads`` BLAS threads (default: every core numba uses,
+    ``runtime.blas_on_all_cores``, when one product is at least ``PARALLEL_MACS`` multiply-adds, else
+    one: on smaller products BLAS's threads cost more than they share, benchmarks/adaround_cost.py).
     """
     lo, span, pull = (np.ascontiguousarray(a, dtype=np.float64) for a in (lo, span, pull))
-    gram = np.ascontiguousarray(gram, dtype=np.float64)
+    gram = np.ascontiguousarray(gram, dtype=product)
     if v.dtype != np.float64 or not v.flags.c_contiguous:
         raise ValueError("v must be a C-contiguous float64 array (it is updated in place)")
     m, s = np.zeros_like(v), np.zeros_like(v)
-    w = lo + rectified_sigmoid(v) * span
+    w = (lo + rectified_sigmoid(v) * span).astype(product)
     gw = np.empty_like(w)
     flat = [a.reshape(-1) for a in (v, m, s, lo, span, gw, pull, w)]
     b1, b2 = betas
-    for it in range(iterations):
-        np.matmul(w, gram, out=gw)
-        beta = annealed_beta(it, iterations, warmup, beta_start, beta_end)
-        t = it + 1
-        adam_rounding_step(flat[0], flat[1], flat[2], flat[3], flat[4], flat[5], flat[6],
-                            -1.0 if beta is None else float(beta), float(reg), float(lr), b1, b2,
-                            1.0 - b1**t, 1.0 - b2**t, eps, flat[7])
+    if threads is None and v.size * gram.shape[-1] < PARALLEL_MACS:
+        threads = 1
+    with blas_on_all_cores(threads):
+        for it in range(iterations):
+            np.matmul(w, gram, out=gw)
+            beta = annealed_beta(it, iterations, warmup, beta_start, beta_end)
+            t = it + 1
+            adam_rounding_step(flat[0], flat[1], flat[2], flat[3], flat[4], flat[5], flat[6],
+                                -1.0 if beta is None else float(beta), float(reg), float(lr), b1, b2,
+                                1.0 - b1**t, 1.0 - b2**t, eps, flat[7])

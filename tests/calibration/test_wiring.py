@@ -96,3 +96,30 @@ def test_the_micro_batch_is_chosen_to_fit_the_budget(tiny):
     assert fit(1 << 30) == 32  # fits whole
     small = fit(200_000)
     assert 1 <= small < 32
+
+
+def test_no_forward_after_fitting_starts_takes_more_than_the_micro_batch(tiny, monkeypatch):
+    """The held-out passes of the fit and the accuracy after it run in micro-batches as the steps do
+    (at 224x224 whole batches there grew the heap past the steps' peak)."""
+    import bwacal.calibrate
+    from bwacal.engine import Engine
+
+    model_path, calib = tiny
+    sizes, fitting = [], []
+    run, fit = Engine.run, bwacal.calibrate.fit_bit_weights
+
+    def counting_run(self, feeds, *args, **kwargs):
+        if fitting:
+            sizes.append(len(next(iter(feeds.values()))))
+        return run(self, feeds, *args, **kwargs)
+
+    def marking_fit(*args, **kwargs):
+        fitting.append(True)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(Engine, "run", counting_run)
+    monkeypatch.setattr(bwacal.calibrate, "fit_bit_weights", marking_fit)
+    report = calibrate(model_path, calib, CalibrationOptions(bits=3, epochs=2, batch_size=32, micro_batch=5, method="bwa",
+                                                             weight_method="mse")).report
+    assert report["heldout_images"] == 32 and report["micro_batch"] == 5
+    assert sizes and max(sizes) == 5
