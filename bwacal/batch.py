@@ -36,7 +36,7 @@ from bwacal.files import JSON_SCHEMA, file_sha256
 FORMATS = ("fake", "packed")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 SUMMARY_COLUMNS = ("model", "width", "act_bits", "method", "start", "fp", "uniform", "bwa", "drop", "agreement",
-                   "size_ratio", "seconds", "status", "error")
+                   "size_ratio", "avg_bits", "size_bytes", "avg_bits_budget", "size_budget", "seconds", "status", "error")
 
 # a [[model]] of a manifest: the calibration options and files of a --config file (bwacal/config.py),
 # the model's path and its name
@@ -60,14 +60,25 @@ class Job:
 
     @property
     def width(self) -> str:
-        """``W3`` or ``W3A8``."""
+        """``W3`` or ``W3A8``; for mixed precision ``avg2.5`` or ``0.05MB`` (``A8`` after it likewise)."""
         act = self.options.act_bits
-        return f"W{self.options.bits}" + (f"A{act}" if act else "")
+        return width_label(self.options.bits, self.options.avg_bits, self.options.size_budget) + (f"A{act}" if act else "")
 
 
-def output_name(name: str, bits: int, act_bits: int | None) -> str:
-    """``<name>.w<bits>[a<act_bits>].onnx``, as ``bwacal calibrate`` names its default output."""
-    return f"{name}.w{bits}" + (f"a{act_bits}" if act_bits else "") + ".onnx"
+def width_label(bits: int, avg_bits: float | None = None, size_budget: float | None = None) -> str:
+    """``W3``; a mixed-precision job's budget instead: ``avg2.5`` or ``0.05MB``."""
+    if avg_bits is not None:
+        return f"avg{avg_bits:g}"
+    if size_budget is not None:
+        return f"{size_budget:g}MB"
+    return f"W{bits}"
+
+
+def output_name(name: str, bits: int, act_bits: int | None, avg_bits: float | None = None,
+                size_budget: float | None = None) -> str:
+    """``<name>.w<bits>[a<act_bits>].onnx``, as ``bwacal calibrate`` names its default output; a
+    mixed-precision job's ``<name>.avg2.5[a<act_bits>].onnx`` or ``<name>.0.05mb[...].onnx``."""
+    return f"{name}." + width_label(bits, avg_bits, size_budget).lower() + (f"a{act_bits}" if act_bits else "") + ".onnx"
 
 
 def written_by_bwacal(path) -> bool:
@@ -78,11 +89,14 @@ def written_by_bwacal(path) -> bool:
 
 
 def plan_jobs(source, bits: Iterable[int], outdir, *, calib=None, eval_path=None,
-              options: CalibrationOptions | None = None, fmt: str = "fake", log=None) -> list[Job]:
+              options: CalibrationOptions | None = None, fmt: str = "fake", log=None,
+              avg_bits: Iterable[float] = (), size_budgets: Iterable[float] = ()) -> list[Job]:
     """The jobs for ``source``: a directory (every ``*.onnx`` but those bwacal wrote, sharing ``calib``
     and ``eval_path``), one ``.onnx`` model, or a TOML manifest (see README, "Batch quantization").
 
-    ``bits``, ``options`` and ``fmt`` are the defaults a manifest entry may override; ``log(message)``
+    ``bits``, ``options`` and ``fmt`` are the defaults a manifest entry may override; ``avg_bits`` and
+    ``size_budgets`` add a mixed-precision job per budget (a manifest's ``avg_bits`` and ``size_budget``,
+    a number or a list, likewise); ``log(message)``
     hears which models were left out. Raises ``BwacalError`` naming the file and the problem for a bad
     source, manifest or option, or a model bwacal already quantized.
     """
@@ -109,10 +123,11 @@ def plan_jobs(source, bits: Iterable[int], outdir, *, calib=None, eval_path=None
         if calib is None:
             raise BwacalError(f"{source}: a model or directory source needs --calib (shared by every model)")
         specs = [{"path": m, "name": m.stem, "calib": Path(calib), "eval": _opt_path(eval_path),
-                  "bits": list(bits), "format": fmt, "options": base} for m in models]
+                  "bits": list(bits), "format": fmt, "options": base, "avg_bits": list(avg_bits),
+                  "size_budget": list(size_budgets)} for m in models]
         where = str(source)
     elif source.is_file():
-        specs = _read_manifest(source, list(bits), calib, eval_path, base, fmt)
+        specs = _read_manifest(source, list(bits), calib, eval_path, base, fmt, list(avg_bits), list(size_budgets))
         where = str(source)
     else:
         raise BwacalError(f"{source}: no such file or directory")
@@ -131,15 +146,17 @@ def plan_jobs(source, bits: Iterable[int], outdir, *, calib=None, eval_path=None
                               "quantize the full-precision model instead")
         if spec["format"] not in FORMATS:
             raise BwacalError(f"{label}: format must be one of {', '.join(FORMATS)}; got {spec['format']!r}")
-        if not spec["bits"]:
+        if not spec["bits"] and not spec["avg_bits"] and not spec["size_budget"]:
             raise BwacalError(f"{label}: no bit widths")
-        for width in spec["bits"]:
-            opts = replace(spec["options"], bits=width)
+        settings = [replace(spec["options"], bits=width) for width in spec["bits"]]
+        settings += [replace(spec["options"], avg_bits=float(b)) for b in spec["avg_bits"]]
+        settings += [replace(spec["options"], size_budget=float(b)) for b in spec["size_budget"]]
+        for opts in settings:
             try:
                 opts.validate()
             except BwacalError as exc:
                 raise BwacalError(f"{label}: {exc}") from None
-            out = outdir / output_name(spec["name"], width, opts.act_bits)
+            out = outdir / output_name(spec["name"], opts.bits, opts.act_bits, opts.avg_bits, opts.size_budget)
             if out in owners:
                 raise BwacalError(f"{label}: output {out.name} clashes with model '{owners[out]}'; "
                                   "give one of them another 'name'")
@@ -171,7 +188,8 @@ def _opt_path(p):
     return None if p is None else Path(p)
 
 
-def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions, fmt) -> list[dict]:
+def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions, fmt, avg_bits=(),
+                   size_budgets=()) -> list[dict]:
     doc = read_toml(path)
     unknown = set(doc) - {"defaults", "model"}
     if unknown:
@@ -191,6 +209,8 @@ def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions,
         label = f"{path}: model {i}" + (f" ({entry['path']!r})" if isinstance(entry.get("path"), str) else "")
         merged = {**defaults, **renamed(entry, label)}
         widths = merged.pop("bits", bits)  # a manifest's bits may be a list of widths
+        budgets = {key: _numbers(merged.pop(key, given), label, key)
+                   for key, given in (("avg_bits", avg_bits), ("size_budget", size_budgets))}
         check_types(merged, label, _MODEL_KEYS)
         if not isinstance(merged.get("path"), str) or not isinstance(merged.get("name", ""), str):
             raise BwacalError(f"{label}: 'path' (the ONNX model, relative to the manifest) is required, "
@@ -204,8 +224,18 @@ def _read_manifest(path: Path, bits, calib, eval_path, base: CalibrationOptions,
             "calib": root / merged["calib"] if "calib" in merged else _opt_path(calib),
             "eval": root / merged["data"] if "data" in merged else _opt_path(eval_path),
             "bits": widths, "format": merged.get("format", fmt), "options": replace(base, **option_overrides(merged)),
+            **budgets,
         })
     return specs
+
+
+def _numbers(value, label, key) -> list:
+    """A manifest's number or list of numbers as a list."""
+    value = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in value):
+        raise BwacalError(f"{label}: {key!r} must be a number or a list of numbers, got {value!r}")
+    return list(value)
 
 
 # ---- one job --------------------------------------------------------------------------------------
@@ -272,8 +302,15 @@ def summary_row(job: Job, report: dict, status: str) -> dict:
             "start": start, "fp": fp, "uniform": frac(acc.get(f"uniform_{start}")), "bwa": bwa,
             "drop": None if fp is None or bwa is None else round(fp - bwa, 6),
             "agreement": frac((report.get("agreement") or {}).get(method)),
-            "size_ratio": round(report["size_ratio"], 4), "seconds": round(report["batch_seconds"], 3),
-            "status": status, "error": None, "output": str(job.output)}
+            "size_ratio": round(report["size_ratio"], 4),
+            # mixed precision: the average weight bits, the size --size-budget counts, and the budget asked for
+            "avg_bits": _round(report.get("avg_weight_bits")), "size_bytes": _round(report.get("quantized_size_bytes")),
+            "avg_bits_budget": report["options"].get("avg_bits"), "size_budget": report["options"].get("size_budget"),
+            "seconds": round(report["batch_seconds"], 3), "status": status, "error": None, "output": str(job.output)}
+
+
+def _round(value, digits=4):
+    return None if value is None else round(value, digits)
 
 
 def failed_row(job: Job, exc: BaseException, seconds: float | None = None) -> dict:
@@ -284,7 +321,8 @@ def failed_row(job: Job, exc: BaseException, seconds: float | None = None) -> di
     lines = message.strip().splitlines()
     return {"model": job.name, "width": job.options.bits, "act_bits": job.options.act_bits,
             "method": job.options.method, "start": None, "fp": None,
-            "uniform": None, "bwa": None, "drop": None, "agreement": None, "size_ratio": None,
+            "uniform": None, "bwa": None, "drop": None, "agreement": None, "size_ratio": None, "avg_bits": None,
+            "size_bytes": None, "avg_bits_budget": job.options.avg_bits, "size_budget": job.options.size_budget,
             "seconds": None if seconds is None else round(seconds, 3), "status": "failed",
             "error": lines[0] if lines else type(exc).__name__, "output": str(job.output)}
 
@@ -497,7 +535,8 @@ def summary_markdown(rows: list[dict]) -> str:
     lines = ["| model | width | method | FP | uniform (start) | calibrated | drop | size | seconds | status |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        width = f"W{r['width']}" + (f"A{r['act_bits']}" if r["act_bits"] else "")
+        width = (width_label(r["width"], r.get("avg_bits_budget"), r.get("size_budget"))
+                 + (f"A{r['act_bits']}" if r["act_bits"] else ""))
         uniform = _pct(r["uniform"]) + (f" ({r['start']})" if r.get("start") and r["uniform"] is not None else "")
         size = "" if r["size_ratio"] is None else size_change(r["size_ratio"])
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
@@ -506,7 +545,8 @@ def summary_markdown(rows: list[dict]) -> str:
     failures = [r for r in rows if r["status"] == "failed"]
     if failures:
         lines += ["", "Failed:"]
-        lines += [f"- {r['model']} W{r['width']}: {r['error']}" for r in failures]
+        lines += [f"- {r['model']} {width_label(r['width'], r.get('avg_bits_budget'), r.get('size_budget'))}: "
+                  f"{r['error']}" for r in failures]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,7 @@ quantized network and the report; ``bwacal.export.write_quantized`` writes it as
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -18,6 +18,8 @@ from bwacal.errors import BwacalError
 from bwacal.export import weight_bytes
 from bwacal.files import file_sha256
 from bwacal.layer_rules import apply_layer_rules, check_bits, parse_layer_bits
+from bwacal.mixed import (SENSITIVITY_IMAGES, WIDTHS, allocate_layers, allocation_report, allocation_rules,
+                          average_bits, fisher_sensitivity, layers_to_raise, model_size_bytes, pinned_layers)
 from bwacal.fit import FitOptions, evaluate_loss, fit_bit_weights, log_softmax
 from bwacal.model import Model, check_input_shape, load_model
 from bwacal.quant.bwa import bit_scale
@@ -80,6 +82,12 @@ class CalibrationOptions:
     # (pattern, bits) width rules applied in order over the protocol's widths
     exclude: tuple = ()
     layer_bits: tuple = ()
+    # mixed precision (bwacal/mixed.py): widths from {2, 3, 4, 8} chosen per layer for an average of
+    # avg_bits over the quantized weights or a size_budget in MB; max_drop: raise the most sensitive
+    # layers from the requested widths until top-1 drops at most this many points
+    avg_bits: float | None = None
+    size_budget: float | None = None
+    max_drop: float | None = None
 
     def validate(self):
         """Raise ``BwacalError`` naming the first bad option."""
@@ -119,6 +127,16 @@ class CalibrationOptions:
         if self.num_images is not None and self.num_images < 1:
             raise BwacalError(f"--num-images must be at least 1, got {self.num_images}")
         self.exclude, self.layer_bits = _layer_rules(self.exclude, self.layer_bits)
+        given = [f for f, v in (("--avg-bits", self.avg_bits), ("--size-budget", self.size_budget),
+                                ("--max-drop", self.max_drop)) if v is not None]
+        if len(given) > 1:
+            raise BwacalError(f"give one of {', '.join(given)}, not both")
+        if self.avg_bits is not None and not 2 <= self.avg_bits <= 8:
+            raise BwacalError(f"--avg-bits must be between 2 and 8, got {self.avg_bits:g}")
+        if self.size_budget is not None and not self.size_budget > 0:
+            raise BwacalError(f"--size-budget must be positive (MB), got {self.size_budget:g}")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise BwacalError(f"--max-drop must be 0 or more (top-1 points), got {self.max_drop:g}")
 
 
 @dataclass
@@ -224,11 +242,15 @@ def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake")
         except BwacalError:
             pass
     model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
+    layers, excluded = plan_layers(model.graph, options)
+    allocation = None
     with open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes,
                       layout=model.layout) as data:
         pool, train, held = _split_pool(data, options)
         x, _ = data.read(pool[:min(len(pool), options.batch_size)])
-    layers, excluded = plan_layers(model.graph, options)
+        if layers and (options.avg_bits is not None or options.size_budget is not None):
+            # the widths calibration would choose: the allocation runs on the same images
+            layers, allocation = _allocate(model, layers, _Split(data, pool[train], False), options, lambda m: None)
     inits = model.graph.initializers
     size = sum(int(a.size) * 4 for a in inits.values())
     rows = []
@@ -246,7 +268,8 @@ def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake")
     return {"model": str(model_path), "calib": str(calib_path), "layers": rows,
             "excluded": [layer.node for layer in excluded], "images": len(pool), "fit_images": len(train),
             "heldout_images": len(held), "epochs": options.epochs, "steps_per_epoch": steps,
-            "format": fmt, "estimated_size_bytes": size, "batch": len(x), "forward_seconds": forward}
+            "format": fmt, "estimated_size_bytes": size, "batch": len(x), "forward_seconds": forward,
+            "allocation": allocation}
 
 
 def calibrate(model_path, calib_path, options: CalibrationOptions | None = None, eval_path=None,
@@ -273,6 +296,9 @@ def calibrate(model_path, calib_path, options: CalibrationOptions | None = None,
     model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
     data = open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes, layout=model.layout)
     try:
+        if options.max_drop is not None:
+            return _accuracy_controlled(model, data, options, eval_path, progress, say, stage, started,
+                                        str(model_path))
         return _calibrate(model, data, options, eval_path, progress, say, stage, started, str(model_path))
     finally:
         data.close()
@@ -339,6 +365,10 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
     if not layers:
         what = "every layer is excluded" if excluded else "no Conv, Gemm or MatMul layer with constant weights"
         raise BwacalError(f"{model_path}: nothing to quantize ({what})")
+    allocation = None
+    if options.avg_bits is not None or options.size_budget is not None:
+        stage("choosing the widths")
+        layers, allocation = _allocate(model, layers, train, options, say)
     samples = None
     if options.act_bits is not None:
         stage("activation statistics")
@@ -487,6 +517,10 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
                          "alpha": (a.alpha.tolist() if a.alpha is not None else None)}
                         for a in net.acts],
         "adaround": rounding,
+        "avg_weight_bits": average_bits({layer.node: int(model.graph.initializers[layer.weight].size) for layer in layers},
+                                        {layer.node: layer.bits for layer in layers}),
+        "quantized_size_bytes": model_size_bytes(model.graph, layers),
+        "allocation": allocation,
         "split": options.split,
         "micro_batch": fit.micro_batch,
         "divergence": divergence,
@@ -494,6 +528,85 @@ def _calibrate(model: Model, data, options, eval_path, progress, say, stage, sta
         "seconds": time.perf_counter() - started,
     }
     return Calibration(net, report, minmax, mse)
+
+
+def _sensitivity_images(train: _Split, batch_size: int) -> np.ndarray:
+    """The first ``SENSITIVITY_IMAGES`` images of the fitting split."""
+    limit = min(len(train), SENSITIVITY_IMAGES)
+    return np.concatenate([x for x, _, _ in train.batches(batch_size, np.arange(limit))])
+
+
+def _allocate(model, layers, train, options, say):
+    """The layers with the widths ``--avg-bits`` or ``--size-budget`` chooses, and the report's record."""
+    t0 = time.perf_counter()
+    images = _sensitivity_images(train, options.batch_size)
+    chosen, alloc, sens = allocate_layers(model, layers, images, options.avg_bits, options.size_budget,
+                                          options.protocol, options.layer_bits, options.seed)
+    record = allocation_report(alloc, sens, chosen, options.avg_bits, options.size_budget)
+    record["seconds"] = time.perf_counter() - t0
+    counts = {}
+    for layer in chosen:
+        counts[layer.bits] = counts.get(layer.bits, 0) + 1
+    how = "optimal" if alloc.exact else f"within {alloc.gap:.3g} of the optimum"
+    say(f"widths: average {record['avg_bits']:.3f} bits ("
+        + ", ".join(f"{n} layers at {b}" for b, n in sorted(counts.items()))
+        + f"), estimated loss {alloc.estimated_loss:.4g} ({how}); Fisher sensitivities of {sens.images} images "
+        f"{sens.fisher_seconds:.1f} s, allocation {alloc.seconds:.2f} s")
+    return chosen, record
+
+
+def _accuracy_controlled(model: Model, data, options, eval_path, progress, say, stage, started, model_path):
+    """``--max-drop``: calibrate at the requested widths, then, while top-1 on the evaluation data drops
+    more than ``max_drop`` points below full precision, raise the most sensitive layers
+    (``bwacal.mixed.layers_to_raise``) and calibrate again. The last calibration's report holds every
+    step under ``accuracy_control`` (``met`` False when even the widest widths drop too much)."""
+    labelled = data.has_labels
+    if eval_path is not None:
+        with open_dataset(eval_path, input_shape=model.input_shape, num_classes=model.num_classes,
+                          layout=model.layout) as ev:
+            labelled = ev.has_labels
+    if not labelled:
+        where = eval_path if eval_path is not None else f"{data.path} (its held-out split)"
+        raise BwacalError(f"--max-drop needs labelled evaluation data: {where} has no 'labels'")
+    pool, train_pos, _ = _split_pool(data, options)
+    if eval_path is None and options.holdout == 0:
+        raise BwacalError("--max-drop measures the drop on the held-out split; --holdout 0 leaves none "
+                          "(or give --data EVAL.h5)")
+    layers, _ = plan_layers(model.graph, options)
+    if not layers:
+        return _calibrate(model, data, replace(options, max_drop=None), eval_path, progress, say, stage, started,
+                          model_path)
+    stage("layer sensitivities")
+    train = _Split(data, pool[train_pos], False)
+    sens = fisher_sensitivity(model, layers, _sensitivity_images(train, options.batch_size), WIDTHS, options.seed)
+    bits = {layer.node: layer.bits for layer in layers}
+    loss = {k: dict(v) for k, v in sens.fisher.items()}
+    # the protocol's first and last layer and those --layer-bits names keep their widths
+    pinned = set(pinned_layers(layers, options.protocol, options.layer_bits))
+    steps, raised, raised_now = [], {}, {}
+    while True:
+        step_options = replace(options, max_drop=None, layer_bits=options.layer_bits + allocation_rules(raised))
+        cal = _calibrate(model, data, step_options, eval_path, progress, say, stage, time.perf_counter(), model_path)
+        acc = cal.report["accuracy"]
+        drop = 100 * (acc["fp"] - acc[options.method])
+        steps.append({"step": len(steps) + 1, "raised": dict(raised_now),
+                      "avg_bits": cal.report["avg_weight_bits"], "top1": acc[options.method], "fp": acc["fp"],
+                      "drop": drop, "seconds": cal.report["seconds"]})
+        say(f"accuracy control, step {len(steps)}: average {steps[-1]['avg_bits']:.3f} bits, top-1 "
+            f"{100 * acc[options.method]:.2f}% (full precision {100 * acc['fp']:.2f}%), drop {drop:.2f} points"
+            + (f" after raising {', '.join(f'{k} to {b}' for k, b in raised_now.items())}" if raised_now else ""))
+        met = drop <= options.max_drop
+        raised_now = {} if met else layers_to_raise(bits, sens.params, loss, WIDTHS, pinned)
+        if met or not raised_now:
+            break
+        bits.update(raised_now)
+        raised.update(raised_now)
+    cal.report["accuracy_control"] = {"max_drop": options.max_drop, "met": met, "steps": steps,
+                                      "sensitivity_seconds": sens.fisher_seconds,
+                                      "layer_bits": [f"{p}={b}" for p, b in allocation_rules(raised)]}
+    cal.report["options"]["max_drop"] = options.max_drop
+    cal.report["seconds"] = time.perf_counter() - started
+    return cal
 
 
 def _acc_line(what, acc, agreement, images):

@@ -25,7 +25,7 @@ OPTION_TYPES = {"bits": int, "act_bits": int, "act_bwa": bool, "protocol": str, 
                 "lr": (int, float), "holdout": (int, float), "split": str, "micro_batch": int, "loss": str,
                 "seed": int, "weight_method": str, "act_method": str, "method": str, "adaround_iterations": int,
                 "adaround_images": int, "input_shape": (list, str), "num_images": int, "exclude": list,
-                "layer_bits": dict}
+                "layer_bits": dict, "avg_bits": (int, float), "size_budget": (int, float)}
 # keys that are not CalibrationOptions fields: the files, the output format, all_layers
 OTHER_TYPES = {"calib": str, "data": str, "format": str, "all_layers": bool}
 CONFIG_KEYS = set(OPTION_TYPES) | set(OTHER_TYPES)

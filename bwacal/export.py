@@ -461,6 +461,7 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
     if fmt != "fake":
         for row in layers:
             row["alpha"], row["gamma"] = summarise_alpha(row["alpha"]), summarise_gamma(row["gamma"])
+    mixed = mixed_record(report)
     return {
         "bwacal_version": __version__,
         "bwacal_format": fmt,
@@ -474,7 +475,23 @@ def metadata(net: QuantizedNetwork, report: dict, fmt: str) -> dict:
         "bwacal_accuracy": json.dumps(report.get("accuracy", {})),
         "bwacal_layers": json.dumps(layers),
         "bwacal_activations": json.dumps(report.get("activations", [])),
+        **({"bwacal_mixed": json.dumps(mixed)} if mixed else {}),
     }
+
+
+def mixed_record(report: dict) -> dict | None:
+    """What chose the layers' widths (``--avg-bits``, ``--size-budget``, ``--max-drop``), for the
+    metadata; None for widths given by the options alone. The widths are in ``bwacal_layers``."""
+    alloc, control = report.get("allocation"), report.get("accuracy_control")
+    if not alloc and not control:
+        return None
+    out = {"avg_bits": report.get("avg_weight_bits"), "size_bytes": report.get("quantized_size_bytes")}
+    if alloc:
+        out.update(avg_bits_budget=alloc["avg_bits_budget"], size_budget_mb=alloc["size_budget_mb"],
+                   estimated_loss=alloc["estimated_loss"], exact=alloc["exact"])
+    if control:
+        out.update(max_drop=control["max_drop"], steps=len(control["steps"]), drop=control["steps"][-1]["drop"])
+    return out
 
 
 def size_change(ratio: float) -> str:

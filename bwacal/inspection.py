@@ -20,7 +20,8 @@ from bwacal.layer_rules import apply_layer_rules
 from bwacal.quantize import PROTOCOLS, select_layers, skipped_layers
 
 METADATA_KEYS = ("bwacal_version", "bwacal_format", "bwacal_bits", "bwacal_act_bits", "bwacal_act_bwa",
-                 "bwacal_protocol", "bwacal_method", "bwacal_calib_sha256", "bwacal_source_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations")
+                 "bwacal_protocol", "bwacal_method", "bwacal_calib_sha256", "bwacal_source_sha256", "bwacal_accuracy", "bwacal_layers", "bwacal_activations",
+                 "bwacal_mixed")
 
 
 @dataclass
@@ -97,7 +98,12 @@ def bwacal_metadata(meta: dict) -> tuple[dict | None, list[str]]:
         return None, []
     warnings = []
     out = {k[len("bwacal_"):]: meta.get(k) for k in METADATA_KEYS}
-    out.update(accuracy=None, layers=None, activations=None)
+    out.update(accuracy=None, layers=None, activations=None, mixed=None)
+    if "bwacal_mixed" in meta:
+        try:
+            out["mixed"] = json.loads(meta["bwacal_mixed"])
+        except ValueError as exc:
+            warnings.append(f"metadata bwacal_mixed is not valid JSON ({exc})")
     out["method"] = meta.get("bwacal_method", "bwa")  # written only for other methods than the paper's
     if "bwacal_accuracy" in meta:
         try:

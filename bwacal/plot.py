@@ -158,3 +158,121 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
+
+
+
+def frontier_figure(points: list[dict], fp: dict | None = None, title: str = "size against top-1"):
+    """A figure: top-1 (%) against model size (MB), one line per model and series (``uniform``,
+    ``mixed``, ...), each point labelled with its average weight bits; each model's full precision
+    dotted. ``points`` hold ``model``, ``series``, ``size_bytes``, ``top1`` (a fraction) and
+    ``avg_bits``; ``fp`` maps a model to its full-precision top-1. None when no point has a top-1."""
+    points = [p for p in points if p.get("top1") is not None and p.get("size_bytes") is not None]
+    if not points:
+        return None
+    fig = _figure(figsize=(7.5, 4.5), layout="constrained")
+    _draw_frontier(fig.subplots(), points, fp or {}, title + " (labels: average weight bits)")
+    return fig
+
+
+def _draw_frontier(ax, points, fp, title):
+    models = sorted({p["model"] for p in points})
+    series = sorted({p["series"] for p in points}, key=lambda s: (s != "uniform", s))
+    styles = ["s--", "o-", "^-", "v-", "D-"]
+    for i, model in enumerate(models):
+        for j, name in enumerate(series):
+            pts = sorted((p for p in points if p["model"] == model and p["series"] == name),
+                         key=lambda p: p["size_bytes"])
+            if not pts:
+                continue
+            # one model: a colour per series; several: a colour per model, a marker per series
+            color = f"C{(i if len(models) > 1 else j) % 10}"
+            xs, ys = [p["size_bytes"] / 1e6 for p in pts], [100 * p["top1"] for p in pts]
+            ax.plot(xs, ys, styles[j % len(styles)], color=color, alpha=0.6 if name == "uniform" else 1.0,
+                    label=f"{model} {name}" if len(models) > 1 else name)
+            for p, xv, yv in zip(pts, xs, ys):
+                if p.get("avg_bits") is not None:
+                    ax.annotate(f"{p['avg_bits']:.3g}", (xv, yv), textcoords="offset points", xytext=(3, 3),
+                                fontsize=6, color=color)
+        if fp.get(model) is not None:
+            ax.axhline(100 * fp[model], color=f"C{i % 10}" if len(models) > 1 else "0.4", linestyle=":",
+                       linewidth=1, label=f"{model} full precision" if len(models) > 1 else "full precision")
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (MB: quantized weights bit-packed, other parameters as stored)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+
+
+def plot_frontier(points: list[dict], fp: dict | None = None, title: str = "size against top-1") -> bytes | None:
+    """PNG bytes of ``frontier_figure``; None when no point has a top-1."""
+    fig = frontier_figure(points, fp, title)
+    return None if fig is None else _png(fig)
+
+
+def summary_frontier_points(rows: list[dict]) -> tuple[list[dict], dict]:
+    """A batch summary's rows as ``frontier_figure``'s points: uniform widths and mixed allocations
+    (rows with ``avg_bits_budget`` or ``size_budget``) as separate series, per model and activation width."""
+    points, fp = [], {}
+    for r in rows:
+        if r.get("bwa") is None or r.get("size_bytes") is None:
+            continue
+        model = str(r["model"]) + (f" A{r['act_bits']}" if r.get("act_bits") else "")
+        mixed = r.get("avg_bits_budget") is not None or r.get("size_budget") is not None
+        points.append({"model": model, "series": "mixed" if mixed else "uniform", "size_bytes": r["size_bytes"],
+                       "top1": r["bwa"], "avg_bits": r.get("avg_bits")})
+        if r.get("fp") is not None:
+            fp[model] = r["fp"]
+    return points, fp
+
+
+def sensitivity_frontier_points(run: dict) -> tuple[list[dict], dict]:
+    """The frontier of a sensitivity run (``bwacal.mixed.sensitivity_run``) as ``frontier_figure``'s
+    points and full-precision top-1; top-1 is agreement with full precision when there were no labels."""
+    front = run.get("frontier") or {}
+    model = Path(str(run.get("model", "model"))).stem
+    key = "top1" if front.get("fp_top1") is not None else "agreement"
+    points = [{"model": model, "series": "uniform", "size_bytes": p["size_bytes"], "top1": p[key],
+               "avg_bits": p["avg_bits"]} for p in front.get("uniform", [])]
+    points += [{"model": model, "series": f"mixed ({p['estimate']})", "size_bytes": p["size_bytes"], "top1": p[key],
+                "avg_bits": p["avg_bits"]} for p in front.get("mixed", [])]
+    return points, {model: front.get("fp_top1") if key == "top1" else 1.0}
+
+
+def plot_sensitivity(run: dict) -> bytes:
+    """PNG bytes of ``sensitivity_figure``."""
+    return _png(sensitivity_figure(run))
+
+
+def sensitivity_figure(run: dict):
+    """A figure of a sensitivity run: per layer, the measured (filled) and Fisher-estimated (hollow)
+    loss increase at each width on a log scale; below it, the round-to-nearest frontier of the
+    held-out split (when the run has one)."""
+    rows = run["layers"]
+    points, fp = sensitivity_frontier_points(run)
+    panels = 2 if points else 1
+    fig = _figure(figsize=(max(8, 0.22 * len(rows) + 3), 3.8 * panels), layout="constrained")
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+    ax = axes[0]
+    x = np.arange(len(rows))
+    for i, b in enumerate(run["widths"]):
+        color = f"C{i % 10}"
+        if rows[0].get("measured"):
+            ax.plot(x, [max(r["measured"][str(b)], 1e-12) for r in rows], "o-", color=color, markersize=3,
+                    linewidth=0.8, label=f"W{b} measured")
+        ax.plot(x, [max(r["fisher"][str(b)], 1e-12) for r in rows], "o", mfc="none", color=color, markersize=5,
+                label=f"W{b} Fisher estimate")
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["layer"] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("KL to full precision (nats)")
+    ax.set_title(f"{Path(str(run.get('model'))).stem}: loss increase with one layer quantized "
+                 f"({run['images']} images)", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    if points:
+        what = "top-1" if run["frontier"].get("fp_top1") is not None else "agreement with full precision"
+        _draw_frontier(axes[1], points, fp, f"round to nearest on {run['frontier']['images']} held-out images: "
+                                            f"size against {what} (labels: average weight bits)")
+    return fig
+

@@ -30,6 +30,16 @@ def parse_bits(text: str) -> list[int]:
     return widths
 
 
+def parse_budgets(text: str | None, flag: str) -> list[float]:
+    """``"2.5,3"`` -> ``[2.5, 3.0]``; None -> ``[]``."""
+    from bwacal.errors import BwacalError
+
+    try:
+        return [float(part) for part in (text or "").split(",") if part.strip()]
+    except ValueError:
+        raise BwacalError(f"{flag} must be a comma-separated list of numbers, got {text!r}") from None
+
+
 def batch_cmd(
     source: Annotated[Path, typer.Argument(
         help="A directory of *.onnx models (those bwacal wrote are skipped), one .onnx model, or a TOML "
@@ -39,6 +49,12 @@ def batch_cmd(
         "--output", "-o", help="Output directory: <model>.w<b>.onnx (.w<b>a<A>.onnx with --act-bits) and a .json "
                                "report per job; summary.md, .csv, .json, .png.")],
     bits: Annotated[str, typer.Option("--bits", help="Weight widths, comma-separated; one job per model and width.")] = "3",
+    avg_bits: Annotated[Optional[str], typer.Option(
+        "--avg-bits", help="Mixed precision: average weight widths, comma-separated; one more job per model and "
+                           "average (see calibrate --avg-bits), written as <model>.avg<B>.onnx.")] = None,
+    size_budget: Annotated[Optional[str], typer.Option(
+        "--size-budget", help="Mixed precision: model sizes in MB, comma-separated; one more job per model and size "
+                              "(see calibrate --size-budget).")] = None,
     calib: Annotated[Optional[Path], typer.Option(
         "--calib", help="Calibration HDF5 file shared by the models (a manifest entry may name its own).")] = None,
     data: EvalData = None,
@@ -100,7 +116,8 @@ def batch_cmd(
                 adaround_iterations=adaround_iterations, adaround_images=adaround_images, seed=seed,
                 input_shape=input_shape, exclude=exclude, layer_bits=layer_bits))
             jobs = plan_jobs(source, parse_bits(bits), output, calib=calib, eval_path=eval_data, options=base,
-                             fmt=fmt, log=display.note)
+                             fmt=fmt, log=display.note, avg_bits=parse_budgets(avg_bits, "--avg-bits"),
+                             size_budgets=parse_budgets(size_budget, "--size-budget"))
             display.note_cold_cache()
             output.mkdir(parents=True, exist_ok=True)
             if scheduler:
@@ -137,7 +154,10 @@ def batch_cmd(
     if failed:
         typer.echo(f"FAIL: {len(failed)} of {len(ordered)} jobs failed", err=True)
     if over:
-        names = ", ".join(f"{r['model']} W{r['width']} ({100 * r['drop']:.2f})" for r in over)
+        from bwacal.batch import width_label
+
+        names = ", ".join(f"{r['model']} {width_label(r['width'], r.get('avg_bits_budget'), r.get('size_budget'))} "
+                          f"({100 * r['drop']:.2f})" for r in over)
         typer.echo(f"FAIL: drop over --max-drop {max_drop:g} points: {names}", err=True)
     if failed or over:
         raise typer.Exit(EXIT_CHECK_FAILED)

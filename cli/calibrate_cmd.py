@@ -13,7 +13,9 @@ from cli.options import (DEFAULTS, ActBits, ActBwa, ActMethod, AdaRoundImages, A
                          Config, Epochs, EvalData, Exclude, FitBatch, Force, Format, Holdout, InputShape, Json,
                          LayerBits, Loss, Lr, Method, MicroBatch, NumImages, OldEval, Quiet, Seed, Split, Verbose,
                          WeightMethod, calibration_options, pick, with_config)
+from cli.options import AvgBits, MaxDrop, SizeBudget
 from cli.progress import Display
+from cli.sensitivity_cmd import allocation_lines, control_lines
 
 def output_path(output: Path | None, model: Path, bits: int, act_bits: int | None) -> Path:
     """Where the model is written: ``-o`` as given; ``<model>.w<bits>[a<A>].onnx`` in the folder ``-o``
@@ -61,6 +63,9 @@ def calibrate_cmd(
     input_shape: InputShape = None,
     exclude: Exclude = None,
     layer_bits: LayerBits = None,
+    avg_bits: AvgBits = None,
+    size_budget: SizeBudget = None,
+    max_drop: MaxDrop = None,
     config: Config = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Show the plan (layers and their bits, the output's size, the work) and stop.")] = False,
@@ -88,7 +93,8 @@ def calibrate_cmd(
                 num_images=num_images, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                 holdout=holdout, split=split, loss=loss, weight_method=weight_method, act_method=act_method,
                 method=method, adaround_iterations=adaround_iterations, adaround_images=adaround_images, seed=seed,
-                input_shape=input_shape, exclude=exclude, layer_bits=layer_bits), config)
+                input_shape=input_shape, exclude=exclude, layer_bits=layer_bits, avg_bits=avg_bits,
+                size_budget=size_budget, max_drop=max_drop), config)
             calib, fmt = values["calib"], values["fmt"]
             if calib is None:
                 raise BwacalError("calibrate needs the calibration data: --calib CALIB.h5 (or calib in --config)")
@@ -128,6 +134,11 @@ def calibrate_cmd(
                 if display.compiled:
                     display.note(f"compiled {display.compiled} numba kernels in {display.compile_seconds:.0f} s; "
                                  "later runs load them from numba's cache")
+                control = result.report.get("accuracy_control")
+                if control is not None and not control["met"]:  # nothing is written
+                    for line in control_lines(result.report):
+                        typer.echo(line)
+                    raise typer.Exit(1)
                 display.phase("writing")
                 written, target = [], out
                 steps = None
@@ -168,6 +179,9 @@ def plan_lines(p: dict, model: Path, opts, fmt: str, out: Path) -> list[str]:
                     for r in p["layers"]], right=(2, 3, 4))
     if p["excluded"]:
         lines.append("kept in float: " + ", ".join(p["excluded"]))
+    if p.get("allocation"):
+        lines.append(f"widths chosen for an average of {p['allocation']['avg_bits']:.3f} bits "
+                     f"(estimated loss {p['allocation']['estimated_loss']:.4g})")
     lines.append(f"calibration: {p['images']} images ({p['fit_images']} fit, {p['heldout_images']} held out); "
                  f"{p['epochs']} epochs x {p['steps_per_epoch']} steps of {opts.batch_size} images")
     lines.append(f"work: one full-precision forward pass of {p['batch']} images took {p['forward_seconds']:.2f} s here; "
@@ -205,8 +219,10 @@ def summary_lines(rep: dict, size_change) -> list[str]:
             lines.append(row.rstrip())
     if rep.get("divergence"):
         lines.append(f"note: {rep['divergence']}")
+    lines += allocation_lines(rep) + control_lines(rep)
     opts = rep["options"]
-    lines.append(f"bits W{opts['bits']}" + (f"A{opts['act_bits']}" if opts["act_bits"] else "")
+    width = f"mixed {rep['avg_weight_bits']:.3f}" if rep.get("allocation") or rep.get("accuracy_control") else opts["bits"]
+    lines.append(f"bits W{width}" + (f"A{opts['act_bits']}" if opts["act_bits"] else "")
                  + f" ({opts['protocol']}), best epoch {rep['best_epoch']}, {rep['seconds']:.1f} s")
     if rep.get("qdq"):
         worst = max((r["max_rel"] for r in rep["qdq"]["snapping"]), default=0.0)

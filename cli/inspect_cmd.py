@@ -50,9 +50,18 @@ def render(info: dict) -> list[str]:
         lines += [f"  {u['op']} (node '{u['node']}'): {u['reason']}" for u in info["unsupported"]]
     meta = info["bwacal"]
     if meta is not None:
+        weights = (f"mixed ({meta['mixed'].get('avg_bits') or 0:.3f} bits on average)" if isinstance(meta.get("mixed"), dict)
+                   else f"{meta['bits']} bits")
         lines.append(f"bwacal calibration: version {meta['version']}, format {meta['format']}, weights "
-                     f"{meta['bits']} bits, activations {meta['act_bits']} (BWA {meta['act_bwa']}), "
+                     f"{weights}, activations {meta['act_bits']} (BWA {meta['act_bwa']}), "
                      f"protocol {meta['protocol']}")
+        mixed = meta.get("mixed")
+        if isinstance(mixed, dict):
+            asked = (f"--avg-bits {mixed['avg_bits_budget']:g}" if mixed.get("avg_bits_budget") is not None else
+                     f"--size-budget {mixed['size_budget_mb']:g} MB" if mixed.get("size_budget_mb") is not None else
+                     f"--max-drop {mixed.get('max_drop')} ({mixed.get('steps')} steps, drop {mixed.get('drop', 0):.2f})")
+            lines.append(f"  mixed precision ({asked}): average {mixed.get('avg_bits') or 0:.3f} weight bits, "
+                         f"{(mixed.get('size_bytes') or 0) / 1e6:.3f} MB; each layer's width below")
         if meta.get("source_sha256"):
             lines.append(f"  source model sha256: {meta['source_sha256']}")
         if meta["calib_sha256"]:

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli import batch_cmd, calibrate_cmd, check_cmd, evaluate_cmd, inspect_cmd, make_calib_cmd, plot_cmd
+from cli import (batch_cmd, calibrate_cmd, check_cmd, evaluate_cmd, inspect_cmd, make_calib_cmd, plot_cmd,
+                 sensitivity_cmd)
 from cli.common import Group
 
 app = typer.Typer(
@@ -43,6 +44,7 @@ app.command("check")(check_cmd.check_cmd)
 app.command("calibrate")(calibrate_cmd.calibrate_cmd)
 app.command("batch")(batch_cmd.batch_cmd)
 app.command("plot")(plot_cmd.plot_cmd)
+app.command("sensitivity")(sensitivity_cmd.sensitivity_cmd)
 
 if __name__ == "__main__":
     app()

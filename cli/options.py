@@ -147,3 +147,14 @@ def calibration_options(values: dict):
                               protocol="all-layers" if values.get("all_layers") else "first-last-8bit",
                               exclude=tuple(values.get("exclude") or ()),
                               layer_bits=tuple(parse_layer_bits(r) for r in values.get("layer_bits") or ()))
+AvgBits = Annotated[Optional[float], typer.Option(
+    "--avg-bits", help="Mixed precision: choose each layer's weight width from 2, 3, 4, 8 (by its estimated "
+                       "sensitivity) for this average over all quantized weights, weighted by their counts, first "
+                       "and last layer included (they stay at 8 bits unless --all-layers; --layer-bits pins others).")]
+SizeBudget = Annotated[Optional[float], typer.Option(
+    "--size-budget", help="Mixed precision like --avg-bits, for a model size in MB (10^6 bytes): quantized weights "
+                          "bit-packed at their widths plus every other parameter at 4 bytes.")]
+MaxDrop = Annotated[Optional[float], typer.Option(
+    "--max-drop", help="Accuracy control: start at --bits and raise the most sensitive layers until top-1 on the "
+                       "evaluation data (--data, else the held-out split; needs labels) is at most this many points "
+                       "below full precision; exits 1, writing nothing, when it cannot be met.")]
