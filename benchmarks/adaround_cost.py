@@ -59,7 +59,7 @@ def _whole_model(name, iterations):
             rows[key] = [_seconds(c, k, iterations, np.float32, None, groups), 0]
         rows[key][1] += 1
         total += rows[key][0]
-    print(f"| C x K (groups) | layers | s/iteration | s per 1,000 iterations, all such layers |")
+    print("| C x K (groups) | layers | s/iteration | s per 1,000 iterations, all such layers |")
     print("|---|---:|---:|---:|")
     for (c, k, groups), (sec, n) in sorted(rows.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
         print(f"| {c} x {k} ({groups}) | {n} | {sec:.4f} | {sec * n * 1000:.0f} |")

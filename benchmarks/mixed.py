@@ -25,7 +25,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from benchmarks.accuracy import load_test_set
 from benchmarks.methods import _value
@@ -115,7 +114,7 @@ def table(rows) -> list[str]:
             if b == 2.5 and mix is not None and w3 is not None:
                 target = f"mixed >= uniform W3 ({100 * w3['top1']:.2f}): " + ("met" if mix["top1"] >= w3["top1"] else "**not met**")
             if b == 3.0 and model == "mobilenetv2" and mix is not None and model in fp:
-                target = f"within 1 point of FP: " + ("met" if 100 * (fp[model] - mix["top1"]) <= 1 else "**not met**")
+                target = "within 1 point of FP: " + ("met" if 100 * (fp[model] - mix["top1"]) <= 1 else "**not met**")
             lines.append(
                 f"| {model} | {100 * fp.get(model, float('nan')):.2f} | {b:g} | "
                 f"{_pct(uni)} | {_pct(mix)}{' (= uniform)' if mix is uni and mix is not None else ''} | {counts} | "

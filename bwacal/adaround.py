@@ -66,9 +66,9 @@ class AdaRoundOptions:
     solver: str = "auto"
     # multiply-adds one layer's iterations may take: a layer whose ``iterations`` would cost more
     # runs fewer, down to ``min_iterations`` (0: no budget). 5e12 leaves every layer of the 32x32 zoo
-    # at 10,000 (the largest, VGG-small's classifier, needs 3.4e12) and caps the 3x3 convs of a
-    # 224x224 ResNet's last stage (1.1e10 per iteration) at 1,000: about 4 min each on 2 cores
-    # instead of 40 (benchmarks/adaround_cost.py)
+    # at 10,000 (the largest, VGG-small's layer of 3.4e8 per iteration, needs 3.4e12) and caps the
+    # 3x3 convs of a 224x224 ResNet's last stage (1.1e10 per iteration) at 1,000; seconds per
+    # iteration: benchmarks/adaround_cost.py
     layer_budget: float = 5e12
     min_iterations: int = 1000
 
@@ -184,14 +184,14 @@ def _moment_problem(net: QuantizedNetwork, index: int, images) -> _MomentProblem
     fp_engine = _engine_until(model.graph, layer.data_input)
     q_engine = _engine_until(net.graph, node.inputs[0])
     gram = cross = None
-    energy, rows = 0.0, 0
+    energy, rows, step = 0.0, 0, None
     for start in range(0, len(images), COLLECT_BATCH):
         chunk = images[start:start + COLLECT_BATCH]
         fp, _ = fp_engine.run({model.input_name: chunk}, outputs=[layer.data_input])
         q, _ = q_engine.run({model.input_name: chunk}, params=params, outputs=[node.inputs[0]])
         fp_x, q_x = fp[layer.data_input], q[node.inputs[0]]
-        per_image = _rows(node, fp_x[:1], w_fp.shape).nbytes
-        step = max(1, min(len(chunk), ROWS_BYTES // max(per_image, 1)))
+        if step is None:  # images whose rows fit ROWS_BYTES: the same for every chunk
+            step = max(1, ROWS_BYTES // max(_rows(node, fp_x[:1], w_fp.shape).nbytes, 1))
         for part in range(0, len(chunk), step):
             x = _rows(node, fp_x[part:part + step], w_fp.shape)
             xq = _rows(node, q_x[part:part + step], w_fp.shape)
@@ -279,7 +279,7 @@ def reconstruction_error(net: QuantizedNetwork, index: int, images) -> float:
 
 
 def _problem(net: QuantizedNetwork, index: int, images) -> _LayerProblem:
-    layer, qw = net.layers[index], net.weights[index]
+    layer = net.layers[index]
     model = net.model
     i = _node_index(net.graph, layer.node)
     node, op = net.graph.nodes[i], net.engine.ops[i]

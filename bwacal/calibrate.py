@@ -13,7 +13,7 @@ import numpy as np
 
 from bwacal import __version__
 from bwacal.adaround import AdaRoundOptions, adaround
-from bwacal.data import open_dataset, peek_image_shape
+from bwacal.data import data_image_shape, open_dataset
 from bwacal.errors import BwacalError
 from bwacal.export import weight_bytes
 from bwacal.files import file_sha256
@@ -229,19 +229,19 @@ def plan_layers(graph, options: CalibrationOptions):
     return apply_layer_rules(layers, options.exclude, options.layer_bits)
 
 
+def load_for_data(model_path, data_path, input_shape=None) -> Model:
+    """The model, its dynamic image dims fixed by ``input_shape`` or else by the images of the data
+    file (``data.data_image_shape``)."""
+    return load_model(model_path, input_shape=input_shape, data_shape=data_image_shape(data_path, input_shape))
+
+
 def plan(model_path, calib_path, options: CalibrationOptions, fmt: str = "fake") -> dict:
     """What ``calibrate`` would do, without doing it: the layers and their widths, those kept in float,
     the images and fitting steps, the written file's size (estimated: quantized weights as
     ``bwacal.export.weight_bytes`` counts them; metadata not counted), and the
     measured time of one full-precision forward pass of a batch."""
     options.validate()
-    data_shape = None
-    if options.input_shape is None:
-        try:
-            data_shape = peek_image_shape(calib_path)
-        except BwacalError:
-            pass
-    model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
+    model = load_for_data(model_path, calib_path, options.input_shape)
     layers, excluded = plan_layers(model.graph, options)
     allocation = None
     with open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes,
@@ -287,13 +287,7 @@ def calibrate(model_path, calib_path, options: CalibrationOptions | None = None,
     stage = stage or (lambda name, done=0, total=None: None)
     started = time.perf_counter()
     stage("loading the model and the data")
-    data_shape = None
-    if options.input_shape is None:
-        try:
-            data_shape = peek_image_shape(calib_path)
-        except BwacalError:
-            pass  # a model with fixed dims needs none; open_dataset reports the file's problem after the model's
-    model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
+    model = load_for_data(model_path, calib_path, options.input_shape)
     data = open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes, layout=model.layout)
     try:
         if options.max_drop is not None:

@@ -250,6 +250,18 @@ def peek_image_shape(path: str | os.PathLike) -> tuple:
         raise DataError(f"{path}: not an HDF5 file (expected datasets 'images' and optionally 'labels')") from None
 
 
+def data_image_shape(path, input_shape=None) -> tuple | None:
+    """The image shape a model with dynamic dims takes from the data file at ``path``: None when
+    ``input_shape`` is given or the file cannot be read (opening it for the model reports its
+    problem then, after the model's own)."""
+    if input_shape is not None:
+        return None
+    try:
+        return peek_image_shape(path)
+    except DataError:
+        return None
+
+
 def _normalisation(path: Path, images: h5py.Dataset, channels: int):
     """The (scale, mean, std) attributes of uint8 images, checked; mean/std may be None."""
     attrs = images.attrs

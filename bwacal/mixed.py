@@ -36,7 +36,7 @@ import numpy as np
 from bwacal.errors import BwacalError
 from bwacal.fit import log_softmax
 from bwacal.memory import DEFAULT_BUDGET, chunks, micro_batch_size, recording_cost
-from bwacal.quant.weights import channels_first, quantize_weights
+from bwacal.quant.weights import quantize_weights
 
 WIDTHS = (2, 3, 4, 8)
 SENSITIVITY_IMAGES = 256  # fitting-split images the sensitivities are computed on
@@ -372,9 +372,8 @@ def sensitivity_run(model_path, calib_path, widths=WIDTHS, options=None, measure
 
     ``options`` (``CalibrationOptions``) gives the split, the seed, the batch size, the input shape
     and the ``exclude`` rules. Returns a JSON-ready dict; accuracies as fractions."""
-    from bwacal.calibrate import CalibrationOptions, _split_pool, plan_layers
-    from bwacal.data import open_dataset, peek_image_shape
-    from bwacal.model import load_model
+    from bwacal.calibrate import CalibrationOptions, _split_pool, load_for_data, plan_layers
+    from bwacal.data import open_dataset
 
     options = replace(options or CalibrationOptions(), protocol="all-layers", layer_bits=())
     options.validate()
@@ -383,13 +382,7 @@ def sensitivity_run(model_path, calib_path, widths=WIDTHS, options=None, measure
         if not 2 <= b <= 8:
             raise BwacalError(f"--bits: widths must be from 2 to 8, got {b}")
     stage = stage or (lambda name: None)
-    data_shape = None
-    if options.input_shape is None:
-        try:
-            data_shape = peek_image_shape(calib_path)
-        except BwacalError:
-            pass
-    model = load_model(model_path, input_shape=options.input_shape, data_shape=data_shape)
+    model = load_for_data(model_path, calib_path, options.input_shape)
     with open_dataset(calib_path, input_shape=model.input_shape, num_classes=model.num_classes,
                       layout=model.layout) as data:
         pool, train, held = _split_pool(data, replace(options, num_images=None))

@@ -19,7 +19,7 @@ def load_pair(model: Path, reference: Path | None, runtime: str, data: Path, inp
     """A model and its optional reference loaded on one runtime (see ``bwacal.evaluate.load_forward``); both
     must take the same input and give the same classes. Dynamic image dims come from ``input_shape``
     (CxHxW) or else from the images in ``data``."""
-    from bwacal.data import peek_image_shape
+    from bwacal.data import data_image_shape
     from bwacal.errors import BwacalError, ModelError
     from bwacal.evaluate import RUNTIMES, load_forward
     from bwacal.model import parse_input_shape
@@ -27,12 +27,7 @@ def load_pair(model: Path, reference: Path | None, runtime: str, data: Path, inp
     if runtime not in RUNTIMES:
         raise BwacalError(f"--runtime must be one of: {', '.join(RUNTIMES)}; got '{runtime}'")
     shape = parse_input_shape(input_shape) if input_shape is not None else None
-    data_shape = None
-    if shape is None:
-        try:
-            data_shape = peek_image_shape(data)
-        except BwacalError:
-            pass  # opening the data for the model reports its problem, after the model's own
+    data_shape = data_image_shape(data, shape)
     loaded = load_forward(model, runtime, shape, data_shape, threads)
     ref = None
     if reference is not None:

@@ -60,13 +60,9 @@ def plot_cmd(
                                                    or r.get("size_budget") is not None for r in rows)):
             png = plot_frontier(*summary_frontier_points(rows))
         elif isinstance(data, dict) and "layers" in data and "model" in data:
-            from bwacal import load_model
-            from bwacal.data import peek_image_shape
+            from bwacal.calibrate import load_for_data
 
-            shape = (data.get("options") or {}).get("input_shape")
-            calib = data.get("calib")
-            data_shape = peek_image_shape(calib) if shape is None and calib and Path(calib).is_file() else None
-            model = load_model(data["model"], input_shape=shape, data_shape=data_shape)
+            model = load_for_data(data["model"], data.get("calib") or "", (data.get("options") or {}).get("input_shape"))
             png = plot_calibration(data, model.graph.initializers, layers.split(",") if layers else None)
         elif rows is not None:
             png = plot_summary(rows)
