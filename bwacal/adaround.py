@@ -66,7 +66,7 @@ class AdaRoundOptions:
     solver: str = "auto"
     # multiply-adds one layer's iterations may take: a layer whose ``iterations`` would cost more
     # runs fewer, down to ``min_iterations`` (0: no budget). 5e12 leaves every layer of the 32x32 zoo
-    # at 10,000 (the largest, VGG-small's layer of 3.4e8 per iteration, needs 3.4e12) and caps the
+    # at up to 10,000 (the largest, VGG-small's layer of 3.4e8 per iteration, needs 3.4e12) and caps the
     # 3x3 convs of a 224x224 ResNet's last stage (1.1e10 per iteration) at 1,000; seconds per
     # iteration: benchmarks/adaround_cost.py
     layer_budget: float = 5e12
